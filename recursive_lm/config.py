@@ -1,0 +1,386 @@
+"""Configuration: the ml_collections defaults every config file starts from, the
+typed parser for `get_config(arg)` variant strings, and the frozen, validated
+view (`Config`) that the rest of the package reads.
+
+Config files under configs/ call `base_config()`, change what they need and
+return it; `load(cfg_dict)` turns the (locked) ConfigDict into `Config`,
+rejecting bad values with one line naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config value is invalid; the message names the field and the values."""
+
+
+# ----------------------------------------------------------------------------
+# Defaults (the full key set: an override of a key not listed here is an error).
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = m = ml_collections.ConfigDict()
+  m.vocab_size = 256
+  m.d_model = 128
+  m.num_heads = 4
+  m.num_kv_heads = 4
+  m.head_dim = 0  # 0: d_model // num_heads
+  m.mlp_dim = 384
+  m.mlp_type = "swiglu"  # swiglu | geglu | gelu | relu
+  m.norm = "rms"  # rms | layer
+  m.norm_eps = 1e-6
+  m.rope_base = 10000.0
+  m.rope_fraction = 1.0  # share of each head's dims that rotate
+  m.tie_embeddings = True
+  m.max_seq_len = 2048
+  m.param_dtype = "float32"
+  m.compute_dtype = "float32"
+  m.remat = "none"  # none | full | dots | dots_no_batch
+  m.scan = True  # False: unrolled Python loop (the reference)
+  m.plan = p = ml_collections.ConfigDict()
+  p.preset = "vanilla"  # vanilla | looped | cycle | sequence | middle_cycle | middle_sequence | sandwich
+  p.num_layers = 4  # effective depth
+  p.repeats = 1  # loops of the shared stage (ignored by vanilla; looped/sandwich repeat the shared block)
+  p.per_depth_norms = False  # shared blocks keep their own norms at each depth
+  m.lora = lo = ml_collections.ConfigDict()
+  lo.rank = 0  # 0: strict tying
+  lo.targets = "q,k,v,o,gate,up,down"
+  lo.ranks = ""  # per-target override, e.g. "q=8,down=16"
+  lo.alpha = 0.0  # 0: alpha = rank (scale 1)
+
+  c.data = d = ml_collections.ConfigDict()
+  d.source = "stdlib"  # stdlib | text | tokens
+  d.glob = ""  # text: glob of UTF-8 files
+  d.tokens_path = ""  # tokens: directory written by recursive_lm.data.prepare
+  d.tokenizer = "byte"  # byte | sentencepiece:PATH | hf:PATH
+  d.max_bytes = 0  # stdlib/text: cap on corpus bytes read (0: all)
+  d.val_fraction = 0.05
+  d.seq_len = 128
+  d.batch_size = 16
+  d.num_threads = 2
+  d.prefetch = 4
+
+  c.optim = o = ml_collections.ConfigDict()
+  o.lr = 3e-3
+  o.schedule = "cosine"  # cosine | wsd | constant
+  o.warmup_steps = 50
+  o.final_lr_fraction = 0.1
+  o.decay_fraction = 0.2  # wsd: share of steps spent decaying
+  o.weight_decay = 0.1
+  o.decay_lora = False
+  o.b1 = 0.9
+  o.b2 = 0.95
+  o.eps = 1e-8
+  o.clip_norm = 1.0
+  o.grad_accum = 1
+
+  c.train = t = ml_collections.ConfigDict()
+  t.steps = 200
+  t.log_every = 10
+  t.eval_every = 100
+  t.eval_batches = 8
+  t.checkpoint_every = 100
+  t.keep_checkpoints = 2
+  t.on_nonfinite = "stop"  # stop | skip
+  t.peak_flops = 0.0  # per device FLOP/s for MFU; 0: known table or measured matmul peak
+
+  c.mesh = me = ml_collections.ConfigDict()
+  me.data = -1  # -1: all remaining devices
+  me.fsdp = 1
+  me.tensor = 1
+  me.expert = 1
+  me.rules = "fsdp"  # replicated | data | fsdp | fsdp_tensor | fsdp_tensor_expert
+  me.distributed = False  # call jax.distributed.initialize
+  return c
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> dict[str, Any]:
+  """Parse a `get_config` variant string like "size=tiny,repeats=3".
+
+  The keys and types come from `defaults`; unknown keys and values that do not
+  convert to the default's type are errors.
+  """
+  out = dict(defaults)
+  if not arg:
+    return out
+  for item in arg.split(","):
+    if not item.strip():
+      continue
+    if "=" not in item:
+      raise ConfigError(f"config arg {item!r}: expected key=value (known keys: {sorted(defaults)})")
+    key, value = (s.strip() for s in item.split("=", 1))
+    if key not in defaults:
+      raise ConfigError(f"config arg {key!r} is unknown (known keys: {sorted(defaults)})")
+    kind = type(defaults[key])
+    try:
+      if kind is bool:
+        if value.lower() not in ("true", "false", "1", "0"):
+          raise ValueError(value)
+        out[key] = value.lower() in ("true", "1")
+      else:
+        out[key] = kind(value)
+    except ValueError:
+      raise ConfigError(f"config arg {key}={value!r} is not a {kind.__name__}") from None
+  return out
+
+
+# ----------------------------------------------------------------------------
+# The typed view.
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanConfig:
+  preset: str
+  num_layers: int
+  repeats: int
+  per_depth_norms: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  rank: int
+  targets: tuple[str, ...]
+  ranks: tuple[tuple[str, int], ...]  # resolved rank per target (0 = no adapter)
+  alpha: float
+
+  def rank_of(self, target: str) -> int:
+    return dict(self.ranks).get(target, 0)
+
+  def scale_of(self, target: str) -> float:
+    r = self.rank_of(target)
+    return (self.alpha if self.alpha > 0 else r) / r if r else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int
+  d_model: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  mlp_type: str
+  norm: str
+  norm_eps: float
+  rope_base: float
+  rope_fraction: float
+  tie_embeddings: bool
+  max_seq_len: int
+  param_dtype: str
+  compute_dtype: str
+  remat: str
+  scan: bool
+  plan: PlanConfig
+  lora: LoraConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  source: str
+  glob: str
+  tokens_path: str
+  tokenizer: str
+  max_bytes: int
+  val_fraction: float
+  seq_len: int
+  batch_size: int
+  num_threads: int
+  prefetch: int
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  lr: float
+  schedule: str
+  warmup_steps: int
+  final_lr_fraction: float
+  decay_fraction: float
+  weight_decay: float
+  decay_lora: bool
+  b1: float
+  b2: float
+  eps: float
+  clip_norm: float
+  grad_accum: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int
+  log_every: int
+  eval_every: int
+  eval_batches: int
+  checkpoint_every: int
+  keep_checkpoints: int
+  on_nonfinite: str
+  peak_flops: float
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  data: int
+  fsdp: int
+  tensor: int
+  expert: int
+  rules: str
+  distributed: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  seed: int
+  model: ModelConfig
+  data: DataConfig
+  optim: OptimConfig
+  train: TrainConfig
+  mesh: MeshConfig
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+PLAN_PRESETS = ("vanilla", "looped", "cycle", "sequence", "middle_cycle", "middle_sequence", "sandwich")
+MLP_TYPES = ("swiglu", "geglu", "gelu", "relu")
+REMAT = ("none", "full", "dots", "dots_no_batch")
+MESH_RULES = ("replicated", "data", "fsdp", "fsdp_tensor", "fsdp_tensor_expert")
+
+
+def _choice(field: str, value: str, allowed) -> str:
+  if value not in allowed:
+    raise ConfigError(f"{field}={value!r} is not one of {list(allowed)}")
+  return value
+
+
+def _positive(field: str, value, allow_zero: bool = False):
+  if value < 0 or (value == 0 and not allow_zero):
+    raise ConfigError(f"{field}={value} must be {'>= 0' if allow_zero else '> 0'}")
+  return value
+
+
+def _lora(c, model_dims: dict[str, tuple[int, int]]) -> LoraConfig:
+  targets = tuple(t.strip() for t in c.targets.split(",") if t.strip())
+  for t in targets:
+    _choice("model.lora.targets", t, LORA_TARGETS)
+  _positive("model.lora.rank", c.rank, allow_zero=True)
+  ranks = {t: c.rank for t in targets}
+  for item in filter(None, (s.strip() for s in c.ranks.split(","))):
+    name, _, val = item.partition("=")
+    _choice("model.lora.ranks", name.strip(), LORA_TARGETS)
+    try:
+      ranks[name.strip()] = _positive(f"model.lora.ranks[{name.strip()}]", int(val), allow_zero=True)
+    except ValueError:
+      raise ConfigError(f"model.lora.ranks entry {item!r} is not target=int") from None
+  for t, r in ranks.items():
+    if r and t not in model_dims:
+      raise ConfigError(f"model.lora target {t!r} does not exist in this model (mlp_type without a gate?)")
+    if t in model_dims and r > min(model_dims[t]):
+      d_in, d_out = model_dims[t]
+      raise ConfigError(f"model.lora rank {r} for target {t!r} exceeds min(in={d_in}, out={d_out})")
+  return LoraConfig(rank=c.rank, targets=targets, ranks=tuple(sorted((t, r) for t, r in ranks.items() if r)),
+                    alpha=float(c.alpha))
+
+
+def load(cd: ml_collections.ConfigDict) -> Config:
+  """Validate a ConfigDict into the frozen `Config`. Raises ConfigError."""
+  m, p = cd.model, cd.model.plan
+  for f in ("vocab_size", "d_model", "num_heads", "num_kv_heads", "mlp_dim", "max_seq_len"):
+    _positive(f"model.{f}", m[f])
+  head_dim = m.head_dim or m.d_model // m.num_heads
+  _positive("model.head_dim", head_dim)
+  if m.num_heads % m.num_kv_heads:
+    raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}")
+  if not 0.0 < m.rope_fraction <= 1.0 or int(head_dim * m.rope_fraction) % 2:
+    raise ConfigError(f"model.rope_fraction={m.rope_fraction} must be in (0, 1] and give an even number of "
+                      f"rotary dims of head_dim={head_dim}")
+  _choice("model.mlp_type", m.mlp_type, MLP_TYPES)
+  _choice("model.norm", m.norm, ("rms", "layer"))
+  _choice("model.remat", m.remat, REMAT)
+  for f in ("param_dtype", "compute_dtype"):
+    _choice(f"model.{f}", m[f], ("float32", "bfloat16", "float16"))
+  _choice("model.plan.preset", p.preset, PLAN_PRESETS)
+  _positive("model.plan.num_layers", p.num_layers)
+  _positive("model.plan.repeats", p.repeats)
+  plan = PlanConfig(preset=p.preset, num_layers=p.num_layers, repeats=p.repeats,
+                    per_depth_norms=bool(p.per_depth_norms))
+  from recursive_lm.model import plan as plan_lib  # validates divisibility with a named error
+  plan_lib.from_config(plan)
+
+  d_q, d_kv = m.num_heads * head_dim, m.num_kv_heads * head_dim
+  dims = {"q": (m.d_model, d_q), "k": (m.d_model, d_kv), "v": (m.d_model, d_kv), "o": (d_q, m.d_model),
+          "up": (m.d_model, m.mlp_dim), "down": (m.mlp_dim, m.d_model)}
+  if m.mlp_type in ("swiglu", "geglu"):
+    dims["gate"] = (m.d_model, m.mlp_dim)
+  model = ModelConfig(
+      vocab_size=m.vocab_size, d_model=m.d_model, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
+      head_dim=head_dim, mlp_dim=m.mlp_dim, mlp_type=m.mlp_type, norm=m.norm, norm_eps=float(m.norm_eps),
+      rope_base=float(m.rope_base), rope_fraction=float(m.rope_fraction), tie_embeddings=bool(m.tie_embeddings),
+      max_seq_len=m.max_seq_len, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat,
+      scan=bool(m.scan), plan=plan, lora=_lora(m.lora, dims))
+
+  d = cd.data
+  _choice("data.source", d.source, ("stdlib", "text", "tokens"))
+  _positive("data.seq_len", d.seq_len)
+  _positive("data.batch_size", d.batch_size)
+  _positive("data.max_bytes", d.max_bytes, allow_zero=True)
+  if not 0.0 < d.val_fraction < 1.0:
+    raise ConfigError(f"data.val_fraction={d.val_fraction} must be in (0, 1)")
+  if d.seq_len > m.max_seq_len:
+    raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+  if d.source == "text" and not d.glob:
+    raise ConfigError("data.source='text' needs data.glob")
+  if d.source == "tokens" and not d.tokens_path:
+    raise ConfigError("data.source='tokens' needs data.tokens_path")
+  data = DataConfig(**{f.name: d[f.name] for f in dataclasses.fields(DataConfig)})
+
+  o = cd.optim
+  _choice("optim.schedule", o.schedule, ("cosine", "wsd", "constant"))
+  _positive("optim.lr", o.lr)
+  _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
+  _positive("optim.grad_accum", o.grad_accum)
+  _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
+  _positive("optim.clip_norm", o.clip_norm, allow_zero=True)
+  if not 0.0 <= o.final_lr_fraction <= 1.0:
+    raise ConfigError(f"optim.final_lr_fraction={o.final_lr_fraction} must be in [0, 1]")
+  if not 0.0 < o.decay_fraction <= 1.0:
+    raise ConfigError(f"optim.decay_fraction={o.decay_fraction} must be in (0, 1]")
+  if d.batch_size % o.grad_accum:
+    raise ConfigError(f"data.batch_size={d.batch_size} is not divisible by optim.grad_accum={o.grad_accum}")
+  optim = OptimConfig(**{f.name: o[f.name] for f in dataclasses.fields(OptimConfig)})
+
+  t = cd.train
+  _positive("train.steps", t.steps)
+  for f in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "eval_batches"):
+    _positive(f"train.{f}", t[f])
+  _choice("train.on_nonfinite", t.on_nonfinite, ("stop", "skip"))
+  train = TrainConfig(**{f.name: t[f.name] for f in dataclasses.fields(TrainConfig)})
+
+  me = cd.mesh
+  for f in ("data", "fsdp", "tensor", "expert"):
+    if me[f] == 0 or me[f] < -1:
+      raise ConfigError(f"mesh.{f}={me[f]} must be a positive size or -1 (the rest)")
+  if sum(me[f] == -1 for f in ("data", "fsdp", "tensor", "expert")) > 1:
+    raise ConfigError("mesh: at most one of data/fsdp/tensor/expert may be -1")
+  _choice("mesh.rules", me.rules, MESH_RULES)
+  mesh = MeshConfig(**{f.name: me[f.name] for f in dataclasses.fields(MeshConfig)})
+  return Config(seed=cd.seed, model=model, data=data, optim=optim, train=train, mesh=mesh)
+
+
+def from_json(text: str) -> Config:
+  """Rebuild a Config from `Config.to_json()` (used by checkpoints)."""
+  raw = json.loads(text)
+  raw["model"]["plan"] = PlanConfig(**raw["model"]["plan"])
+  lo = raw["model"]["lora"]
+  raw["model"]["lora"] = LoraConfig(rank=lo["rank"], targets=tuple(lo["targets"]),
+                                    ranks=tuple(tuple(x) for x in lo["ranks"]), alpha=lo["alpha"])
+  return Config(seed=raw["seed"], model=ModelConfig(**raw["model"]), data=DataConfig(**raw["data"]),
+                optim=OptimConfig(**raw["optim"]), train=TrainConfig(**raw["train"]), mesh=MeshConfig(**raw["mesh"]))

@@ -1,0 +1,255 @@
+"""Corpora as (train_tokens, val_tokens) pairs of 1-D token arrays.
+
+Three sources, picked by `data.source`:
+  stdlib  the .py files of the running interpreter's standard library: about
+          11 MB of real text on every machine, no download. Deterministic for a
+          given Python build (a different Python version is a different corpus).
+  text    UTF-8 files matched by `data.glob` (recursive ** allowed).
+  tokens  a directory written by `python -m recursive_lm.data.prepare`:
+          train.npy, val.npy (uint16 or int32, opened as read-only memmaps) and
+          meta.json (tokenizer spec, vocab size).
+
+The split rule (stdlib and text), chosen so that adding, removing or capping
+files never moves another file across the split:
+  1. A file goes to validation when crc32(relpath) % 1000 < round(val_fraction
+     * 1000); relpath is POSIX-style, relative to the stdlib root or to the
+     glob's leading non-wildcard directory (so moving a corpus keeps its split).
+  2. Each side lists its files sorted by relpath and joins them with "\\n\\n".
+  3. max_bytes > 0 caps the bytes read: validation gets round(max_bytes *
+     val_fraction) (at least 1), train the rest, each taken from the front of
+     its sorted list (the last file cut short).
+  4. Fallback for corpora too small for rule 1 to put a file on each side
+     (e.g. a handful of files): all files, sorted and joined and capped at
+     max_bytes, are cut so the last val_fraction of the bytes is validation.
+
+Tokenization is cached per process (lru_cache on the arguments) because the
+stdlib corpus takes a noticeable fraction of a second even as bytes. Cached
+arrays are read-only so one caller cannot corrupt another's data.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob as glob_lib
+import json
+import os
+import re
+import sysconfig
+import zlib
+from pathlib import Path, PurePath
+
+import numpy as np
+
+from recursive_lm.config import ConfigError, DataConfig
+from recursive_lm.data.tokenizers import get_tokenizer
+
+SEPARATOR = b"\n\n"
+SPLIT_BUCKETS = 1000
+META_FILE, TRAIN_FILE, VAL_FILE = "meta.json", "train.npy", "val.npy"
+
+# Directories left out of the stdlib corpus: installed packages vary by machine,
+# tests and idlelib/lib2to3 are large and unlike ordinary code (fixtures, odd
+# encodings, grammar tables), config-* holds build files.
+_STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3",
+                               "__pycache__"})
+_GLOB_MAGIC = re.compile(r"[*?[]")
+
+Files = list[tuple[str, str]]  # (relpath for hashing and order, path to read)
+
+
+# ----------------------------------------------------------------------------
+# File lists.
+
+
+def stdlib_files() -> Files:
+  """The stdlib .py files, sorted by relpath."""
+  root = sysconfig.get_paths()["stdlib"]
+  out = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = [d for d in dirnames if d not in _STDLIB_SKIP_DIRS and not d.startswith(("config-", "."))]
+    for name in filenames:
+      # _sysconfigdata*.py records this build's paths and compiler flags.
+      if name.endswith(".py") and not name.startswith("_sysconfigdata"):
+        path = os.path.join(dirpath, name)
+        out.append((PurePath(os.path.relpath(path, root)).as_posix(), path))
+  return sorted(out)
+
+
+def _glob_root(pattern: str) -> str:
+  """The directory part of `pattern` before its first wildcard component."""
+  parts = pattern.split(os.sep)[:-1]  # the last component names files, never the root
+  keep = []
+  for part in parts:
+    if _GLOB_MAGIC.search(part):
+      break
+    keep.append(part)
+  if keep == [""]:
+    return os.sep  # "/*.txt"
+  return os.sep.join(keep) or "."
+
+
+def text_files(pattern: str) -> Files:
+  """Regular files matched by `pattern` (** recursive), sorted by relpath."""
+  pattern = os.path.expanduser(pattern)
+  matches = [p for p in glob_lib.glob(pattern, recursive=True) if os.path.isfile(p)]
+  if not matches:
+    raise ConfigError(f"data.glob={pattern!r} matches no files")
+  root = _glob_root(pattern)
+  return sorted((PurePath(os.path.relpath(p, root)).as_posix(), p) for p in matches)
+
+
+def is_val_file(relpath: str, val_fraction: float) -> bool:
+  """Rule 1 of the module docstring: a stable hash of the relative path."""
+  return zlib.crc32(relpath.encode("utf-8")) % SPLIT_BUCKETS < round(val_fraction * SPLIT_BUCKETS)
+
+
+# ----------------------------------------------------------------------------
+# Reading and tokenizing.
+
+
+def _read_capped(paths: list[str], cap: int | None) -> list[bytes]:
+  """File contents in order, stopping once the joined length would pass `cap`.
+
+  len(SEPARATOR.join(result)) <= cap; empty files are skipped so they add no
+  stray separators.
+  """
+  pieces, used = [], 0
+  for path in paths:
+    if cap is not None and used + (len(SEPARATOR) if pieces else 0) >= cap:
+      break
+    data = Path(path).read_bytes()
+    if not data:
+      continue
+    if pieces:
+      used += len(SEPARATOR)
+    if cap is not None:
+      data = data[:cap - used]
+    pieces.append(data)
+    used += len(data)
+  return pieces
+
+
+def _tokenize(pieces: list[bytes], spec: str) -> np.ndarray:
+  """Joined documents -> read-only int32 [N]."""
+  tok = get_tokenizer(spec)
+  if tok.is_byte_level:
+    # Raw bytes are the tokens: no decode/encode round trip, and non-UTF-8
+    # bytes survive exactly.
+    ids = np.frombuffer(SEPARATOR.join(pieces), dtype=np.uint8).astype(np.int32)
+  else:
+    # One encode call per document keeps each call bounded on big corpora.
+    sep = tok.encode(SEPARATOR.decode())
+    parts = []
+    for i, piece in enumerate(pieces):
+      if i:
+        parts.append(sep)
+      parts.append(tok.encode(piece.decode("utf-8", errors="replace")))
+    ids = np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
+  ids.setflags(write=False)
+  return ids
+
+
+def _split_and_tokenize(files: Files, spec: str, max_bytes: int, val_fraction: float, what: str):
+  """Apply the split rule (module docstring) to `files`; `what` names the source in errors."""
+  train_paths = [p for rel, p in files if not is_val_file(rel, val_fraction)]
+  val_paths = [p for rel, p in files if is_val_file(rel, val_fraction)]
+  cap = max_bytes or None
+  if train_paths and val_paths:
+    val_cap = max(1, round(max_bytes * val_fraction)) if cap else None
+    train_cap = max(0, max_bytes - val_cap) if cap else None
+    train, val = _read_capped(train_paths, train_cap), _read_capped(val_paths, val_cap)
+  else:
+    joined = SEPARATOR.join(_read_capped([p for _, p in files], cap))
+    cut = len(joined) - max(1, round(len(joined) * val_fraction))
+    train, val = [joined[:cut]], [joined[cut:]]
+  if not any(train) and not any(val):
+    raise ConfigError(f"{what}: the corpus is empty ({len(files)} files, all empty)")
+  return _tokenize(train, spec), _tokenize(val, spec)
+
+
+@functools.lru_cache(maxsize=8)
+def stdlib_splits(tokenizer: str = "byte", max_bytes: int = 0, val_fraction: float = 0.05):
+  """-> (train int32 [N_train], val int32 [N_val]) from the stdlib corpus (cached)."""
+  return _split_and_tokenize(stdlib_files(), tokenizer, max_bytes, val_fraction,
+                             f"data.source='stdlib' ({sysconfig.get_paths()['stdlib']})")
+
+
+@functools.lru_cache(maxsize=8)
+def text_splits(pattern: str, tokenizer: str = "byte", max_bytes: int = 0, val_fraction: float = 0.05):
+  """-> (train int32 [N_train], val int32 [N_val]) from the files matching `pattern` (cached).
+
+  The cache assumes the files do not change during the process.
+  """
+  return _split_and_tokenize(text_files(pattern), tokenizer, max_bytes, val_fraction, f"data.glob={pattern!r}")
+
+
+# ----------------------------------------------------------------------------
+# Prepared token directories.
+
+
+def read_meta(tokens_path: str) -> dict:
+  """meta.json of a prepared directory; ConfigError naming data.tokens_path if absent."""
+  path = os.path.join(tokens_path, META_FILE)
+  if not os.path.isfile(path):
+    raise ConfigError(f"data.tokens_path={tokens_path!r}: {META_FILE} not found "
+                      "(write it with python -m recursive_lm.data.prepare)")
+  with open(path) as f:
+    return json.load(f)
+
+
+def _load_npy(tokens_path: str, name: str) -> np.ndarray:
+  path = os.path.join(tokens_path, name)
+  if not os.path.isfile(path):
+    raise ConfigError(f"data.tokens_path={tokens_path!r}: {name} not found")
+  arr = np.load(path, mmap_mode="r", allow_pickle=False)  # read-only memmap: nothing loads until indexed
+  if arr.ndim != 1 or arr.dtype not in (np.uint16, np.int32):
+    raise ConfigError(f"data.tokens_path={tokens_path!r}: {name} is {arr.dtype} {arr.shape}, "
+                      "expected 1-D uint16 or int32")
+  return arr
+
+
+@functools.lru_cache(maxsize=8)
+def tokens_splits(tokens_path: str):
+  """-> (train [N_train], val [N_val]) read-only memmaps in the stored dtype (uint16 or int32).
+
+  TokenWindows casts windows to int32; cast yourself if you read them directly.
+  """
+  if not os.path.isdir(tokens_path):
+    raise ConfigError(f"data.tokens_path={tokens_path!r} is not a directory")
+  read_meta(tokens_path)  # fail early, with the helpful message, on a half-written directory
+  return _load_npy(tokens_path, TRAIN_FILE), _load_npy(tokens_path, VAL_FILE)
+
+
+# ----------------------------------------------------------------------------
+# The config entry point.
+
+
+def load_splits(cfg: DataConfig):
+  """-> (tokenizer, train_tokens [N_train], val_tokens [N_val]) for `cfg` (cached underneath).
+
+  Raises ConfigError naming data.seq_len when a split is shorter than one
+  window of seq_len + 1 tokens.
+  """
+  if cfg.source == "stdlib":
+    train, val = stdlib_splits(cfg.tokenizer, cfg.max_bytes, cfg.val_fraction)
+  elif cfg.source == "text":
+    if not cfg.glob:
+      raise ConfigError("data.source='text' needs data.glob")
+    train, val = text_splits(cfg.glob, cfg.tokenizer, cfg.max_bytes, cfg.val_fraction)
+  elif cfg.source == "tokens":
+    if not cfg.tokens_path:
+      raise ConfigError("data.source='tokens' needs data.tokens_path")
+    train, val = tokens_splits(cfg.tokens_path)
+    # The ids only mean something under the tokenizer that wrote them.
+    prepared = read_meta(cfg.tokens_path).get("tokenizer")
+    if prepared != cfg.tokenizer:
+      raise ConfigError(f"data.tokenizer={cfg.tokenizer!r} but data.tokens_path={cfg.tokens_path!r} was "
+                        f"prepared with {prepared!r}; set data.tokenizer={prepared!r}")
+  else:
+    raise ConfigError(f"data.source={cfg.source!r} is not one of ['stdlib', 'text', 'tokens']")
+  for name, arr in (("train", train), ("val", val)):
+    if len(arr) < cfg.seq_len + 1:
+      raise ConfigError(f"data.seq_len={cfg.seq_len} needs at least {cfg.seq_len + 1} tokens per split, "
+                        f"but the {name} split has {len(arr)} (data.source={cfg.source!r}, "
+                        f"data.max_bytes={cfg.max_bytes}, data.val_fraction={cfg.val_fraction})")
+  return get_tokenizer(cfg.tokenizer), train, val

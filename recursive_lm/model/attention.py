@@ -1,0 +1,76 @@
+"""Causal self-attention with grouped-query heads, rotary positions and an
+optional KV cache.
+
+Shapes use the glossary in `recursive_lm.axes`: x [B, T, D]; q [B, T, H, Hd];
+k, v [B, S, K, Hd] with H = K * G query heads per key/value head.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from recursive_lm import axes
+from recursive_lm.config import ModelConfig
+from recursive_lm.model.layers import Dense, LoRA, apply_rope
+
+
+class Context(NamedTuple):
+  """What every layer needs to know about the positions being processed.
+
+  cos, sin: [T, rot/2] rotary tables; positions: [T] absolute query positions;
+  cache_index: scalar int32 where this chunk is written in the KV cache
+  (None when running without a cache).
+  """
+
+  cos: jax.Array
+  sin: jax.Array
+  positions: jax.Array
+  cache_index: jax.Array | None = None
+
+
+def init_kv_cache(cfg: ModelConfig, n_layers: int, batch: int, max_len: int, dtype) -> dict[str, jax.Array]:
+  """Zeroed per-depth cache {'k','v'}: [L, B, S, K, Hd]."""
+  shape = (n_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+class Attention(nnx.Module):
+  def __init__(self, cfg: ModelConfig, out_std: float, rngs: nnx.Rngs):
+    d, h, k, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    pd = jnp.dtype(cfg.param_dtype)
+    self.num_heads, self.num_kv_heads, self.head_dim = h, k, hd
+    self.q = Dense(d, h * hd, axes.EMBED, axes.HEADS, d**-0.5, rngs, pd)
+    self.k = Dense(d, k * hd, axes.EMBED, axes.KV_HEADS, d**-0.5, rngs, pd)
+    self.v = Dense(d, k * hd, axes.EMBED, axes.KV_HEADS, d**-0.5, rngs, pd)
+    self.o = Dense(h * hd, d, axes.HEADS, axes.EMBED, out_std, rngs, pd)
+
+  def __call__(self, x: jax.Array, ctx: Context, lora: dict[str, LoRA], cache: dict | None):
+    """x [B, T, D] -> ([B, T, D], updated cache or None)."""
+    b, t, _ = x.shape
+    hd, kh = self.head_dim, self.num_kv_heads
+    g = self.num_heads // kh
+    q = self.q(x, lora.get("q")).reshape(b, t, self.num_heads, hd)
+    k = self.k(x, lora.get("k")).reshape(b, t, kh, hd)
+    v = self.v(x, lora.get("v")).reshape(b, t, kh, hd)
+    q = apply_rope(q, ctx.cos, ctx.sin)
+    k = apply_rope(k, ctx.cos, ctx.sin)
+    if cache is None:
+      key_pos = ctx.positions
+    else:
+      idx = (0, ctx.cache_index, 0, 0)
+      k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), idx)
+      v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), idx)
+      cache = {"k": k, "v": v}
+      key_pos = jnp.arange(k.shape[1])
+      k, v = k.astype(x.dtype), v.astype(x.dtype)
+    q = q.reshape(b, t, kh, g, hd) * jnp.asarray(hd**-0.5, x.dtype)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    mask = key_pos[None, :] <= ctx.positions[:, None]  # [T, S]
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, self.num_heads * hd)
+    return self.o(out, lora.get("o")), cache

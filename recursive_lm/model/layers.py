@@ -1,0 +1,114 @@
+"""Ordinary transformer parts: norms, dense projections, embedding, rotary.
+
+None of these knows about tying. Parameters carry logical axis names from
+`recursive_lm.axes`; the variable types below let optimisers and counters
+tell norms and adapters apart from ordinary weights by type, not by path.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from recursive_lm import axes
+
+
+class NormParam(nnx.Param):
+  """Scale/bias of a normalisation layer (no weight decay)."""
+
+
+class LoRAParam(nnx.Param):
+  """A low-rank adapter factor (frozen, counted and exported on its own)."""
+
+
+def normal(std: float):
+  return nnx.initializers.normal(stddev=std)
+
+
+class Norm(nnx.Module):
+  """RMSNorm or LayerNorm over the last axis, computed in float32.
+
+  x: [..., D] -> [..., D] in x's dtype. `offset=1` stores the scale as w with
+  the effective scale 1 + w (the Gemma convention), so converted checkpoints
+  load without rewriting.
+  """
+
+  def __init__(self, dim: int, kind: str = "rms", eps: float = 1e-6, offset: float = 0.0,
+               param_dtype=jnp.float32):
+    self.kind, self.eps, self.offset = kind, eps, offset
+    self.scale = NormParam(jnp.full((dim,), 1.0 - offset, param_dtype), out_sharding=(axes.EMBED,))
+    self.bias = NormParam(jnp.zeros((dim,), param_dtype), out_sharding=(axes.EMBED,)) if kind == "layer" else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = x.astype(jnp.float32)
+    if self.kind == "layer":
+      h = h - h.mean(-1, keepdims=True)
+    h = h * jax.lax.rsqrt((h * h).mean(-1, keepdims=True) + self.eps)
+    h = h * (self.scale[...].astype(jnp.float32) + self.offset)
+    if self.bias is not None:
+      h = h + self.bias[...].astype(jnp.float32)
+    return h.astype(x.dtype)
+
+
+class LoRA(nnx.Module):
+  """Low-rank update s * (x @ A) @ B for one projection.
+
+  A: [d_in, R], B: [R, d_out]. B starts at zero so the adapted projection
+  equals the shared one at initialisation.
+  """
+
+  def __init__(self, d_in: int, d_out: int, rank: int, scale: float, in_axis: str, out_axis: str,
+               rngs: nnx.Rngs, param_dtype=jnp.float32):
+    self.scale = scale
+    self.a = LoRAParam(normal(d_in**-0.5)(rngs.params(), (d_in, rank), param_dtype),
+                       out_sharding=(in_axis, axes.LORA_RANK))
+    self.b = LoRAParam(jnp.zeros((rank, d_out), param_dtype), out_sharding=(axes.LORA_RANK, out_axis))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return (x @ self.a[...].astype(x.dtype)) @ (self.b[...].astype(x.dtype) * self.scale)
+
+
+class Dense(nnx.Module):
+  """y = x @ W (+ LoRA(x) when the caller passes this depth's adapter).
+
+  W: [d_in, d_out] with logical axes (in_axis, out_axis); no bias.
+  """
+
+  def __init__(self, d_in: int, d_out: int, in_axis: str, out_axis: str, std: float, rngs: nnx.Rngs,
+               param_dtype=jnp.float32):
+    self.kernel = nnx.Param(normal(std)(rngs.params(), (d_in, d_out), param_dtype), out_sharding=(in_axis, out_axis))
+
+  def __call__(self, x: jax.Array, lora: LoRA | None = None) -> jax.Array:
+    y = x @ self.kernel[...].astype(x.dtype)
+    return y if lora is None else y + lora(x)
+
+
+class Embed(nnx.Module):
+  """Token embedding [V, D]; `attend` gives tied-output logits [..., V]."""
+
+  def __init__(self, vocab: int, dim: int, std: float, rngs: nnx.Rngs, param_dtype=jnp.float32):
+    self.table = nnx.Param(normal(std)(rngs.params(), (vocab, dim), param_dtype), out_sharding=(axes.VOCAB, axes.EMBED))
+
+  def __call__(self, tokens: jax.Array, dtype) -> jax.Array:
+    return jnp.take(self.table[...], tokens, axis=0).astype(dtype)
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    return x @ self.table[...].astype(x.dtype).T
+
+
+def rope_tables(positions: jax.Array, rot_dims: int, base: float | jax.Array) -> tuple[jax.Array, jax.Array]:
+  """cos, sin of shape [T, rot_dims // 2] for integer positions [T]."""
+  inv_freq = 1.0 / (base ** (jnp.arange(0, rot_dims, 2, dtype=jnp.float32) / rot_dims))
+  angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotate the first 2 * cos.shape[-1] dims of x [B, T, N, Hd] (half-split pairs i, i + r/2)."""
+  r = 2 * cos.shape[-1]
+  rot, rest = x[..., :r].astype(jnp.float32), x[..., r:]
+  x1, x2 = rot[..., : r // 2], rot[..., r // 2 :]
+  c, s = cos[None, :, None, :], sin[None, :, None, :]
+  out = jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+  return out if rest.shape[-1] == 0 else jnp.concatenate([out, rest], axis=-1)

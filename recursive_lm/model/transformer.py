@@ -1,0 +1,83 @@
+"""The language model: embed -> stages of the depth plan -> final norm -> head.
+
+Parameter initialisation (std of a normal unless stated):
+
+  parameter                       shape            init
+  ------------------------------  ---------------  ------------------------------------
+  embed.table                     [V, D]           D^-1/2 (tied head logits ~ unit scale)
+  q, k, v, gate, up kernels       [D, *]           fan-in: D^-1/2
+  o kernel                        [H*Hd, D]        (H*Hd)^-1/2 / sqrt(2 L_eff)
+  down kernel                     [F, D]           F^-1/2 / sqrt(2 L_eff)
+  norm scales / biases            [D]              1 / 0
+  LoRA a                          [d_in, R]        d_in^-1/2
+  LoRA b                          [R, d_out]       0 (relaxed model == tied model at init)
+  head kernel (untied only)       [D, V]           D^-1/2
+
+L_eff is the effective depth of the plan, so deep looped models start with
+the same residual-stream scale as an untied model of the same depth.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from recursive_lm import axes
+from recursive_lm.config import ModelConfig
+from recursive_lm.model import plan as plan_lib
+from recursive_lm.model.attention import Context, init_kv_cache
+from recursive_lm.model.block import Block, DepthSlot
+from recursive_lm.model.layers import Dense, Embed, Norm, rope_tables
+from recursive_lm.model.recursion import StageModule, run_stage, run_unrolled
+
+
+class Transformer(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.plan = plan_lib.from_config(cfg.plan)
+    pd = jnp.dtype(cfg.param_dtype)
+    total = self.plan.depth
+    self.embed = Embed(cfg.vocab_size, cfg.d_model, cfg.d_model**-0.5, rngs, pd)
+    stages = []
+    for spec in self.plan.stages:
+      shared_norms = not (spec.per_depth_norms and spec.repeats > 1)
+      # Adapters and per-depth norms only where weights are reused: a stage
+      # run once has nothing to relax.
+      with_slots = spec.repeats > 1 and DepthSlot.needed(cfg, not shared_norms)
+      make_slot = (lambda r: DepthSlot(cfg, not shared_norms, r)) if with_slots else None
+      stages.append(StageModule(spec, lambda r: Block(cfg, shared_norms, total, r), make_slot, rngs))
+    self.stages = nnx.List(stages)
+    self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, param_dtype=pd)
+    self.head = None if cfg.tie_embeddings else Dense(cfg.d_model, cfg.vocab_size, axes.EMBED, axes.VOCAB,
+                                                      cfg.d_model**-0.5, rngs, pd)
+
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> list[dict]:
+    """Per-stage KV caches {'k','v'}: [K*R, B, S, Kv, Hd], zeroed."""
+    dtype = dtype or jnp.dtype(self.cfg.compute_dtype)
+    return [init_kv_cache(self.cfg, s.depth, batch, max_len, dtype) for s in self.plan.stages]
+
+  def __call__(self, tokens: jax.Array, cache: list[dict] | None = None, cache_index: jax.Array | None = None,
+               unrolled: bool = False):
+    """tokens [B, T] int -> (logits [B, T, V] float32, cache, aux).
+
+    With a cache, the tokens sit at positions cache_index + [0, T) and their
+    keys/values are written there. aux maps diagnostic names to [L_eff] arrays.
+    """
+    cfg = self.cfg
+    t = tokens.shape[1]
+    start = 0 if cache_index is None else cache_index
+    positions = start + jnp.arange(t, dtype=jnp.int32)
+    cos, sin = rope_tables(positions, int(cfg.head_dim * cfg.rope_fraction), cfg.rope_base)
+    ctx = Context(cos, sin, positions, cache_index)
+    x = self.embed(tokens, jnp.dtype(cfg.compute_dtype))
+    run = run_unrolled if (unrolled or not cfg.scan) else run_stage
+    new_cache, auxes = [], []
+    for i, stage in enumerate(self.stages):
+      x, c, aux = run(stage, x, ctx, None if cache is None else cache[i], cfg.remat)
+      new_cache.append(c)
+      auxes.append(aux)
+    x = self.final_norm(x)
+    logits = self.embed.attend(x) if self.head is None else self.head(x)
+    aux = jax.tree.map(lambda *a: jnp.concatenate(a), *auxes)
+    return logits.astype(jnp.float32), (new_cache if cache is not None else None), aux
