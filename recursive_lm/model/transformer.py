@@ -52,6 +52,11 @@ class Transformer(nnx.Module):
     self.head = None if cfg.tie_embeddings else Dense(cfg.d_model, cfg.vocab_size, axes.EMBED, axes.VOCAB,
                                                       cfg.d_model**-0.5, rngs, pd)
 
+  def regulariser(self, aux: dict) -> tuple[jax.Array, dict]:
+    """Auxiliary training loss from the blocks' aux outputs (e.g. MoE balance)
+    and its metrics. Dense blocks add none."""
+    return jnp.zeros((), jnp.float32), {}
+
   def init_cache(self, batch: int, max_len: int, dtype=None) -> list[dict]:
     """Per-stage KV caches {'k','v'}: [K*R, B, S, Kv, Hd], zeroed."""
     dtype = dtype or jnp.dtype(self.cfg.compute_dtype)

@@ -1,0 +1,135 @@
+"""Device mesh, the logical-axis -> mesh-axis table, and sharded creation.
+
+Mesh axes: data, fsdp, tensor, expert. Model code names logical axes only
+(`recursive_lm.axes`); this table decides where they live. The batch is split
+over every data-parallel axis (data, fsdp, expert), so a mesh of any shape
+consumes the whole global batch.
+
+  logical    replicated  data   fsdp   fsdp_tensor   fsdp_tensor_expert
+  ---------  ----------  -----  -----  ------------  ------------------
+  batch      -           dp     dp     dp            dp
+  embed      -           -      fsdp   fsdp          fsdp
+  heads      -           -      -      tensor        tensor
+  kv_heads   -           -      -      tensor        tensor
+  mlp        -           -      -      tensor        tensor
+  vocab      -           -      -      tensor        tensor
+  experts    -           -      -      -             expert
+  (others)   -           -      -      -             -
+
+  dp = (data, fsdp, expert)
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from recursive_lm import axes
+from recursive_lm.config import ConfigError, MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+DATA_PARALLEL = ("data", "fsdp", "expert")
+
+_TENSOR = {axes.HEADS: "tensor", axes.KV_HEADS: "tensor", axes.MLP: "tensor", axes.VOCAB: "tensor"}
+PRESETS: dict[str, dict[str, str | tuple | None]] = {
+    "replicated": {},
+    "data": {axes.BATCH: DATA_PARALLEL},
+    "fsdp": {axes.BATCH: DATA_PARALLEL, axes.EMBED: "fsdp"},
+    "fsdp_tensor": {axes.BATCH: DATA_PARALLEL, axes.EMBED: "fsdp", **_TENSOR},
+    "fsdp_tensor_expert": {axes.BATCH: DATA_PARALLEL, axes.EMBED: "fsdp", **_TENSOR, axes.EXPERTS: "expert"},
+}
+
+
+def rules(preset: str) -> tuple[tuple[str, str | tuple | None], ...]:
+  """Logical axis rules for nnx.logical_axis_rules; every glossary axis is listed."""
+  table = PRESETS[preset]
+  return tuple((name, table.get(name)) for name in axes.ALL)
+
+
+def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, ...]:
+  sizes = [getattr(cfg, a) for a in MESH_AXES]
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if n_devices % known:
+      raise ConfigError(f"mesh: fixed axes {dict(zip(MESH_AXES, sizes))} (product {known}) do not divide "
+                        f"the {n_devices} devices")
+    sizes[sizes.index(-1)] = n_devices // known
+  if math.prod(sizes) != n_devices:
+    raise ConfigError(f"mesh: {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} devices but "
+                      f"{n_devices} are present")
+  return tuple(sizes)
+
+
+def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(cfg, len(devices))
+  # Auto axes: sharding follows the logical rules and GSPMD propagation.
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def data_parallel_size(mesh) -> int:
+  return math.prod(mesh.shape[a] for a in DATA_PARALLEL)
+
+
+def batch_sharding(mesh, preset: str) -> NamedSharding:
+  """[B, T] arrays: rows over the data-parallel axes (replicated for 'replicated')."""
+  return NamedSharding(mesh, P(None if preset == "replicated" else DATA_PARALLEL, None))
+
+
+def check_batch(batch_size: int, mesh, preset: str) -> None:
+  dp = 1 if preset == "replicated" else data_parallel_size(mesh)
+  if batch_size % dp:
+    raise ConfigError(f"data.batch_size={batch_size} (per micro-step) is not divisible by the data-parallel "
+                      f"size {dp} = data*fsdp*expert of mesh {dict(mesh.shape)}")
+
+
+def _check_divisible(abs_state, mesh, rule_list) -> None:
+  table = dict(rule_list)
+  for path, var in nnx.to_flat_state(abs_state):
+    names = var.get_metadata().get("out_sharding") or ()
+    for dim, name in zip(var.shape, names):
+      if name is not None and name not in table:
+        raise ConfigError(f"parameter {'.'.join(map(str, path))}: logical axis {name!r} is not in the sharding table")
+      target = table.get(name)
+      size = math.prod(mesh.shape[a] for a in ((target,) if isinstance(target, str) else (target or ())))
+      if dim % size:
+        raise ConfigError(f"parameter {'.'.join(map(str, path))}: dim {dim} (logical {name!r}) is not divisible "
+                          f"by mesh axis {target!r} of size {size}")
+
+
+def create_sharded(ctor, mesh, preset: str):
+  """Build `ctor()` (a module or tuple of modules) with every array created in
+  place on its shards: shapes come from eval_shape, values from one jit whose
+  out_shardings follow the logical rules, so no device ever holds a full copy
+  of a sharded parameter."""
+  rule_list = rules(preset)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rule_list), nnx.use_eager_sharding(False):
+    abstract = nnx.eval_shape(ctor)
+    graphdef, abs_state = nnx.split(abstract)
+    _check_divisible(abs_state, mesh, rule_list)
+    shardings = nnx.get_named_sharding(abs_state, mesh)
+    state = jax.jit(lambda: nnx.state(ctor()), out_shardings=shardings)()
+  return nnx.merge(graphdef, state)
+
+
+def abstract_sharded(ctor, mesh, preset: str):
+  """(graphdef, abstract state whose leaves carry shardings): restore targets."""
+  rule_list = rules(preset)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rule_list), nnx.use_eager_sharding(False):
+    abstract = nnx.eval_shape(ctor)
+    graphdef, abs_state = nnx.split(abstract)
+    shardings = nnx.get_named_sharding(abs_state, mesh)
+  add = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+  return graphdef, jax.tree.map(add, abs_state, shardings)
+
+
+def global_batch(local: dict[str, np.ndarray], mesh, preset: str) -> dict[str, jax.Array]:
+  """Process-local rows -> global arrays sharded over the data-parallel axes."""
+  sharding = batch_sharding(mesh, preset)
+  n = jax.process_count()
+  return {k: jax.make_array_from_process_local_data(sharding, v, (v.shape[0] * n,) + v.shape[1:])
+          for k, v in local.items()}
