@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # shellcheck shell=bash
+# shellcheck disable=SC2034  # variables here are used by the sourcing scripts
 #
 # Shared helpers for the tpu_scripts/*.sh launchers. Sourced, not executed.
 #

@@ -1,0 +1,233 @@
+"""Train a model: `python -m recursive_lm.train --config configs/default.py --workdir runs/demo`.
+
+The recipe, in order: config -> mesh -> data -> model and optimiser (fresh
+or restored) -> jitted step -> loop (log, evaluate, checkpoint) -> summary.
+Re-running the same command on the same workdir resumes from the latest
+checkpoint and continues the identical trajectory. SIGTERM / SIGINT finish
+the current step, save it and exit 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from flax import nnx
+from ml_collections import config_flags
+
+from recursive_lm import checkpoint, data, metrics, optim, peak, sharding
+from recursive_lm import config as config_lib
+from recursive_lm.analysis.accounting import flops_per_token
+from recursive_lm.config import Config, ConfigError
+from recursive_lm.model.transformer import Transformer
+from recursive_lm.train_step import make_eval_step, make_train_step
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (FILE[:ARG]).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics).")
+
+
+class NonFiniteError(RuntimeError):
+  pass
+
+
+def maybe_initialize_distributed(cfg: Config) -> None:
+  """jax.distributed.initialize when the config or the launcher asks for it.
+
+  Explicit coordinates come from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+  JAX_PROCESS_ID; without them JAX detects the cluster (TPU pods, SLURM).
+  """
+  env = os.environ
+  if not (cfg.mesh.distributed or env.get("RLM_DISTRIBUTED") == "1" or "JAX_COORDINATOR_ADDRESS" in env):
+    return
+  kwargs = {}
+  if "JAX_COORDINATOR_ADDRESS" in env:
+    kwargs = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                  num_processes=int(env["JAX_NUM_PROCESSES"]), process_id=int(env["JAX_PROCESS_ID"]))
+  jax.distributed.initialize(**kwargs)
+
+
+class StopFlag:
+  """Set by SIGTERM / SIGINT; the loop saves and exits at the next step boundary."""
+
+  def __init__(self):
+    self.signal = None
+    for s in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(s, self._set)
+
+  def _set(self, signum, frame):
+    self.signal = signal.Signals(signum).name
+
+  def agreed(self) -> bool:
+    """True on every process when any process was signalled."""
+    local = self.signal is not None
+    if jax.process_count() == 1:
+      return local
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(local))))
+
+
+def evaluate(eval_step, model_state, batches, mesh, preset) -> float:
+  total, count = 0.0, 0.0
+  for batch in batches:
+    s, n = eval_step(model_state, sharding.global_batch(batch, mesh, preset))
+    total, count = total + float(s), count + float(n)
+  return total / count
+
+
+def _check_finite(step: int, m: dict) -> None:
+  bad = [k for k in ("loss", "grad_norm") if not math.isfinite(float(m[k]))]
+  if bad:
+    raise NonFiniteError(f"step {step}: non-finite {' and '.join(bad)} "
+                         f"({', '.join(f'{k}={float(m[k])}' for k in bad)}); stopped without saving this step")
+
+
+def _truncate_metrics(path: str, after_step: int) -> None:
+  """Drop records of steps lost since the checkpoint we resume from."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    keep = [l for l in f if l.strip() and json.loads(l)["step"] <= after_step]
+  with open(path + ".tmp", "w") as f:
+    f.writelines(keep)
+  os.replace(path + ".tmp", path)
+
+
+def run(cfg: Config, workdir: str) -> dict:
+  """Train to cfg.train.steps; returns the last train and eval records."""
+  # 1. Devices.
+  maybe_initialize_distributed(cfg)
+  pi, pc = jax.process_index(), jax.process_count()
+  mesh = sharding.make_mesh(cfg.mesh)
+  preset = cfg.mesh.rules
+  micro = cfg.data.batch_size // cfg.optim.grad_accum
+  sharding.check_batch(micro, mesh, preset)
+
+  # 2. Data.
+  tokenizer, _, _ = data.load_splits(cfg.data)
+  if tokenizer.vocab_size > cfg.model.vocab_size:
+    raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                      f"{tokenizer.vocab_size} (data.tokenizer={cfg.data.tokenizer!r})")
+  train_iter = data.train_iterator(dataclasses.replace(cfg.data, batch_size=micro), cfg.seed, pi, pc)
+  eval_set = data.eval_batches(cfg.data, cfg.train.eval_batches, pi, pc)
+
+  # 3. Model and optimiser: fresh, or restored with the data position.
+  checkpoint.check_or_write_config(workdir, cfg)
+  ckpt = checkpoint.Checkpointer(workdir, cfg.train.keep_checkpoints)
+  lr_schedule = None
+
+  def init():
+    nonlocal lr_schedule
+    model = Transformer(cfg.model, nnx.Rngs(cfg.seed))
+    tx, lr_schedule = optim.make(cfg.optim, cfg.train.steps, nnx.state(model, nnx.Param),
+                                 skip_nonfinite=cfg.train.on_nonfinite == "skip")
+    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  start = ckpt.latest_step()
+  writer = metrics.MetricsWriter(workdir, enabled=pi == 0)
+  if start is None:
+    start, tokens_seen = 0, 0
+    model, opt = sharding.create_sharded(init, mesh, preset)
+    graphdef, state = nnx.split((model, opt))
+  else:
+    graphdef, abstract = sharding.abstract_sharded(init, mesh, preset)
+    state, loop = ckpt.restore(start, abstract, train_iter)
+    tokens_seen = loop["tokens"]
+    if pi == 0:
+      _truncate_metrics(writer.path, start)
+    metrics.console(f"resumed from step {start} in {workdir}")
+  model_graphdef = nnx.graphdef(nnx.merge(graphdef, state)[0])
+
+  # 4. Jitted steps with explicit shardings.
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  train_step = make_train_step(graphdef, lr_schedule, state_shardings, sharding.batch_sharding(mesh, preset))
+  eval_step = make_eval_step(model_graphdef)
+  flops = flops_per_token(cfg, cfg.data.seq_len)
+  peak_flops, peak_source = peak.total_peak(cfg.train.peak_flops)
+  tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+
+  # 5. The loop.
+  stop = StopFlag()
+  started = time.time()
+  window_start, window_steps, last_train, last_eval = time.time(), 0, {}, {}
+  for step in range(start + 1, cfg.train.steps + 1):
+    micro_metrics = []
+    for _ in range(cfg.optim.grad_accum):
+      batch = sharding.global_batch(next(train_iter), mesh, preset)
+      state, m = train_step(state, batch)
+      micro_metrics.append(m)
+    m = jax.tree.map(lambda *xs: np.mean([np.asarray(x) for x in xs], axis=0), *micro_metrics)
+    m["learning_rate"] = np.asarray(micro_metrics[-1]["learning_rate"])
+    if cfg.train.on_nonfinite == "stop":
+      _check_finite(step, m)
+    tokens_seen += tokens_per_step
+    window_steps += 1
+
+    if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+      elapsed = time.time() - window_start
+      tps = window_steps * tokens_per_step / elapsed
+      last_train = {"step": step, "loss": float(m["loss"]), "learning_rate": float(m["learning_rate"]),
+                    "tokens_per_sec": tps, "mfu": tps * flops / peak_flops, "tokens": tokens_seen,
+                    **{k: (v.tolist() if np.ndim(v) else float(v)) for k, v in m.items()
+                       if k not in ("loss", "learning_rate", "finite")}}
+      writer.write(last_train)
+      if pi == 0:
+        metrics.console(metrics.progress_line(step, cfg.train.steps, last_train["loss"], tps, last_train["mfu"],
+                                              started, start))
+      window_start, window_steps = time.time(), 0
+
+    if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+      eval_loss = evaluate(eval_step, state[0], eval_set, mesh, preset)
+      last_eval = {"step": step, "eval_loss": eval_loss}
+      if tokenizer.is_byte_level:
+        last_eval["eval_bits_per_byte"] = eval_loss / math.log(2)
+      writer.write(last_eval)
+      if pi == 0:
+        metrics.console(f"eval step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in last_eval.items() if k != "step"))
+      window_start = time.time()  # evaluation time is not training throughput
+
+    stopping = stop.agreed()
+    if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or stopping:
+      ckpt.save(step, state, train_iter, {"step": step, "tokens": tokens_seen, "seed": cfg.seed})
+    if stopping:
+      ckpt.wait()
+      metrics.console(f"{stop.signal or 'stop'} received: saved step {step} in {workdir}; exiting")
+      break
+
+  ckpt.wait()
+  ckpt.close()
+  writer.close()
+  summary = {"workdir": workdir, "metrics": writer.path, "checkpoints": os.path.join(workdir, "checkpoints"),
+             "train": last_train, "eval": last_eval, "wall_seconds": round(time.time() - started, 1),
+             "peak_flops_source": peak_source}
+  if pi == 0:
+    metrics.console("done: " + json.dumps({k: summary[k] for k in ("workdir", "metrics", "checkpoints")}))
+    if last_eval:
+      metrics.console("final eval: " + json.dumps(last_eval))
+  return summary
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _WORKDIR.value is None:
+    print("error: --workdir is required", file=sys.stderr)
+    sys.exit(2)
+  try:
+    cfg = config_lib.load(_CONFIG.value)
+    run(cfg, _WORKDIR.value)
+  except (ConfigError, NonFiniteError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2 if isinstance(e, ConfigError) else 3)
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("config")
+  app.run(main)
