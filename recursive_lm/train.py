@@ -100,8 +100,13 @@ def _truncate_metrics(path: str, after_step: int) -> None:
   os.replace(path + ".tmp", path)
 
 
-def run(cfg: Config, workdir: str) -> dict:
-  """Train to cfg.train.steps; returns the last train and eval records."""
+def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
+  """Train to cfg.train.steps; returns the last train and eval records.
+
+  `stop_at` ends this invocation early after saving that step (the schedule
+  still spans cfg.train.steps), as a preemption would: tests and notebooks
+  use it to split one run into pieces.
+  """
   # 1. Devices.
   maybe_initialize_distributed(cfg)
   pi, pc = jax.process_index(), jax.process_count()
@@ -193,7 +198,7 @@ def run(cfg: Config, workdir: str) -> dict:
         metrics.console(f"eval step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in last_eval.items() if k != "step"))
       window_start = time.time()  # evaluation time is not training throughput
 
-    stopping = stop.agreed()
+    stopping = stop.agreed() or step == stop_at
     if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or stopping:
       ckpt.save(step, state, train_iter, {"step": step, "tokens": tokens_seen, "seed": cfg.seed})
     if stopping:

@@ -45,15 +45,16 @@ def make_train_step(graphdef, lr_schedule: Callable, state_shardings=None, batch
     m_def, params, rest = nnx.split(model, nnx.Param, ...)
     (loss, (ce, aux, reg_metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, m_def, rest, batch)
     count = opt.step[...]
+    old_params = nnx.as_pure(params)  # plain arrays: the update rewrites the Variables in place
     opt.update(model, grads)
-    new_params = nnx.state(model, nnx.Param)
+    new_params = nnx.as_pure(nnx.state(model, nnx.Param))
     grad_norm = _norm(grads)
     metrics = {
         "loss": ce,
         "total_loss": loss,
         "grad_norm": grad_norm,
         "param_norm": _norm(new_params),
-        "update_norm": _norm(jax.tree.map(jnp.subtract, new_params, params)),
+        "update_norm": _norm(jax.tree.map(jnp.subtract, new_params, old_params)),
         "learning_rate": lr_schedule(count),
         "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
         **reg_metrics,
