@@ -62,10 +62,15 @@ class Checkpointer:
   """Thin wrapper over an orbax CheckpointManager with our three items."""
 
   def __init__(self, workdir: str, keep: int, async_save: bool = True):
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.keep, self.async_save = keep, async_save
+    self._open()
+
+  def _open(self) -> None:
+    options = ocp.CheckpointManagerOptions(max_to_keep=self.keep, enable_async_checkpointing=self.async_save,
                                            create=True)
-    self.manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
-                                         item_names=("state", "data_iter", "loop"), options=options)
+    self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "data_iter", "loop"),
+                                         options=options)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -84,6 +89,43 @@ class Checkpointer:
       args["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
     out = self.manager.restore(step, args=ocp.args.Composite(**args))
     return out["state"], out["loop"]
+
+  def restore_latest_good(self, abstract_state: nnx.State, data_iter=None, log=print):
+    """(step, state, loop) of the newest checkpoint that restores, or None when
+    there is none. A step that fails to restore (truncated array, missing
+    item, mismatched metadata) is reported in one line and set aside as
+    `<step>.unusable` (never deleted), and the next older step is tried. If
+    steps exist but none restores, raises ConfigError and moves nothing."""
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    failures = []
+    for step in steps:
+      try:
+        state, loop = self.restore(step, abstract_state, data_iter)
+      except Exception as e:  # orbax raises many types for damaged files
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        failures.append((step, reason))
+        log(f"checkpoint step {step} is unusable ({type(e).__name__}: {reason}); trying an older one")
+        continue
+      if failures:
+        self._set_aside([s for s, _ in failures])
+      return step, state, loop
+    if failures:
+      raise ConfigError(f"no usable checkpoint in {self.directory}: steps {[s for s, _ in failures]} all failed "
+                        f"to restore (newest: {failures[0][1]}); nothing was changed")
+    return None
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Rename damaged step directories so new saves of those steps can happen."""
+    self.manager.close()
+    if jax.process_index() == 0:
+      for step in steps:
+        src = os.path.join(self.directory, str(step))
+        if os.path.isdir(src):
+          os.replace(src, f"{src}.unusable")
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("recursive_lm checkpoint set-aside")
+    self._open()
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

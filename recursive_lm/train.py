@@ -100,17 +100,18 @@ def _truncate_metrics(path: str, after_step: int) -> None:
   os.replace(path + ".tmp", path)
 
 
-def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
+def run(cfg: Config, workdir: str, stop_at: int | None = None, devices=None) -> dict:
   """Train to cfg.train.steps; returns the last train and eval records.
 
   `stop_at` ends this invocation early after saving that step (the schedule
   still spans cfg.train.steps), as a preemption would: tests and notebooks
-  use it to split one run into pieces.
+  use it to split one run into pieces. `devices` (default: all of jax.devices())
+  restricts the mesh, e.g. to one device for a single-device reference run.
   """
   # 1. Devices.
   maybe_initialize_distributed(cfg)
   pi, pc = jax.process_index(), jax.process_count()
-  mesh = sharding.make_mesh(cfg.mesh)
+  mesh = sharding.make_mesh(cfg.mesh, devices)
   preset = cfg.mesh.rules
   micro = cfg.data.batch_size // cfg.optim.grad_accum
   sharding.check_batch(micro, mesh, preset)
@@ -135,15 +136,15 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None) -> dict:
                                  skip_nonfinite=cfg.train.on_nonfinite == "skip")
     return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
-  start = ckpt.latest_step()
   writer = metrics.MetricsWriter(workdir, enabled=pi == 0)
-  if start is None:
+  graphdef, abstract = sharding.abstract_sharded(init, mesh, preset)
+  restored = ckpt.restore_latest_good(abstract, train_iter, log=metrics.console)
+  if restored is None:
     start, tokens_seen = 0, 0
     model, opt = sharding.create_sharded(init, mesh, preset)
     graphdef, state = nnx.split((model, opt))
   else:
-    graphdef, abstract = sharding.abstract_sharded(init, mesh, preset)
-    state, loop = ckpt.restore(start, abstract, train_iter)
+    start, state, loop = restored
     tokens_seen = loop["tokens"]
     if pi == 0:
       _truncate_metrics(writer.path, start)
