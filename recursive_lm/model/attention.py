@@ -68,9 +68,35 @@ class Attention(nnx.Module):
       key_pos = jnp.arange(k.shape[1])
       k, v = k.astype(x.dtype), v.astype(x.dtype)
     q = q.reshape(b, t, kh, g, hd) * jnp.asarray(hd**-0.5, x.dtype)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    mask = key_pos[None, :] <= ctx.positions[:, None]  # [T, S]
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, self.num_heads * hd)
-    return self.o(out, lora.get("o")), cache
+    if cache is None and t % CAUSAL_BLOCK == 0 and t > CAUSAL_BLOCK:
+      out = _causal_blocked(q, k, v, ctx.positions)
+    else:
+      out = _attend(q, k, v, ctx.positions, key_pos)
+    return self.o(out.reshape(b, t, self.num_heads * hd), lora.get("o")), cache
+
+
+# Query block length of the blocked causal path. Each query block only meets
+# the keys at or before it, so about half of the T x T scores are never
+# computed; on CPU that also keeps the score blocks cache-sized (about 3x
+# faster forward+backward at T = 512 than the full masked product).
+CAUSAL_BLOCK = 128
+
+
+def _attend(q, k, v, q_pos, k_pos):
+  """q [B, T, K, G, Hd] (pre-scaled), k/v [B, S, K, Hd] -> [B, T, K, G, Hd]; key j is visible to query i
+  when k_pos[j] <= q_pos[i]. Scores and softmax in float32."""
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+  mask = k_pos[None, :] <= q_pos[:, None]  # [T, S]
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+  return jnp.einsum("bkgts,bskd->btkgd", probs, v)
+
+
+def _causal_blocked(q, k, v, positions):
+  """Causal self-attention (keys = queries) computed one query block at a time."""
+  n = q.shape[1] // CAUSAL_BLOCK
+  outs = []
+  for i in range(n):
+    lo, hi = i * CAUSAL_BLOCK, (i + 1) * CAUSAL_BLOCK
+    outs.append(_attend(q[:, lo:hi], k[:, :hi], v[:, :hi], positions[lo:hi], positions[:hi]))
+  return jnp.concatenate(outs, axis=1)
