@@ -1,0 +1,143 @@
+"""Autoregressive decoding with the KV cache.
+
+`generate` runs one jitted program per (graphdef, shapes, sampling mode):
+
+  1. prefill: the whole prompt [B, P] in one forward call writes cache slots
+     [0, P) and gives the logits that choose token P;
+  2. decode: a `jax.lax.fori_loop` feeds one token at a time at cache index
+     P + i, each call reading the whole cache and writing one slot.
+
+The model's state enters the jitted function as arrays (nnx.split outside,
+nnx.merge inside), so repeated calls with the same model structure and shapes
+reuse the compiled program. All prompts in a batch share one length P.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, temperature, top_k: int, greedy: bool) -> jax.Array:
+  """logits float [B, V] -> token ids int32 [B].
+
+  greedy: argmax (temperature and key unused). Otherwise a draw from
+  softmax(logits / temperature), restricted to the top_k largest logits when
+  top_k > 0 (ties at the k-th value are all kept).
+  """
+  logits = logits.astype(jnp.float32)
+  if greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / jnp.asarray(temperature, jnp.float32)
+  if top_k > 0 and top_k < logits.shape[-1]:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k", "greedy", "return_logits"))
+def _generate(graphdef, state, prompt, key, temperature, *, max_new_tokens: int, top_k: int, greedy: bool,
+              return_logits: bool):
+  model = nnx.merge(graphdef, state)
+  b, p = prompt.shape
+  n = max_new_tokens
+  cache = model.init_cache(b, p + n)
+  tokens = jnp.concatenate([prompt, jnp.zeros((b, n), jnp.int32)], axis=1)
+
+  # Prefill: the prompt in one call; its last position predicts token P.
+  logits, cache, _ = model(prompt, cache=cache, cache_index=jnp.int32(0))
+  last = logits[:, -1]
+  first = sample_logits(last, jax.random.fold_in(key, 0), temperature, top_k, greedy)
+  tokens = tokens.at[:, p].set(first)
+  seen = jnp.zeros((b, n, last.shape[-1]), jnp.float32) if return_logits else None
+  if return_logits:
+    seen = seen.at[:, 0].set(last)
+
+  def body(i, carry):
+    tokens, cache, seen = carry
+    pos = p + i  # the token at `pos` goes in; it predicts pos + 1
+    tok = jax.lax.dynamic_slice_in_dim(tokens, pos, 1, axis=1)
+    logits, cache, _ = model(tok, cache=cache, cache_index=pos.astype(jnp.int32))
+    nxt = sample_logits(logits[:, -1], jax.random.fold_in(key, i + 1), temperature, top_k, greedy)
+    tokens = jax.lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], pos + 1, axis=1)
+    if return_logits:
+      seen = jax.lax.dynamic_update_slice_in_dim(seen, logits[:, -1:], i + 1, axis=1)
+    return tokens, cache, seen
+
+  tokens, _, seen = jax.lax.fori_loop(0, n - 1, body, (tokens, cache, seen))
+  return (tokens, seen) if return_logits else tokens
+
+
+def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, seed: int = 0,
+             return_logits: bool = False):
+  """Continue each prompt by `max_new_tokens` tokens.
+
+  model: a `Transformer`; prompt_ids: int [B, P] with P >= 1.
+  temperature 0 is greedy decoding (argmax); otherwise tokens are drawn from
+  softmax(logits / temperature), restricted to the top_k most likely tokens
+  when top_k > 0, with randomness from `seed` only.
+
+  Returns int32 [B, P + N] (the prompt followed by the new tokens); with
+  return_logits=True, (tokens, logits float32 [B, N, V]) where logits[:, i]
+  are the logits that chose token P + i.
+
+  Raises ValueError when P + N exceeds model.cfg.max_seq_len (the cache
+  length), for ids outside the vocabulary, an empty prompt, a negative count
+  or a negative temperature / top_k.
+  """
+  prompt = jnp.asarray(prompt_ids)
+  if prompt.ndim != 2:
+    raise ValueError(f"prompt_ids must be [batch, length], got shape {prompt.shape}")
+  if not jnp.issubdtype(prompt.dtype, jnp.integer):
+    raise ValueError(f"prompt_ids must be integer token ids, got {prompt.dtype}")
+  prompt = prompt.astype(jnp.int32)
+  b, p = prompt.shape
+  n = int(max_new_tokens)
+  if p < 1:
+    raise ValueError("prompt_ids is empty: decoding needs at least one prompt token")
+  if n < 0:
+    raise ValueError(f"max_new_tokens={n} must be >= 0")
+  if temperature < 0:
+    raise ValueError(f"temperature={temperature} must be >= 0 (0: greedy)")
+  if top_k < 0:
+    raise ValueError(f"top_k={top_k} must be >= 0 (0: no restriction)")
+  vocab = model.cfg.vocab_size
+  host = np.asarray(prompt)
+  if host.min() < 0 or host.max() >= vocab:
+    raise ValueError(f"prompt_ids must lie in [0, model.vocab_size={vocab}), got [{host.min()}, {host.max()}]")
+  max_len = model.cfg.max_seq_len
+  if p + n > max_len:
+    raise ValueError(f"prompt length {p} + max_new_tokens {n} = {p + n} exceeds model.max_seq_len={max_len} "
+                     "(the KV cache length)")
+  if n == 0:
+    return (prompt, jnp.zeros((b, 0, model.cfg.vocab_size), jnp.float32)) if return_logits else prompt
+  graphdef, state = nnx.split(model)
+  greedy = float(temperature) == 0.0
+  return _generate(graphdef, state, prompt, jax.random.key(int(seed)),
+                   jnp.asarray(1.0 if greedy else temperature, jnp.float32), max_new_tokens=n,
+                   top_k=int(top_k), greedy=greedy, return_logits=return_logits)
+
+
+def load_checkpoint(workdir: str, step: int | None = None):
+  """(cfg, model, step) of a run directory, like `checkpoint.load_model`, but
+  raising ConfigError with one readable line when the directory, its
+  config.json or the requested checkpoint is missing (the CLIs' exit-2 path)."""
+  from recursive_lm import checkpoint
+  from recursive_lm.config import ConfigError
+
+  if not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir {workdir}: no such directory")
+  checkpoint.load_config(workdir)  # ConfigError when config.json is missing
+  root = os.path.join(workdir, "checkpoints")
+  # Orbax names finished steps by their number; unfinished ones carry a tmp suffix.
+  steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
+  if not steps:
+    raise ConfigError(f"--workdir {workdir}: no checkpoint found under {root}")
+  if step is not None and step not in steps:
+    raise ConfigError(f"--step={step}: no such checkpoint in {root} (have {steps})")
+  return checkpoint.load_model(workdir, step)
