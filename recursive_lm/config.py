@@ -56,6 +56,18 @@ def base_config() -> ml_collections.ConfigDict:
   lo.targets = "q,k,v,o,gate,up,down"
   lo.ranks = ""  # per-target override, e.g. "q=8,down=16"
   lo.alpha = 0.0  # 0: alpha = rank (scale 1)
+  m.block = "dense"  # dense | moeut (SwitchHead + sigma-MoE, peri-layernorm)
+  m.moe = mo = ml_collections.ConfigDict()  # read only when block == 'moeut'
+  mo.experts = 0  # sigma-MoE experts per unique block
+  mo.expert_size = 128
+  mo.top_k = 8
+  mo.att_experts = 8  # SwitchHead experts per head (1: plain V, sigmoid-gated O)
+  mo.att_top_k = 2
+  mo.mlp_balance = 0.01  # entropy regulariser coefficients
+  mo.att_balance = 0.001
+  mo.norm_style = "peri"  # peri | pre
+  mo.dispatch = "auto"  # auto | loop | ragged | dense (auto: loop on CPU, ragged elsewhere)
+  mo.block_rows = 128  # rows per expert block of the loop dispatch (upper bound)
 
   c.data = d = ml_collections.ConfigDict()
   d.source = "stdlib"  # stdlib | text | tokens
@@ -161,6 +173,20 @@ class LoraConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  experts: int = 0
+  expert_size: int = 128
+  top_k: int = 8
+  att_experts: int = 8
+  att_top_k: int = 2
+  mlp_balance: float = 0.01
+  att_balance: float = 0.001
+  norm_style: str = "peri"
+  dispatch: str = "auto"
+  block_rows: int = 128
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   vocab_size: int
   d_model: int
@@ -181,6 +207,8 @@ class ModelConfig:
   scan: bool
   plan: PlanConfig
   lora: LoraConfig
+  block: str = "dense"
+  moe: MoEConfig = MoEConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,6 +318,41 @@ def _lora(c, model_dims: dict[str, tuple[int, int]]) -> LoraConfig:
                     alpha=float(c.alpha))
 
 
+def _moe(m, mesh) -> MoEConfig:
+  _choice("model.block", m.block, ("dense", "moeut"))
+  mo = m.moe
+  moe = MoEConfig(**{f.name: mo[f.name] for f in dataclasses.fields(MoEConfig)})
+  if m.block != "moeut":
+    return moe
+  _positive("model.moe.experts", mo.experts)
+  _positive("model.moe.expert_size", mo.expert_size)
+  _positive("model.moe.att_experts", mo.att_experts)
+  if not 1 <= mo.top_k <= mo.experts:
+    raise ConfigError(f"model.moe.top_k={mo.top_k} must be in [1, model.moe.experts={mo.experts}]")
+  if not 1 <= mo.att_top_k <= mo.att_experts:
+    raise ConfigError(f"model.moe.att_top_k={mo.att_top_k} must be in [1, model.moe.att_experts={mo.att_experts}]")
+  _positive("model.moe.mlp_balance", mo.mlp_balance, allow_zero=True)
+  _positive("model.moe.att_balance", mo.att_balance, allow_zero=True)
+  _choice("model.moe.norm_style", mo.norm_style, ("peri", "pre"))
+  _choice("model.moe.dispatch", mo.dispatch, ("auto", "loop", "ragged", "dense"))
+  if mo.block_rows < 8 or mo.block_rows & (mo.block_rows - 1):
+    raise ConfigError(f"model.moe.block_rows={mo.block_rows} must be a power of two >= 8")
+  if m.num_kv_heads != m.num_heads:
+    raise ConfigError(f"model.num_kv_heads={m.num_kv_heads} must equal model.num_heads={m.num_heads} with "
+                      "model.block='moeut' (SwitchHead has no grouped-query sharing)")
+  if m.lora.rank or m.lora.ranks:
+    bad = [t for t in _lora(m.lora, {t: (1 << 30, 1 << 30) for t in LORA_TARGETS}).ranks if t[0] not in ("q", "k")]
+    if bad:
+      raise ConfigError(f"model.lora targets {[t for t, _ in bad]} are not supported with model.block='moeut' "
+                        "(only q,k: the other projections are experts)")
+  if mesh.rules == "fsdp_tensor_expert" and mesh.expert > 1:
+    for field, n in (("model.moe.experts", mo.experts), ("model.moe.att_experts", mo.att_experts)):
+      if n % mesh.expert:
+        raise ConfigError(f"{field}={n} is not divisible by mesh.expert={mesh.expert} (expert sharding needs "
+                          "equal shards; change the expert count or the mesh)")
+  return moe
+
+
 def load(cd: ml_collections.ConfigDict) -> Config:
   """Validate a ConfigDict into the frozen `Config`. Raises ConfigError."""
   m, p = cd.model, cd.model.plan
@@ -325,7 +388,7 @@ def load(cd: ml_collections.ConfigDict) -> Config:
       head_dim=head_dim, mlp_dim=m.mlp_dim, mlp_type=m.mlp_type, norm=m.norm, norm_eps=float(m.norm_eps),
       rope_base=float(m.rope_base), rope_fraction=float(m.rope_fraction), tie_embeddings=bool(m.tie_embeddings),
       max_seq_len=m.max_seq_len, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat,
-      scan=bool(m.scan), plan=plan, lora=_lora(m.lora, dims))
+      scan=bool(m.scan), plan=plan, lora=_lora(m.lora, dims), block=m.block, moe=_moe(m, cd.mesh))
 
   d = cd.data
   _choice("data.source", d.source, ("stdlib", "text", "tokens"))
@@ -379,6 +442,8 @@ def from_json(text: str) -> Config:
   """Rebuild a Config from `Config.to_json()` (used by checkpoints)."""
   raw = json.loads(text)
   raw["model"]["plan"] = PlanConfig(**raw["model"]["plan"])
+  if "moe" in raw["model"]:
+    raw["model"]["moe"] = MoEConfig(**raw["model"]["moe"])
   lo = raw["model"]["lora"]
   raw["model"]["lora"] = LoraConfig(rank=lo["rank"], targets=tuple(lo["targets"]),
                                     ranks=tuple(tuple(x) for x in lo["ranks"]), alpha=lo["alpha"])

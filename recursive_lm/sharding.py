@@ -17,15 +17,21 @@ consumes the whole global batch.
   (others)   -           -      -      -             -
 
   dp = (data, fsdp, expert)
+
+Activations follow the same table through `constrain` (a no-op outside
+`under_mesh`); the residual stream between stages is pinned to batch-sharded
+rows with D whole (`constrain_residual`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import numpy as np
 from flax import nnx
+from flax.core import spmd as flax_spmd
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from recursive_lm import axes
@@ -125,6 +131,57 @@ def abstract_sharded(ctor, mesh, preset: str):
     shardings = nnx.get_named_sharding(abs_state, mesh)
   add = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
   return graphdef, jax.tree.map(add, abs_state, shardings)
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+  """with_sharding_constraint by logical axis names (None: unsharded), mapped
+  through the active `nnx.logical_axis_rules`.
+
+  A no-op unless traced under an Auto `jax.set_mesh` *and* logical rules (see
+  `under_mesh`): models built and run without a mesh (unit tests, sampling on
+  one device) are untouched. Also a no-op when a dim does not divide its mesh
+  axes (e.g. a batch of 1 while decoding).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  logical = flax_spmd.get_logical_axis_rules()
+  if mesh.empty or not logical or not mesh.are_all_axes_auto:
+    return x
+  table = dict(logical)
+  spec = []
+  for dim, name in zip(x.shape, names):
+    target = None if name is None else table.get(name)
+    mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
+    if dim % math.prod(mesh.shape[a] for a in mesh_axes):
+      return x
+    spec.append(target)
+  return jax.lax.with_sharding_constraint(x, P(*spec))
+
+
+def constrain_residual(x: jax.Array) -> jax.Array:
+  """The residual stream x [B, ...] at a stage boundary: rows over the batch
+  rule's mesh axes, every other axis whole (the FSDP layout: fsdp shards
+  weights, not activations; tensor parallelism lives inside a block).
+
+  Without it GSPMD follows the fsdp-sharded weights and keeps x sharded on D
+  over fsdp with rows split over `data` only, so fsdp acts as a second tensor
+  axis (an activation all-reduce per matmul) instead of splitting the batch.
+  """
+  return constrain(x, (axes.BATCH,) + (None,) * (x.ndim - 1))
+
+
+def under_mesh(fn, mesh, preset: str):
+  """`fn` called inside `jax.set_mesh(mesh)` and the preset's logical rules, so
+  that its trace sees the activation constraints (`constrain_residual`).
+  Wrap a jitted function (set_mesh is not allowed inside jit). Flax's rules
+  are not part of jit's cache key: give each preset its own jitted function."""
+  rule_list = rules(preset)
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rule_list):
+      return fn(*args, **kwargs)
+
+  return wrapped
 
 
 def global_batch(local: dict[str, np.ndarray], mesh, preset: str) -> dict[str, jax.Array]:

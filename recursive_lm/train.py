@@ -51,6 +51,13 @@ def maybe_initialize_distributed(cfg: Config) -> None:
   if "JAX_COORDINATOR_ADDRESS" in env:
     kwargs = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
                   num_processes=int(env["JAX_NUM_PROCESSES"]), process_id=int(env["JAX_PROCESS_ID"]))
+  # A dead process must end the others rather than leave them waiting: the
+  # coordination service declares a process dead after heartbeat_timeout
+  # seconds without a heartbeat and then aborts every other process (JAX's
+  # defaults: 300 s to connect, 100 s heartbeat, 300 s shutdown wait).
+  kwargs.update(initialization_timeout=int(env.get("RLM_INIT_TIMEOUT_S", 300)),
+                heartbeat_timeout_seconds=int(env.get("RLM_HEARTBEAT_TIMEOUT_S", 60)),
+                shutdown_timeout_seconds=int(env.get("RLM_SHUTDOWN_TIMEOUT_S", 60)))
   jax.distributed.initialize(**kwargs)
 
 
@@ -83,7 +90,8 @@ def evaluate(eval_step, model_state, batches, mesh, preset) -> float:
 
 
 def _check_finite(step: int, m: dict) -> None:
-  bad = [k for k in ("loss", "grad_norm") if not math.isfinite(float(m[k]))]
+  # param_norm: the update itself can make finite parameters non-finite (e.g. an absurd learning rate).
+  bad = [k for k in ("loss", "grad_norm", "param_norm") if not math.isfinite(float(m[k]))]
   if bad:
     raise NonFiniteError(f"step {step}: non-finite {' and '.join(bad)} "
                          f"({', '.join(f'{k}={float(m[k])}' for k in bad)}); stopped without saving this step")
@@ -93,8 +101,14 @@ def _truncate_metrics(path: str, after_step: int) -> None:
   """Drop records of steps lost since the checkpoint we resume from."""
   if not os.path.exists(path):
     return
+  keep = []
   with open(path) as f:
-    keep = [l for l in f if l.strip() and json.loads(l)["step"] <= after_step]
+    for l in f:
+      try:
+        if json.loads(l)["step"] <= after_step:
+          keep.append(l if l.endswith("\n") else l + "\n")
+      except (ValueError, KeyError, TypeError):  # blank, or torn by a kill in the middle of a write
+        pass
   with open(path + ".tmp", "w") as f:
     f.writelines(keep)
   os.replace(path + ".tmp", path)
@@ -141,6 +155,8 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None, devices=None) -> 
   restored = ckpt.restore_latest_good(abstract, train_iter, log=metrics.console)
   if restored is None:
     start, tokens_seen = 0, 0
+    if pi == 0:
+      _truncate_metrics(writer.path, 0)  # records of an earlier launch killed before its first checkpoint
     model, opt = sharding.create_sharded(init, mesh, preset)
     graphdef, state = nnx.split((model, opt))
   else:
@@ -153,8 +169,10 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None, devices=None) -> 
 
   # 4. Jitted steps with explicit shardings.
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
-  train_step = make_train_step(graphdef, lr_schedule, state_shardings, sharding.batch_sharding(mesh, preset))
-  eval_step = make_eval_step(model_graphdef)
+  # Traced under the mesh and logical rules, so the model's activation constraints apply.
+  train_step = sharding.under_mesh(
+      make_train_step(graphdef, lr_schedule, state_shardings, sharding.batch_sharding(mesh, preset)), mesh, preset)
+  eval_step = sharding.under_mesh(make_eval_step(model_graphdef), mesh, preset)
   flops = flops_per_token(cfg, cfg.data.seq_len)
   peak_flops, peak_source = peak.total_peak(cfg.train.peak_flops)
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
@@ -232,8 +250,36 @@ def main(argv):
   except (ConfigError, NonFiniteError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2 if isinstance(e, ConfigError) else 3)
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() == 1:
+      raise
+    # A collective or barrier failed, typically because another process died.
+    # Exit now: the normal exit path (jax.distributed.shutdown) would wait for
+    # the dead process until the heartbeat timeout and then abort.
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    print(f"error: process {jax.process_index()} of {jax.process_count()}: a cross-process operation failed, most "
+          f"likely because another process died ({first}); exiting", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(4)
+
+
+def _parse_flags(argv):
+  """absl flag parsing, with bad flags and config overrides reported in one line (exit 2)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:  # e.g. --config.train.steps=abc, a missing --config
+    print(f"error: {e}", file=sys.stderr)
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of a field that does not exist
+    while e.args and isinstance(e.args[0], BaseException):  # AttributeError(KeyError(message))
+      e = e.args[0]
+    message = " ".join(str(e.args[0] if e.args else e).split())  # did-you-mean hints span lines
+    field = message.split("'")[1] if message.count("'") >= 2 else None  # "'nonexistent' ..."
+    names = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+    names = [n for n in names if field in n.split(".")] or names
+    print(f"error: {' '.join(names)}: no such config field ({message})", file=sys.stderr)
+  sys.exit(2)
 
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from recursive_lm import axes
+from recursive_lm import axes, sharding
 
 
 class NormParam(nnx.Param):
@@ -91,7 +91,11 @@ class Embed(nnx.Module):
     self.table = nnx.Param(normal(std)(rngs.params(), (vocab, dim), param_dtype), out_sharding=(axes.VOCAB, axes.EMBED))
 
   def __call__(self, tokens: jax.Array, dtype) -> jax.Array:
-    return jnp.take(self.table[...], tokens, axis=0).astype(dtype)
+    # Gather the fsdp-split D axis before the lookup (the FSDP weight gather);
+    # a lookup into a D-split table yields D-split rows that XLA can only
+    # re-shard by batch with a full copy.
+    table = sharding.constrain(self.table[...], (axes.VOCAB, None))
+    return jnp.take(table, tokens, axis=0).astype(dtype)
 
   def attend(self, x: jax.Array) -> jax.Array:
     return x @ self.table[...].astype(x.dtype).T

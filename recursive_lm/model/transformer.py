@@ -23,11 +23,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from recursive_lm import axes
+from recursive_lm import axes, sharding
 from recursive_lm.config import ModelConfig
 from recursive_lm.model import plan as plan_lib
 from recursive_lm.model.attention import Context, init_kv_cache
 from recursive_lm.model.block import Block, DepthSlot
+from recursive_lm.model.moeut_block import MoEUTBlock
 from recursive_lm.model.layers import Dense, Embed, Norm, rope_tables
 from recursive_lm.model.recursion import StageModule, run_stage, run_unrolled
 
@@ -46,7 +47,8 @@ class Transformer(nnx.Module):
       # run once has nothing to relax.
       with_slots = spec.repeats > 1 and DepthSlot.needed(cfg, not shared_norms)
       make_slot = (lambda r: DepthSlot(cfg, not shared_norms, r)) if with_slots else None
-      stages.append(StageModule(spec, lambda r: Block(cfg, shared_norms, total, r), make_slot, rngs))
+      block_cls = MoEUTBlock if cfg.block == "moeut" else Block  # chosen at build time
+      stages.append(StageModule(spec, lambda r: block_cls(cfg, shared_norms, total, r), make_slot, rngs))
     self.stages = nnx.List(stages)
     self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, param_dtype=pd)
     self.head = None if cfg.tie_embeddings else Dense(cfg.d_model, cfg.vocab_size, axes.EMBED, axes.VOCAB,
@@ -75,11 +77,13 @@ class Transformer(nnx.Module):
     positions = start + jnp.arange(t, dtype=jnp.int32)
     cos, sin = rope_tables(positions, int(cfg.head_dim * cfg.rope_fraction), cfg.rope_base)
     ctx = Context(cos, sin, positions, cache_index)
-    x = self.embed(tokens, jnp.dtype(cfg.compute_dtype))
+    # Stage boundaries pin x [B, T, D] to batch-sharded rows (no-op without a mesh).
+    x = sharding.constrain_residual(self.embed(tokens, jnp.dtype(cfg.compute_dtype)))
     run = run_unrolled if (unrolled or not cfg.scan) else run_stage
     new_cache, auxes = [], []
     for i, stage in enumerate(self.stages):
       x, c, aux = run(stage, x, ctx, None if cache is None else cache[i], cfg.remat)
+      x = sharding.constrain_residual(x)
       new_cache.append(c)
       auxes.append(aux)
     x = self.final_norm(x)

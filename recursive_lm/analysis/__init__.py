@@ -1,0 +1,1 @@
+"""Analysis helpers: accounting of unique vs effective parameters and FLOPs."""

@@ -1,0 +1,213 @@
+"""Benchmarks, one subcommand (mode) each; every mode prints one JSON object
+and writes it to --out when given.
+
+  python -m recursive_lm.benchmark compile --config configs/recursive.py:size=tiny --repeats 4,16,64 --out c.json
+
+Modes:
+  compile  For each R in --repeats: set the config's plan to R repeats of its
+           own K unique blocks (num_layers = K * R; K is read from the
+           config's plan, so cycle, sequence, looped, middle_* and sandwich
+           all work), build the model abstractly (`nnx.eval_shape`, nothing
+           allocated) and time `jax.jit(loss_and_grad).lower(...)` and
+           `.compile()` separately for a training forward + backward (value
+           and grad of mean next-token cross-entropy) on a batch of the
+           config's shape [data.batch_size, data.seq_len]. Since each stage
+           runs as nested `lax.scan`s, both times should stay flat in R.
+           Output: {"mode": "compile", "results": [{repeats, num_layers,
+           lower_s, compile_s, lower_cpu_s, compile_cpu_s}],
+           "ratio_<Rmax>_vs_<Rmin>": wall (lower + compile) at the largest R
+           over the smallest, "compile_ratio_...", "cpu_ratio_...", ...}.
+
+Adding a mode (e.g. `train` step time, `moe` dispatch): write
+`def run_<mode>(cd: ml_collections.ConfigDict) -> dict` below, returning a
+JSON-able dict with "mode" set; define any flags it reads next to the
+existing ones (and say which mode reads them); register it in MODES. The
+command line, config handling, error exit codes and --out are shared.
+
+Timing is single-device and unsharded. Times depend on the machine and on
+what else runs on it: compare numbers from one invocation, not across runs.
+A config error prints one line on stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import sys
+import time
+from typing import Callable
+
+from absl import app, flags
+import ml_collections
+from ml_collections import config_flags
+
+from recursive_lm import config as config_lib
+from recursive_lm.config import ConfigError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, FILE[:ARG].", lock_config=True)
+_OUT = flags.DEFINE_string("out", None, "Also write the JSON result to this file.")
+# compile mode:
+_REPEATS = flags.DEFINE_list("repeats", ["4", "16", "64"], "compile: repeats (R) values to time.")
+_WARMUP = flags.DEFINE_bool("warmup", True, "compile: compile the first setting once, untimed, before timing "
+                            "(so one-time JAX/XLA start-up is not charged to the first R).")
+
+EXIT_CONFIG_ERROR = 2
+
+
+# ----------------------------------------------------------------------------
+# compile mode
+
+
+def with_repeats(cd: ml_collections.ConfigDict, repeats: int) -> ml_collections.ConfigDict:
+  """A copy of cd whose plan runs each of its K shared blocks `repeats` times.
+
+  K comes from cd's own plan; num_layers becomes K * repeats (plus the unique
+  first and last layers for middle_* and sandwich).
+  """
+  cd = copy.deepcopy(cd)
+  p = cd.model.plan
+  if p.preset in ("cycle", "sequence"):
+    k = p.num_layers // p.repeats
+    p.num_layers, p.repeats = k * repeats, repeats
+  elif p.preset == "looped":
+    p.num_layers = repeats
+  elif p.preset in ("middle_cycle", "middle_sequence"):
+    k = (p.num_layers - 2) // p.repeats
+    p.num_layers, p.repeats = k * repeats + 2, repeats
+  elif p.preset == "sandwich":
+    p.num_layers = repeats + 2
+  else:
+    raise ConfigError(f"model.plan.preset={p.preset!r} does not repeat blocks; benchmark compile needs one of "
+                      "cycle, sequence, looped, middle_cycle, middle_sequence, sandwich")
+  return cd
+
+
+def train_loss_and_grad(cfg: config_lib.Config):
+  """(jitted fn, abstract args): value_and_grad of mean cross-entropy w.r.t. params."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from flax import nnx
+
+  from recursive_lm.model.transformer import Transformer
+
+  with nnx.use_eager_sharding(False):
+    abstract = nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0)))
+  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  shape = (cfg.data.batch_size, cfg.data.seq_len)
+  batch = {"inputs": jax.ShapeDtypeStruct(shape, jnp.int32), "targets": jax.ShapeDtypeStruct(shape, jnp.int32)}
+
+  def loss(params, rest, batch):
+    logits, _, _ = nnx.merge(graphdef, params, rest)(batch["inputs"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
+
+  return jax.jit(jax.value_and_grad(loss)), (params, rest, batch)
+
+
+def time_compile(cd: ml_collections.ConfigDict) -> dict:
+  """Lower and compile the train forward + backward for one config; seconds."""
+  cfg = config_lib.load(cd)
+  fn, args = train_loss_and_grad(cfg)
+  t0, c0 = time.perf_counter(), time.process_time()
+  lowered = fn.lower(*args)
+  t1, c1 = time.perf_counter(), time.process_time()
+  lowered.compile()
+  t2, c2 = time.perf_counter(), time.process_time()
+  # CPU seconds of this process too: on a shared machine they move less than wall time.
+  return {"num_layers": cfg.model.plan.num_layers, "lower_s": round(t1 - t0, 3), "compile_s": round(t2 - t1, 3),
+          "lower_cpu_s": round(c1 - c0, 3), "compile_cpu_s": round(c2 - c1, 3)}
+
+
+def run_compile(cd: ml_collections.ConfigDict) -> dict:
+  try:
+    repeats = [int(r) for r in _REPEATS.value]
+  except ValueError:
+    raise ConfigError(f"--repeats={','.join(_REPEATS.value)} must be a comma-separated list of ints") from None
+  if not repeats or min(repeats) < 1:
+    raise ConfigError(f"--repeats={','.join(_REPEATS.value)} must list positive ints")
+  variants = [(r, with_repeats(cd, r)) for r in repeats]
+  for _, v in variants:  # every setting must be valid before any timing starts
+    config_lib.load(v)
+  if _WARMUP.value:
+    time_compile(variants[0][1])
+  results = [{"repeats": r, **time_compile(v)} for r, v in variants]
+  lo, hi = min(results, key=lambda x: x["repeats"]), max(results, key=lambda x: x["repeats"])
+  total = lambda x: x["lower_s"] + x["compile_s"]
+  cpu = lambda x: x["lower_cpu_s"] + x["compile_cpu_s"]
+  return {
+      "mode": "compile",
+      "config": {"preset": cd.model.plan.preset, "d_model": cd.model.d_model,
+                 "batch": [cd.data.batch_size, cd.data.seq_len], "remat": cd.model.remat, "scan": cd.model.scan},
+      "results": results,
+      f"ratio_{hi['repeats']}_vs_{lo['repeats']}": round(total(hi) / total(lo), 3),
+      f"compile_ratio_{hi['repeats']}_vs_{lo['repeats']}": round(hi["compile_s"] / lo["compile_s"], 3),
+      f"cpu_ratio_{hi['repeats']}_vs_{lo['repeats']}": round(cpu(hi) / cpu(lo), 3),
+      **_environment(),
+  }
+
+
+def _environment() -> dict:
+  import jax
+
+  dev = jax.devices()[0]
+  return {"backend": jax.default_backend(), "device": dev.device_kind, "jax": jax.__version__,
+          "python": platform.python_version()}
+
+
+# ----------------------------------------------------------------------------
+# Extension point: mode name -> function(config dict) -> JSON-able dict.
+
+MODES: dict[str, Callable[[ml_collections.ConfigDict], dict]] = {
+    "compile": run_compile,
+}
+
+
+# ----------------------------------------------------------------------------
+# Command line.
+
+
+def _config_error(e: Exception | str) -> None:
+  print("config error: " + " ".join(str(e).split()), file=sys.stderr)  # one line
+  sys.exit(EXIT_CONFIG_ERROR)
+
+
+def _root_config_error(e: BaseException | None) -> ConfigError | None:
+  # config_flags re-raises get_config() errors with the traceback as message and
+  # absl wraps that again: report the innermost ConfigError's own message.
+  found, seen = None, set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    found = e if isinstance(e, ConfigError) else found
+    e = e.__cause__ or e.__context__
+  return found
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _config_error(_root_config_error(e) or e)
+  except (AttributeError, KeyError) as e:  # --config.no_such_key=...
+    _config_error(f"--config override names a key that does not exist: {e}")
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) != 2 or argv[1] not in MODES:
+    raise app.UsageError(f"usage: python -m recursive_lm.benchmark {{{'|'.join(MODES)}}} --config FILE[:ARG] "
+                         f"[--out FILE.json] (got {argv[1:]})")
+  if _CONFIG.value is None:
+    _config_error("--config FILE[:ARG] is required")
+  try:
+    result = MODES[argv[1]](_CONFIG.value)
+  except (ConfigError, OSError) as e:  # OSError: a missing config file surfaces on first access
+    _config_error(e)
+  text = json.dumps(result, indent=2)
+  print(text)
+  if _OUT.value:
+    with open(_OUT.value, "w") as f:
+      f.write(text + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,504 @@
+"""sigma-MoE feed-forward (Csordas et al.), the grouped-matmul dispatch it
+shares with SwitchHead attention, and the MoEUT balance regulariser.
+
+sigma-MoE: a router W_s [D, E] gives sigmoid scores per token; the top-K
+experts run; their outputs are weighted by the raw sigmoid scores (no
+renormalisation). Expert e is a bias-free ReLU MLP of width S (expert_size):
+keys [E, D, S], values [E, S, D]. With every expert selected and a constant
+score c, the layer is c x the dense ReLU MLP whose hidden layer is the
+concatenation of the experts (tests/test_moe.py checks this).
+
+Dispatch. Routing yields A "assignments" (token, expert) with a gate value
+each. Assignments are sorted by group (expert) and laid out in row blocks of
+`b` rows that each belong to one group, every group padded to a multiple of
+b. A grouped linear layer is then, per block j with group g_j:
+
+    out[dst[i]] += gate[i] * (x[src[i]] @ W[g_j])      for the rows i of block j
+
+  loop    (CPU default) a `fori_loop` over the *used* blocks only (a traced
+          trip count), gathering its rows, with a custom VJP whose backward is
+          the same loop (dx, dW, dgate: two matmuls per block). sigma-MoE runs
+          both expert layers in one loop (`expert_mlp`: the [b, S] hidden block
+          stays in cache; pre-activations are kept only when differentiating).
+          Exact; never touches unused experts, and pads at most one partial
+          block per group.
+  ragged  `jax.lax.ragged_dot` on the sorted rows (no padding). Native on
+          TPU/GPU; on XLA:CPU it lowers to a dense masked product over all
+          groups (2.3 GFLOP/s vs 190 for a plain matmul of the same FLOPs at
+          E=32, i.e. E times the work), so `auto` picks `loop` on CPU and
+          `ragged` elsewhere.
+  dense   every expert for every token, unselected ones weighted 0: the
+          reference the other two are tested against (E/K times the work).
+
+  Rejected on CPU: gathering each token's expert weights (weight traffic of
+  D*S per token-expert, memory-bound) and a batched matmul over gathered
+  per-block weights with a static worst-case block count (all padding blocks
+  computed: 0.2-0.3x of the dense MLP). Measured with
+  `recursive_lm.model.moe_bench` at the 44M layer (D 412, E 155, K 12, S 128,
+  4096 tokens, 2 shared cores): forward+backward 0.67-0.94x and forward
+  0.46-0.61x the tokens/s of a dense ReLU MLP of width K*S (the same active
+  FLOPs); the gap is ~20% padding at 128-row blocks plus routing (top-k and
+  the sort, ~25 ms of ~220 ms forward).
+
+Data parallelism: under an Auto mesh with logical rules (see
+`recursive_lm.sharding.under_mesh`) the routing and dispatch run inside a
+`shard_map` over the batch rule's mesh axes, so every device sorts and
+multiplies only its own tokens (weights are gathered whole; there is no
+expert-parallel all-to-all). Without a mesh the whole batch is one group.
+
+Expert sharding: the expert axis carries the logical name `experts`. A mesh
+whose `expert` axis does not divide the expert count is rejected (a
+ConfigError at config load when mesh.expert is given, and from
+`sharding.create_sharded`'s divisibility check otherwise): JAX has no uneven
+shardings, and silently replicating the largest tensors of the model would
+hide a memory blow-up.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.core import spmd as flax_spmd
+from jax.sharding import PartitionSpec as P
+
+from recursive_lm import axes
+from recursive_lm.config import ConfigError
+
+DISPATCH = ("auto", "loop", "ragged", "dense")
+
+
+def resolve_dispatch(mode: str) -> str:
+  if mode not in DISPATCH:
+    raise ConfigError(f"model.moe.dispatch={mode!r} is not one of {list(DISPATCH)}")
+  if mode != "auto":
+    return mode
+  return "loop" if jax.default_backend() == "cpu" else "ragged"
+
+
+def check_expert_mesh(n_experts: int, expert_axis_size: int, field: str = "model.moe.experts") -> None:
+  """ConfigError unless the mesh's expert axis divides the expert count."""
+  if expert_axis_size > 1 and n_experts % expert_axis_size:
+    raise ConfigError(f"{field}={n_experts} is not divisible by mesh.expert={expert_axis_size} "
+                      "(expert sharding needs equal shards; change the expert count or the mesh)")
+
+
+# ----------------------------------------------------------------------------
+# Layout: assignments sorted by group, in single-group row blocks.
+
+
+class Layout(NamedTuple):
+  """Where each assignment sits in the grouped row layout of P = n_blocks_max * block rows.
+
+  slot: [P] assignment id of each row (0 on padding rows); valid: [P] bool;
+  block_group: [n_blocks_max] group of each block; n_blocks: scalar, blocks in
+  use; group_sizes: [G] assignments per group (ragged). Rows per block:
+  `block` (P / n_blocks_max; 1 for the ragged mode).
+  """
+
+  slot: jax.Array
+  valid: jax.Array
+  block_group: jax.Array
+  n_blocks: jax.Array
+  group_sizes: jax.Array
+
+  @property
+  def block(self) -> int:
+    return self.slot.shape[0] // self.block_group.shape[0]
+
+
+def block_rows(n_assign: int, n_groups: int, cap: int) -> int:
+  """Rows per block: the power of two >= the mean group size, in [8, cap].
+
+  Large batches get `cap`-row blocks (full matmuls); decoding (a few tokens)
+  gets 8-row blocks, so padding stays near one block per used group.
+  """
+  mean = max(1, -(-n_assign // n_groups))
+  return int(min(cap, max(8, 1 << (mean - 1).bit_length())))
+
+
+def plan_layout(group: jax.Array, n_groups: int, mode: str, cap: int = 128) -> Layout:
+  """Layout for assignments with group ids `group` [A] (int32 in [0, n_groups)); mode 'loop' or 'ragged'
+  (the dense reference needs none)."""
+  a = group.shape[0]
+  group = group.astype(jnp.int32)
+  sizes = jnp.zeros((n_groups,), jnp.int32).at[group].add(1)
+  sorted_group, order = jax.lax.sort((group, jnp.arange(a, dtype=jnp.int32)), num_keys=1, is_stable=True)
+  if mode == "ragged":
+    return Layout(order, jnp.ones((a,), bool), sorted_group, jnp.int32(0), sizes)
+  b = block_rows(a, n_groups, cap)
+  padded = (sizes + b - 1) // b * b
+  pend = jnp.cumsum(padded)
+  start = jnp.cumsum(sizes) - sizes
+  dest = (pend - padded)[sorted_group] + jnp.arange(a, dtype=jnp.int32) - start[sorted_group]
+  # sum_g ceil(n_g / b) <= ceil(A / b) + (non-empty groups) - 1
+  nb = max(1, -(-a // b) + min(n_groups, a) - 1)
+  slot = jnp.full((nb * b,), a, jnp.int32).at[dest].set(order)
+  valid = slot < a
+  block_group = jnp.minimum(jnp.searchsorted(pend, jnp.arange(nb, dtype=jnp.int32) * b, side="right"), n_groups - 1)
+  return Layout(jnp.where(valid, slot, 0), valid, block_group.astype(jnp.int32), pend[-1] // b, sizes)
+
+
+# ----------------------------------------------------------------------------
+# The loop kernel: out[dst] += gate * (x[src] @ W[g]) over used blocks.
+
+
+def _rows(a: jax.Array, idx: jax.Array | None, j: jax.Array, b: int) -> jax.Array:
+  """Block j's rows of `a`: gathered by idx[j*b:(j+1)*b], or a contiguous slice when idx is None."""
+  if idx is None:
+    return jax.lax.dynamic_slice_in_dim(a, j * b, b, 0)
+  return a[jax.lax.dynamic_slice_in_dim(idx, j * b, b, 0)]
+
+
+def _put(buf: jax.Array, idx: jax.Array | None, j: jax.Array, b: int, val: jax.Array) -> jax.Array:
+  if idx is None:
+    return jax.lax.dynamic_update_slice_in_dim(buf, val, j * b, 0)
+  return buf.at[jax.lax.dynamic_slice_in_dim(idx, j * b, b, 0)].add(val)
+
+
+def _loop_forward(x, w, gate, src, dst, block_group, n_blocks, b, n_out):
+  rows = gate.shape[0]
+  out = jnp.zeros((rows if dst is None else n_out, w.shape[2]), jnp.float32)
+
+  def body(j, out):
+    xb = _rows(x, src, j, b)
+    we = jax.lax.dynamic_index_in_dim(w, block_group[j], 0, keepdims=False)
+    yb = jnp.dot(xb, we, preferred_element_type=jnp.float32) * _rows(gate, None, j, b)[:, None]
+    return _put(out, dst, j, b, yb)
+
+  return jax.lax.fori_loop(0, n_blocks, body, out).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _loop_gmm(x, w, gate, src, dst, block_group, n_blocks, b, n_out):
+  return _loop_forward(x, w, gate, src, dst, block_group, n_blocks, b, n_out)
+
+
+def _loop_gmm_fwd(x, w, gate, src, dst, block_group, n_blocks, b, n_out):
+  out = _loop_forward(x, w, gate, src, dst, block_group, n_blocks, b, n_out)
+  return out, (x, w, gate, src, dst, block_group, n_blocks)
+
+
+def _loop_gmm_bwd(b, n_out, res, g):
+  x, w, gate, src, dst, block_group, n_blocks = res
+  g = g.astype(x.dtype)
+
+  def body(j, carry):
+    dx, dw, dgate = carry
+    e = block_group[j]
+    xb, gyb = _rows(x, src, j, b), _rows(g, dst, j, b)
+    gb = _rows(gate, None, j, b)
+    we = jax.lax.dynamic_index_in_dim(w, e, 0, keepdims=False)
+    dxb = jnp.dot(gyb, we.T, preferred_element_type=jnp.float32)  # d(x @ W) rows, before the gate
+    dwe = jnp.dot(xb.T, (gyb * gb[:, None].astype(gyb.dtype)), preferred_element_type=jnp.float32)
+    dw = jax.lax.dynamic_update_index_in_dim(dw, jax.lax.dynamic_index_in_dim(dw, e, 0, False) + dwe, e, 0)
+    dgate = jax.lax.dynamic_update_slice_in_dim(dgate, jnp.sum(xb.astype(jnp.float32) * dxb, -1), j * b, 0)
+    dx = _put(dx, src, j, b, dxb * gb[:, None].astype(jnp.float32))
+    return dx, dw, dgate
+
+  init = (jnp.zeros(x.shape, jnp.float32), jnp.zeros(w.shape, jnp.float32), jnp.zeros(gate.shape, jnp.float32))
+  dx, dw, dgate = jax.lax.fori_loop(0, n_blocks, body, init)
+  return dx.astype(x.dtype), dw.astype(w.dtype), dgate.astype(gate.dtype), None, None, None, None
+
+
+_loop_gmm.defvjp(_loop_gmm_fwd, _loop_gmm_bwd)
+
+
+def _mlp_forward(x, keys, values, gate, token, block_group, n_blocks, b, save):
+  rows = gate.shape[0]
+  out = jnp.zeros((x.shape[0], values.shape[2]), jnp.float32)
+  pre_buf = jnp.zeros((rows, keys.shape[2]), x.dtype) if save else None
+
+  def body(j, carry):
+    out, pre_buf = carry
+    e = block_group[j]
+    pre = jnp.dot(_rows(x, token, j, b), jax.lax.dynamic_index_in_dim(keys, e, 0, False),
+                  preferred_element_type=jnp.float32).astype(x.dtype)
+    h = jax.nn.relu(pre) * _rows(gate, None, j, b)[:, None]
+    yb = jnp.dot(h, jax.lax.dynamic_index_in_dim(values, e, 0, False), preferred_element_type=jnp.float32)
+    if save:
+      pre_buf = jax.lax.dynamic_update_slice_in_dim(pre_buf, pre, j * b, 0)
+    return _put(out, token, j, b, yb), pre_buf
+
+  out, pre_buf = jax.lax.fori_loop(0, n_blocks, body, (out, pre_buf))
+  return out.astype(x.dtype), pre_buf
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _mlp_loop(x, keys, values, gate, token, block_group, n_blocks, b):
+  """out[token[i]] += gate[i] * relu(x[token[i]] @ keys[g]) @ values[g] over the used blocks: both
+  expert layers in one loop (the [rows, S] hidden activations stay in cache; the pre-activations
+  are kept for the backward pass only when differentiating)."""
+  return _mlp_forward(x, keys, values, gate, token, block_group, n_blocks, b, False)[0]
+
+
+def _mlp_loop_fwd(x, keys, values, gate, token, block_group, n_blocks, b):
+  out, pre_buf = _mlp_forward(x, keys, values, gate, token, block_group, n_blocks, b, True)
+  return out, (x, keys, values, gate, token, block_group, n_blocks, pre_buf)
+
+
+def _mlp_loop_bwd(b, res, g):
+  x, keys, values, gate, token, block_group, n_blocks, pre_buf = res
+  g = g.astype(x.dtype)
+  f32 = jnp.float32
+
+  def acc(buf, e, val):
+    return jax.lax.dynamic_update_index_in_dim(buf, jax.lax.dynamic_index_in_dim(buf, e, 0, False) + val, e, 0)
+
+  def body(j, carry):
+    dx, dk, dv, dgate = carry
+    e = block_group[j]
+    xb, gyb, gb = _rows(x, token, j, b), _rows(g, token, j, b), _rows(gate, None, j, b)[:, None]
+    ke = jax.lax.dynamic_index_in_dim(keys, e, 0, False)
+    ve = jax.lax.dynamic_index_in_dim(values, e, 0, False)
+    pre = _rows(pre_buf, None, j, b)
+    h = jax.nn.relu(pre)
+    dh = jnp.dot(gyb, ve.T, preferred_element_type=f32)  # d(gate * h)
+    dv = acc(dv, e, jnp.dot((h * gb).T, gyb, preferred_element_type=f32))
+    dgate = jax.lax.dynamic_update_slice_in_dim(dgate, jnp.sum(dh * h.astype(f32), -1), j * b, 0)
+    dpre = jnp.where(pre > 0, dh * gb.astype(f32), 0).astype(x.dtype)
+    dk = acc(dk, e, jnp.dot(xb.T, dpre, preferred_element_type=f32))
+    dx = _put(dx, token, j, b, jnp.dot(dpre, ke.T, preferred_element_type=f32))
+    return dx, dk, dv, dgate
+
+  init = (jnp.zeros(x.shape, f32), jnp.zeros(keys.shape, f32), jnp.zeros(values.shape, f32), jnp.zeros(gate.shape, f32))
+  dx, dk, dv, dgate = jax.lax.fori_loop(0, n_blocks, body, init)
+  return dx.astype(x.dtype), dk.astype(keys.dtype), dv.astype(values.dtype), dgate.astype(gate.dtype), None, None, None
+
+
+_mlp_loop.defvjp(_mlp_loop_fwd, _mlp_loop_bwd)
+
+
+def expert_mlp(x: jax.Array, keys: jax.Array, values: jax.Array, layout: Layout, mode: str, token: jax.Array,
+               gate: jax.Array) -> jax.Array:
+  """sigma-MoE experts: out[token[a]] += gate[a] * relu(x[token[a]] @ keys[g_a]) @ values[g_a].
+
+  x [N, D]; keys [E, D, S]; values [E, S, D]; token, gate [A]; layout from the group ids [A].
+  """
+  keys, values = keys.astype(x.dtype), values.astype(x.dtype)
+  if mode == "loop":
+    gate_rows = jnp.where(layout.valid, gate[layout.slot].astype(x.dtype), 0)
+    return _mlp_loop(x, keys, values, gate_rows, token[layout.slot].astype(jnp.int32), layout.block_group,
+                     layout.n_blocks, layout.block)
+  h = jax.nn.relu(grouped_linear(x, keys, layout, mode, src=token))
+  return grouped_linear(h, values, layout, mode, dst=token, gate=gate, n_out=x.shape[0])
+
+
+def grouped_linear(x: jax.Array, w: jax.Array, layout: Layout, mode: str, *, src: jax.Array | None = None,
+                   dst: jax.Array | None = None, gate: jax.Array | None = None, n_out: int = 0) -> jax.Array:
+  """Per assignment a: out[dst[a]] += gate[a] * (x[src[a]] @ w[group[a]]).
+
+  x: [N_in, d_in] rows indexed by `src` [A], or (src=None) already in the
+  layout's row order [P, d_in] (the output of an earlier call with dst=None).
+  w: [G, d_in, d_out]. dst [A] rows of an [n_out, d_out] output, or None for
+  output in the layout's row order [P, d_out] (padding rows are 0).
+  gate: [A] (None: 1).
+  """
+  a = layout.slot.shape[0]
+  gate_rows = jnp.ones((a,), x.dtype) if gate is None else gate[layout.slot].astype(x.dtype)
+  gate_rows = jnp.where(layout.valid, gate_rows, 0)
+  src_rows = None if src is None else src[layout.slot].astype(jnp.int32)
+  dst_rows = None if dst is None else dst[layout.slot].astype(jnp.int32)
+  w = w.astype(x.dtype)
+  if mode == "loop":
+    return _loop_gmm(x, w, gate_rows, src_rows, dst_rows, layout.block_group, layout.n_blocks, layout.block, n_out)
+  xs = x if src_rows is None else x[src_rows]
+  if mode != "ragged":
+    raise ConfigError(f"grouped_linear: dispatch {mode!r} is not 'loop' or 'ragged'")
+  y = jax.lax.ragged_dot(xs, w, layout.group_sizes, preferred_element_type=jnp.float32)
+  y = y * gate_rows[:, None].astype(jnp.float32)
+  if dst_rows is not None:
+    y = jnp.zeros((n_out, w.shape[2]), jnp.float32).at[dst_rows].add(y)
+  return y.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------
+# Router statistics and data-parallel execution.
+
+
+def route(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """Sigmoid scores of the top-k logits along the last axis (no renormalisation) and their indices."""
+  _, idx = jax.lax.top_k(logits, k)  # sigmoid is monotone: rank by logit
+  return jax.nn.sigmoid(jnp.take_along_axis(logits, idx, axis=-1)), idx
+
+
+def mean_softmax(logits: jax.Array, batch: int) -> jax.Array:
+  """logits [N, ..., E] with N = batch * T tokens -> per-sequence mean softmax [batch, ..., E] (float32)."""
+  p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  return p.reshape((batch, -1) + p.shape[1:]).mean(1)
+
+
+def _batch_axes() -> tuple[tuple[str, ...], int]:
+  """Mesh axes of the batch logical rule and their total size (((), 1) without a mesh and rules)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  rules = flax_spmd.get_logical_axis_rules()
+  if mesh.empty or not rules or not mesh.are_all_axes_auto:
+    return (), 1
+  target = dict(rules).get(axes.BATCH)
+  names = (target,) if isinstance(target, str) else tuple(target or ())
+  return names, math.prod(mesh.shape[a] for a in names)
+
+
+def data_parallel(fn: Callable, n_batched: int, out_batched: tuple[bool, ...]) -> Callable:
+  """Run fn(*batched, *replicated) per batch shard when the batch is sharded.
+
+  The first `n_batched` arguments have the batch on axis 0; outputs flagged in
+  `out_batched` do too, the others are sums over tokens (psum-ed over shards).
+  A plain call without a mesh, or when the batch does not divide.
+  """
+
+  def wrapped(*args):
+    names, size = _batch_axes()
+    if size == 1 or args[0].shape[0] % size:
+      return fn(*args)
+
+    def local(*a):
+      outs = fn(*a)
+      return tuple(o if bat else jax.lax.psum(o, names) for o, bat in zip(outs, out_batched))
+
+    in_specs = tuple(P(names) if i < n_batched else P() for i in range(len(args)))
+    out_specs = tuple(P(names) if bat else P() for bat in out_batched)
+    return jax.shard_map(local, in_specs=in_specs, out_specs=out_specs, axis_names=set(names),
+                         check_vma=False)(*args)
+
+  return wrapped
+
+
+# ----------------------------------------------------------------------------
+# The sigma-MoE layer.
+
+
+def normalised_rows(key, shape, axis: int, std: float, dtype) -> jax.Array:
+  """Normal(0, std) init with every router vector (the slice along `axis`) rescaled to norm
+  std * sqrt(shape[axis]): equal-norm rows, about the same overall std (MoEUT's router init)."""
+  w = jax.random.normal(key, shape, jnp.float32)
+  w = w / jnp.linalg.norm(w, axis=axis, keepdims=True) * (std * shape[axis] ** 0.5)
+  return w.astype(dtype)
+
+
+def _sigma_moe(x, r_in, router, keys, values, *, top_k: int, mode: str, cap: int):
+  """x, r_in [B, T, D] -> (y [B, T, D], mean softmax [B, E], expert counts [E])."""
+  b, t, d = x.shape
+  e = router.shape[1]
+  n = b * t
+  logits = jnp.dot(r_in.reshape(n, d).astype(jnp.float32), router.astype(jnp.float32))
+  gate, idx = route(logits, top_k)  # [N, K]
+  xf = x.reshape(n, d)
+  if mode == "dense":  # all experts for all tokens: the reference
+    counts = jnp.zeros((e,), jnp.float32).at[idx.reshape(-1)].add(1.0)
+    full = jnp.zeros((n, e), jnp.float32).at[jnp.arange(n)[:, None], idx].set(gate)
+    h = jax.nn.relu(jnp.einsum("nd,eds->nes", xf, keys.astype(x.dtype), preferred_element_type=jnp.float32))
+    y = jnp.einsum("nes,esd->nd", (h * full[..., None]).astype(x.dtype), values.astype(x.dtype),
+                   preferred_element_type=jnp.float32).astype(x.dtype)
+  else:
+    token = jnp.arange(n * top_k, dtype=jnp.int32) // top_k
+    layout = plan_layout(idx.reshape(-1), e, mode, cap)
+    y = expert_mlp(xf, keys, values, layout, mode, token, gate.reshape(-1))
+    counts = layout.group_sizes.astype(jnp.float32)
+  return y.reshape(b, t, d), mean_softmax(logits, b), counts
+
+
+class SigmaMoE(nnx.Module):
+  """x [B, T, D] (experts' input) and router_input [B, T, D] -> (y [B, T, D], aux).
+
+  aux: 'mlp_probs' [B, E] per-sequence mean of softmax(router logits) (what
+  the balance loss uses: MoEUT selects with sigmoid but regularises the
+  softmax), 'mlp_usage' [E] share of tokens that selected each expert (sums to K).
+
+  Init (MoEUT): with s = init_scale, router and keys N(0, s / sqrt(D)) (router
+  vectors renormalised to equal norms), values N(0, s / sqrt(E * S)).
+  """
+
+  def __init__(self, d_model: int, n_experts: int, expert_size: int, top_k: int, init_scale: float,
+               rngs: nnx.Rngs, param_dtype=jnp.float32, dispatch: str = "auto", block_cap: int = 128):
+    if not 1 <= top_k <= n_experts:
+      raise ConfigError(f"model.moe.top_k={top_k} must be in [1, model.moe.experts={n_experts}]")
+    d, e, s = d_model, n_experts, expert_size
+    self.top_k, self.dispatch, self.block_cap = top_k, dispatch, block_cap
+    self.router = nnx.Param(normalised_rows(rngs.params(), (d, e), 0, init_scale / d**0.5, param_dtype),
+                            out_sharding=(axes.EMBED, axes.EXPERTS))
+    self.keys = nnx.Param(jax.random.normal(rngs.params(), (e, d, s), param_dtype) * (init_scale / d**0.5),
+                          out_sharding=(axes.EXPERTS, axes.EMBED, axes.MLP))
+    self.values = nnx.Param(jax.random.normal(rngs.params(), (e, s, d), param_dtype) * (init_scale / (e * s) ** 0.5),
+                            out_sharding=(axes.EXPERTS, axes.MLP, axes.EMBED))
+
+  def __call__(self, x: jax.Array, router_input: jax.Array | None = None):
+    r_in = x if router_input is None else router_input
+    fn = functools.partial(_sigma_moe, top_k=self.top_k, mode=resolve_dispatch(self.dispatch), cap=self.block_cap)
+    y, probs, counts = data_parallel(fn, 2, (True, True, False))(x, r_in, self.router[...], self.keys[...],
+                                                                 self.values[...])
+    n = x.shape[0] * x.shape[1]
+    return y, {"mlp_probs": probs, "mlp_usage": counts / n}
+
+
+# ----------------------------------------------------------------------------
+# The balance regulariser.
+
+
+def neg_entropy(p: jax.Array) -> jax.Array:
+  """sum_e p log p over the last axis (0 log 0 = 0)."""
+  return jnp.sum(jax.scipy.special.xlogy(p, p), axis=-1)
+
+
+# aux key of the mean softmax -> (aux key of the usage, which coefficient)
+_REGULARISED = {"mlp_probs": ("mlp_usage", "mlp"), "att_v_probs": ("att_v_usage", "att"),
+                "att_o_probs": ("att_o_usage", "att")}
+
+
+def _per_block(a: jax.Array, plan) -> list[jax.Array]:
+  """[L_eff, ...] per-depth values -> per stage [K, R, ...] (unique block, repeat), by static reshapes."""
+  out, offset = [], 0
+  for st in plan.stages:
+    x = a[offset:offset + st.depth]
+    offset += st.depth
+    if st.order == "cycle":  # depth = r * K + k
+      x = jnp.swapaxes(x.reshape((st.repeats, st.unique_blocks) + x.shape[1:]), 0, 1)
+    else:  # depth = k * R + r
+      x = x.reshape((st.unique_blocks, st.repeats) + x.shape[1:])
+    out.append(x)
+  return out
+
+
+def balance_loss(aux: dict, plan, cfg) -> tuple[jax.Array, dict]:
+  """MoEUT's entropy regulariser from the aux of `Transformer.__call__`.
+
+  aux values are stacked per effective layer [L_eff, ...]. For every unique
+  block of the plan, the per-depth mean softmax distributions of its repeats
+  are averaged, the negative entropy taken per sequence (and per head for
+  attention) and averaged; the terms are summed over unique blocks (and over
+  the V and O routers) and weighted by model.moe.mlp_balance / att_balance.
+
+  cfg: ModelConfig or Config. Returns (loss, metrics) with metrics
+  moe/mlp_balance, moe/att_balance (unweighted sums), moe/balance_loss,
+  moe/mlp_frac [U, E] (share of tokens per expert, mean over repeats; U
+  unique blocks in plan order), moe/mlp_dead and moe/att_dead (experts no
+  token chose at any repeat). A model without MoE aux gives (0, {}).
+  """
+  moe = cfg.moe if hasattr(cfg, "moe") else cfg.model.moe
+  coef = {"mlp": moe.mlp_balance, "att": moe.att_balance}
+  present = [k for k in _REGULARISED if k in aux]
+  if not present:
+    return jnp.zeros((), jnp.float32), {}
+  raw = {"mlp": jnp.zeros((), jnp.float32), "att": jnp.zeros((), jnp.float32)}
+  dead = {"mlp": jnp.zeros((), jnp.int32), "att": jnp.zeros((), jnp.int32)}
+  metrics = {}
+  for key in present:
+    usage_key, kind = _REGULARISED[key]
+    for p in _per_block(aux[key].astype(jnp.float32), plan):  # [K, R, (B, H,) E]
+      ne = neg_entropy(p.mean(1))  # [K, (B, H)]
+      raw[kind] = raw[kind] + ne.reshape(ne.shape[0], -1).mean(1).sum()
+    usage = _per_block(aux[usage_key].astype(jnp.float32), plan)  # [K, R, (H,) E]
+    dead[kind] = dead[kind] + sum(jnp.sum(u.sum(1) == 0).astype(jnp.int32) for u in usage)
+    if key == "mlp_probs":
+      metrics["moe/mlp_frac"] = jnp.concatenate([u.mean(1) for u in usage])
+  loss = coef["mlp"] * raw["mlp"] + coef["att"] * raw["att"]
+  metrics["moe/balance_loss"] = loss
+  if "mlp_probs" in present:
+    metrics.update({"moe/mlp_balance": raw["mlp"], "moe/mlp_dead": dead["mlp"]})
+  if "att_v_probs" in present or "att_o_probs" in present:
+    metrics.update({"moe/att_balance": raw["att"], "moe/att_dead": dead["att"]})
+  return loss, metrics

@@ -1,0 +1,88 @@
+"""Throughput of the sigma-MoE layer against a dense ReLU MLP with the same
+active FLOPs (hidden width top_k * expert_size), measured in one process with
+the two timed alternately so that load from other processes hits both.
+
+  python -m recursive_lm.model.moe_bench [out.json] [size]
+
+`benchmark_moe(out_path)` writes a JSON record: tokens/s of forward and of
+forward+backward for each, their ratios (target: moe / dense >= 0.7 for
+forward+backward) and the dispatch used.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from recursive_lm.model.moe import SigmaMoE, resolve_dispatch
+
+# (d_model, experts, top_k, expert_size): the MoEUT paper's MLP layers.
+SIZES = {"44m": (412, 155, 12, 128), "126m": (768, 254, 12, 128), "244m": (1024, 387, 16, 128),
+         "tiny": (64, 16, 4, 32)}
+
+
+def _min_time(fn, args, reps: int) -> float:
+  best = float("inf")
+  for _ in range(reps):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    best = min(best, time.perf_counter() - t)
+  return best
+
+
+def benchmark_moe(out_path: str | None = None, size: str = "44m", batch: int = 4, seq: int = 1024,
+                  rounds: int = 5, dispatch: str = "auto") -> dict:
+  d, e, k, s = SIZES[size]
+  n = batch * seq
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  x = jax.random.normal(keys[0], (batch, seq, d), jnp.float32)
+  with nnx.use_eager_sharding(False):
+    layer = SigmaMoE(d, e, s, k, 1.0, nnx.Rngs(0), dispatch=dispatch)
+  moe_params = (layer.router[...], layer.keys[...], layer.values[...])
+  graphdef = nnx.graphdef(layer)
+  w1 = jax.random.normal(keys[1], (d, k * s)) * d**-0.5
+  w2 = jax.random.normal(keys[2], (k * s, d)) * (k * s) ** -0.5
+
+  def moe_fwd(x, params):
+    m = nnx.merge(graphdef, nnx.State({"router": params[0], "keys": params[1], "values": params[2]}))
+    return m(x)[0]
+
+  def dense_fwd(x, params):
+    return jax.nn.relu(x @ params[0]) @ params[1]
+
+  def loss(f):
+    return lambda x, p: jnp.sum(jnp.square(f(x, p)))
+
+  fns = {
+      "moe_fwd": (jax.jit(moe_fwd), (x, moe_params)),
+      "dense_fwd": (jax.jit(dense_fwd), (x, (w1, w2))),
+      "moe_fwd_bwd": (jax.jit(jax.grad(loss(moe_fwd), argnums=(0, 1))), (x, moe_params)),
+      "dense_fwd_bwd": (jax.jit(jax.grad(loss(dense_fwd), argnums=(0, 1))), (x, (w1, w2))),
+  }
+  for fn, args in fns.values():  # compile + warm up
+    jax.block_until_ready(fn(*args))
+  best = {name: float("inf") for name in fns}
+  for _ in range(rounds):  # alternate, keep the best of each
+    for name, (fn, args) in fns.items():
+      best[name] = min(best[name], _min_time(fn, args, 1))
+  rec = {
+      "size": size, "tokens": n, "d_model": d, "experts": e, "top_k": k, "expert_size": s,
+      "dispatch": resolve_dispatch(dispatch), "backend": jax.default_backend(),
+      **{f"{name}_tok_s": n / t for name, t in best.items()},
+      "ratio_fwd": best["dense_fwd"] / best["moe_fwd"],
+      "ratio_fwd_bwd": best["dense_fwd_bwd"] / best["moe_fwd_bwd"],
+  }
+  if out_path:
+    with open(out_path, "w") as f:
+      json.dump(rec, f, indent=2)
+  return rec
+
+
+if __name__ == "__main__":
+  print(json.dumps(benchmark_moe(sys.argv[1] if len(sys.argv) > 1 else None,
+                                 sys.argv[2] if len(sys.argv) > 2 else "44m"), indent=2))

@@ -1,0 +1,249 @@
+"""The model against its references: scanned vs unrolled (forward and gradients),
+vanilla vs a hand-written jnp transformer, relaxed-at-init vs tied, LoRA
+gradients reaching every depth slot, and KV-cache decoding vs a full forward.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from conftest import tiny_config
+from recursive_lm import config as config_lib
+from recursive_lm.analysis import accounting
+from recursive_lm.config import ConfigError
+from recursive_lm.model.layers import LoRAParam, NormParam
+from recursive_lm.model.transformer import Transformer
+
+V, T, B = 61, 7, 2
+
+
+def build(**overrides) -> Transformer:
+  """The model as initialised by its own code (eager: ~1 s of small compiles)."""
+  cfg = config_lib.load(tiny_config(**overrides))
+  return Transformer(cfg.model, nnx.Rngs(0))
+
+
+def build_random(seed=1, **overrides) -> Transformer:
+  """The model's structure (nnx.eval_shape, no compiles) filled with numpy
+  noise: every weight random, LoRA B != 0 and norm scales != 1, so a mixed-up
+  block, depth slot or per-depth norm cannot hide behind init symmetries."""
+  cfg = config_lib.load(tiny_config(**overrides))
+  graphdef, norms, params, rest = nnx.split(accounting.abstract_model(cfg), NormParam, nnx.Param, ...)
+  rng = np.random.default_rng(seed)
+  norms = jax.tree.map(lambda x: jnp.asarray(1 + 0.1 * rng.standard_normal(x.shape), x.dtype), norms)
+  # Fan-in scaled; x.shape[-2] is d_in for kernels, LoRA factors and the embedding.
+  params = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape) * x.shape[-2] ** -0.5, x.dtype), params)
+  return nnx.merge(graphdef, norms, params, rest)
+
+
+def tokens(seed=0, t=T):
+  return jnp.asarray(np.random.default_rng(seed).integers(0, V, (B, t)), jnp.int32)
+
+
+def cross_entropy(logits, targets):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-5):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+# One case per preset; LoRA, per-depth norms and GQA/MHA vary across them so
+# that every combination that changes the stored layout is covered somewhere.
+CASES = {
+    "vanilla": dict(preset="vanilla", num_layers=3, **{"model.num_kv_heads": 3}),
+    "looped": dict(preset="looped", num_layers=3, lora_rank=2, per_depth_norms=True),
+    "cycle": dict(preset="cycle", num_layers=4, repeats=2, lora_rank=2, per_depth_norms=True),
+    "sequence": dict(preset="sequence", num_layers=4, repeats=2, lora_rank=3, **{"model.lora.ranks": "down=1,q=0"}),
+    "middle_cycle": dict(preset="middle_cycle", num_layers=6, repeats=2, lora_rank=2),
+    "middle_sequence": dict(preset="middle_sequence", num_layers=6, repeats=2, lora_rank=2, per_depth_norms=True,
+                            **{"model.num_kv_heads": 3, "model.mlp_type": "gelu", "model.norm": "layer",
+                               "model.lora.targets": "q,k,v,o,up,down"}),
+    "sandwich": dict(preset="sandwich", num_layers=5, lora_rank=2, per_depth_norms=True,
+                     **{"model.tie_embeddings": False, "model.head_dim": 12, "model.rope_fraction": 0.5}),
+}
+
+
+def test_cases_cover_every_preset():
+  assert set(CASES) == set(config_lib.PLAN_PRESETS)
+
+
+def loss_fn(graphdef, rest, unrolled):
+  toks, targets = tokens(0), tokens(1)
+
+  def loss(p):
+    logits, _, aux = nnx.merge(graphdef, p, rest)(toks, unrolled=unrolled)
+    return cross_entropy(logits, targets) + 1e-3 * jnp.mean(logits**2), (logits, aux)
+
+  return loss
+
+
+@functools.lru_cache(maxsize=None)
+def unrolled_reference(name):
+  """(params, logits, grads, aux) of the unrolled Python loop; computed once
+  per preset and shared by the remat cases."""
+  graphdef, params, rest = nnx.split(build_random(**CASES[name]), nnx.Param, ...)
+  (_, (logits, aux)), grads = jax.jit(jax.value_and_grad(loss_fn(graphdef, rest, unrolled=True), has_aux=True))(params)
+  return params, logits, grads, aux
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])  # "full" wraps the scan body in jax.checkpoint
+@pytest.mark.parametrize("name", list(CASES))
+def test_scan_matches_unrolled(name, remat):
+  """Logits and the gradient of every parameter agree between the nested-scan
+  path (with the given remat) and the unrolled reference."""
+  params, ref_logits, ref_grads, ref_aux = unrolled_reference(name)
+  model = accounting.abstract_model(config_lib.load(tiny_config(remat=remat, **CASES[name])))
+  graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+  (_, (logits, aux)), grads = jax.jit(jax.value_and_grad(loss_fn(graphdef, rest, unrolled=False), has_aux=True))(params)
+  np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
+  assert_trees_close(grads, ref_grads)
+  assert aux["resid_rms"].shape == (model.plan.depth,)
+  np.testing.assert_allclose(aux["resid_rms"], ref_aux["resid_rms"], rtol=1e-5)
+  # Every parameter receives a gradient (random LoRA B lets A's through too).
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    assert np.abs(np.asarray(g)).max() > 0, jax.tree_util.keystr(path)
+
+
+def _rms(x, scale, eps):
+  return x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + eps) * scale
+
+
+def _rope(x, pos, base):
+  # Half-split pairs (i, i + Hd/2) over all of head_dim (rope_fraction 1).
+  hd = x.shape[-1]
+  inv = 1.0 / base ** (jnp.arange(0, hd, 2) / hd)
+  ang = pos[:, None] * inv[None]
+  c, s = jnp.cos(ang)[None, :, None], jnp.sin(ang)[None, :, None]
+  x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+  return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], -1)
+
+
+def reference_forward(p, toks, cfg):
+  """A plain transformer written from the equations, reading the stacked
+  weights of a vanilla plan one layer at a time."""
+  h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  blocks = p["stages"][0]["blocks"]
+  x = p["embed"]["table"][toks]
+  t = toks.shape[1]
+  pos = jnp.arange(t, dtype=jnp.float32)
+  causal = jnp.tril(jnp.ones((t, t), bool))
+  for i in range(cfg.plan.num_layers):
+    w = jax.tree.map(lambda a: a[i], blocks)
+    y = _rms(x, w["attn_norm"]["scale"], cfg.norm_eps)
+    q = (y @ w["attn"]["q"]["kernel"]).reshape(B, t, h, hd)
+    k = (y @ w["attn"]["k"]["kernel"]).reshape(B, t, kvh, hd)
+    v = (y @ w["attn"]["v"]["kernel"]).reshape(B, t, kvh, hd)
+    q, k = _rope(q, pos, cfg.rope_base), _rope(k, pos, cfg.rope_base)
+    k, v = jnp.repeat(k, h // kvh, axis=2), jnp.repeat(v, h // kvh, axis=2)  # query head j uses kv head j // G
+    s = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(hd)
+    a = jax.nn.softmax(jnp.where(causal, s, -jnp.inf), -1)
+    o = jnp.einsum("bhts,bshd->bthd", a, v).reshape(B, t, h * hd)
+    x = x + o @ w["attn"]["o"]["kernel"]
+    y = _rms(x, w["mlp_norm"]["scale"], cfg.norm_eps)
+    gate = jax.nn.silu(y @ w["mlp"]["gate"]["kernel"])
+    x = x + (gate * (y @ w["mlp"]["up"]["kernel"])) @ w["mlp"]["down"]["kernel"]
+  x = _rms(x, p["final_norm"]["scale"], cfg.norm_eps)
+  return x @ p["embed"]["table"].T
+
+
+@pytest.mark.parametrize("kv_heads", [1, 3])
+def test_vanilla_equals_hand_written_transformer(kv_heads):
+  model = build_random(preset="vanilla", num_layers=3, **{"model.num_kv_heads": kv_heads})
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  toks = tokens(3)
+  logits = nnx.merge(graphdef, params, rest)(toks)[0]
+  plain = nnx.to_pure_dict(params)
+  np.testing.assert_allclose(logits, reference_forward(plain, toks, model.cfg), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset,extra", [("cycle", dict(repeats=2)),
+                                          ("middle_sequence", dict(repeats=2, per_depth_norms=True))])
+def test_relaxed_at_init_equals_tied(preset, extra):
+  strict = build(preset=preset, num_layers=4 if preset != "middle_sequence" else 6, lora_rank=0, **extra)
+  relaxed = Transformer(config_lib.load(tiny_config(
+      preset=preset, num_layers=4 if preset != "middle_sequence" else 6, lora_rank=2, **extra)).model, nnx.Rngs(7))
+  shared = nnx.state(strict)
+  # Copy the tied weights over; the relaxed model keeps its own LoRA (B = 0)
+  # and per-depth norms (scale 1, which the strict model's norms also are).
+  nnx.update(relaxed, shared)
+  toks = tokens(4)
+  lora = nnx.state(relaxed, LoRAParam)
+  assert jax.tree.leaves(lora), "relaxed model has no adapters"
+  np.testing.assert_allclose(relaxed(toks)[0], strict(toks)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_one_step_reaches_every_lora_slot():
+  # Stages run once (no slots) around a K=2, R=2 middle in sequence order.
+  model = build(preset="middle_sequence", num_layers=6, repeats=2, lora_rank=2)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  opt = optax.sgd(0.5)
+  toks, targets = tokens(5), tokens(6)
+
+  @jax.jit
+  def step(p):
+    g = jax.grad(lambda p: cross_entropy(nnx.merge(graphdef, p, rest)(toks)[0], targets))(p)
+    updates, _ = opt.update(g, opt.init(p), p)
+    return optax.apply_updates(p, updates)
+
+  new = step(params)
+  depth_stages = [s for s in model.plan.stages if s.repeats > 1]
+  assert depth_stages
+  for i, spec in enumerate(model.plan.stages):
+    slots = new["stages"][i].get("slots")
+    if spec.repeats == 1:
+      assert slots is None, "a stage run once has nothing to relax"
+      continue
+    for target, lora in slots["lora"].items():
+      b = np.asarray(lora["b"][...])
+      assert b.shape[0] == spec.depth
+      norms = np.linalg.norm(b.reshape(spec.depth, -1), axis=1)
+      assert (norms > 0).all(), (target, norms)
+      for d1 in range(spec.depth):
+        for d2 in range(d1 + 1, spec.depth):
+          assert not np.allclose(b[d1], b[d2]), (target, d1, d2)
+
+
+@pytest.mark.parametrize("preset", ["cycle", "sequence"])
+def test_kv_cache_decoding_matches_full_forward(preset):
+  model = build_random(preset=preset, num_layers=6, repeats=3, lora_rank=2, per_depth_norms=True)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  toks = tokens(8)
+  full = nnx.merge(graphdef, params, rest)(toks)[0]
+
+  @jax.jit
+  def run(p, chunk, cache, index):
+    logits, cache, _ = nnx.merge(graphdef, p, rest)(chunk, cache=cache, cache_index=index)
+    return logits, cache
+
+  prefill = 3
+  cache = model.init_cache(B, T)
+  assert cache[0]["k"].shape == (model.plan.depth, B, T, 1, 14)
+  logits, cache = run(params, toks[:, :prefill], cache, jnp.int32(0))
+  outs = [logits]
+  for i in range(prefill, T):
+    logits, cache = run(params, toks[:, i:i + 1], cache, jnp.int32(i))
+    outs.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_rank_larger_than_projection_is_rejected():
+  # k/v project 42 -> 1 kv head * 14: rank 15 cannot fit.
+  with pytest.raises(ConfigError, match="rank 15.*'k'"):
+    config_lib.load(tiny_config(preset="cycle", repeats=2, lora_rank=15))
+  with pytest.raises(ConfigError, match="down"):
+    config_lib.load(tiny_config(preset="cycle", repeats=2, lora_rank=2, **{"model.lora.ranks": "down=50"}))
+
+
+def test_unknown_lora_target_is_rejected():
+  with pytest.raises(ConfigError, match="model.lora.targets"):
+    config_lib.load(tiny_config(preset="cycle", repeats=2, lora_rank=2, **{"model.lora.targets": "q,qkv"}))
+  with pytest.raises(ConfigError):
+    config_lib.load(tiny_config(lora_rank=2, **{"model.mlp_type": "gelu", "model.lora.targets": "gate"}))
