@@ -34,7 +34,6 @@ from __future__ import annotations
 import copy
 import json
 import platform
-import sys
 import time
 from typing import Callable
 
@@ -42,6 +41,7 @@ from absl import app, flags
 import ml_collections
 from ml_collections import config_flags
 
+from recursive_lm import cli
 from recursive_lm import config as config_lib
 from recursive_lm.config import ConfigError
 
@@ -52,7 +52,6 @@ _REPEATS = flags.DEFINE_list("repeats", ["4", "16", "64"], "compile: repeats (R)
 _WARMUP = flags.DEFINE_bool("warmup", True, "compile: compile the first setting once, untimed, before timing "
                             "(so one-time JAX/XLA start-up is not charged to the first R).")
 
-EXIT_CONFIG_ERROR = 2
 
 
 # ----------------------------------------------------------------------------
@@ -167,41 +166,16 @@ MODES: dict[str, Callable[[ml_collections.ConfigDict], dict]] = {
 # Command line.
 
 
-def _config_error(e: Exception | str) -> None:
-  print("config error: " + " ".join(str(e).split()), file=sys.stderr)  # one line
-  sys.exit(EXIT_CONFIG_ERROR)
-
-
-def _root_config_error(e: BaseException | None) -> ConfigError | None:
-  # config_flags re-raises get_config() errors with the traceback as message and
-  # absl wraps that again: report the innermost ConfigError's own message.
-  found, seen = None, set()
-  while e is not None and id(e) not in seen:
-    seen.add(id(e))
-    found = e if isinstance(e, ConfigError) else found
-    e = e.__cause__ or e.__context__
-  return found
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    _config_error(_root_config_error(e) or e)
-  except (AttributeError, KeyError) as e:  # --config.no_such_key=...
-    _config_error(f"--config override names a key that does not exist: {e}")
-
-
 def main(argv: list[str]) -> None:
   if len(argv) != 2 or argv[1] not in MODES:
     raise app.UsageError(f"usage: python -m recursive_lm.benchmark {{{'|'.join(MODES)}}} --config FILE[:ARG] "
                          f"[--out FILE.json] (got {argv[1:]})")
   if _CONFIG.value is None:
-    _config_error("--config FILE[:ARG] is required")
+    cli.fail("--config FILE[:ARG] is required")
   try:
     result = MODES[argv[1]](_CONFIG.value)
   except (ConfigError, OSError) as e:  # OSError: a missing config file surfaces on first access
-    _config_error(e)
+    cli.fail(e)
   text = json.dumps(result, indent=2)
   print(text)
   if _OUT.value:
@@ -210,4 +184,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -53,7 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
   p.per_depth_norms = False  # shared blocks keep their own norms at each depth
   m.lora = lo = ml_collections.ConfigDict()
   lo.rank = 0  # 0: strict tying
-  lo.targets = "q,k,v,o,gate,up,down"
+  lo.targets = "all"  # all: every projection the block has; or a list such as "q,v,down"
   lo.ranks = ""  # per-target override, e.g. "q=8,down=16"
   lo.alpha = 0.0  # 0: alpha = rank (scale 1)
   m.block = "dense"  # dense | moeut (SwitchHead + sigma-MoE, peri-layernorm)
@@ -296,7 +296,10 @@ def _positive(field: str, value, allow_zero: bool = False):
 
 
 def _lora(c, model_dims: dict[str, tuple[int, int]]) -> LoraConfig:
-  targets = tuple(t.strip() for t in c.targets.split(",") if t.strip())
+  if c.targets.strip() == "all":
+    targets = tuple(t for t in LORA_TARGETS if t in model_dims)
+  else:
+    targets = tuple(t.strip() for t in c.targets.split(",") if t.strip())
   for t in targets:
     _choice("model.lora.targets", t, LORA_TARGETS)
   _positive("model.lora.rank", c.rank, allow_zero=True)
@@ -353,11 +356,44 @@ def _moe(m, mesh) -> MoEConfig:
   return moe
 
 
+def _check_schema(cd, ref, prefix: str = "") -> None:
+  """Keys and value types of `cd` against base_config(): a config file's typo
+  (`c.model.dmodel = 32`) adds a key ConfigDict accepts silently, and None or a
+  replaced section gets past ConfigDict's own type checks."""
+  import difflib
+  for key in cd.keys():
+    if key not in ref:
+      close = difflib.get_close_matches(key, list(ref.keys()), n=1)
+      hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known: {', '.join(sorted(ref.keys()))})"
+      raise ConfigError(f"config key {prefix}{key} is unknown{hint}")
+  missing = [f"{prefix}{key}" for key in ref.keys() if key not in cd]
+  if missing:
+    raise ConfigError(f"config keys missing: {', '.join(missing)} (was {prefix.rstrip('.') or 'the config'} "
+                      "replaced by a dict without them?)")
+  for key, default in ref.items():
+    value = cd[key]
+    if isinstance(default, ml_collections.ConfigDict):
+      if not hasattr(value, "keys"):
+        raise ConfigError(f"{prefix}{key}={value!r} must be a section like the default")
+      _check_schema(value, default, f"{prefix}{key}.")
+      continue
+    kind = type(default)
+    ok = (isinstance(value, kind) and not (kind is int and isinstance(value, bool))) or (
+        kind is float and isinstance(value, int) and not isinstance(value, bool))
+    if not ok:
+      raise ConfigError(f"{prefix}{key}={value!r} must be a{'n' if kind is int else ''} {kind.__name__} "
+                        f"(default {default!r})")
+
+
 def load(cd: ml_collections.ConfigDict) -> Config:
   """Validate a ConfigDict into the frozen `Config`. Raises ConfigError."""
+  _check_schema(cd, base_config())
   m, p = cd.model, cd.model.plan
   for f in ("vocab_size", "d_model", "num_heads", "num_kv_heads", "mlp_dim", "max_seq_len"):
     _positive(f"model.{f}", m[f])
+  if not m.head_dim and m.d_model % m.num_heads:
+    raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads} "
+                      "(or set model.head_dim)")
   head_dim = m.head_dim or m.d_model // m.num_heads
   _positive("model.head_dim", head_dim)
   if m.num_heads % m.num_kv_heads:
@@ -412,6 +448,10 @@ def load(cd: ml_collections.ConfigDict) -> Config:
   _positive("optim.grad_accum", o.grad_accum)
   _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
   _positive("optim.clip_norm", o.clip_norm, allow_zero=True)
+  _positive("optim.eps", o.eps, allow_zero=True)
+  for f in ("b1", "b2"):
+    if not 0.0 <= o[f] < 1.0:
+      raise ConfigError(f"optim.{f}={o[f]} must be in [0, 1)")
   if not 0.0 <= o.final_lr_fraction <= 1.0:
     raise ConfigError(f"optim.final_lr_fraction={o.final_lr_fraction} must be in [0, 1]")
   if not 0.0 < o.decay_fraction <= 1.0:
@@ -425,6 +465,7 @@ def load(cd: ml_collections.ConfigDict) -> Config:
   for f in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "eval_batches"):
     _positive(f"train.{f}", t[f])
   _choice("train.on_nonfinite", t.on_nonfinite, ("stop", "skip"))
+  _positive("train.peak_flops", t.peak_flops, allow_zero=True)
   train = TrainConfig(**{f.name: t[f.name] for f in dataclasses.fields(TrainConfig)})
 
   me = cd.mesh

@@ -14,18 +14,17 @@ stderr and exits with status 2.
 from __future__ import annotations
 
 import json
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from recursive_lm import cli
 from recursive_lm import config as config_lib
 from recursive_lm.config import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, FILE[:ARG].", lock_config=True)
 _TABLE = flags.DEFINE_bool("table", False, "Print a readable table instead of JSON.")
 
-EXIT_CONFIG_ERROR = 2
 
 
 def _fmt(n: int) -> str:
@@ -56,48 +55,20 @@ def table(d: dict) -> str:
   return "\n".join(lines)
 
 
-def _config_error(e: Exception | str) -> None:
-  print("config error: " + " ".join(str(e).split()), file=sys.stderr)  # one line
-  sys.exit(EXIT_CONFIG_ERROR)
-
-
-def _root_config_error(e: BaseException) -> ConfigError | None:
-  """The innermost ConfigError in e's chain: config_flags re-raises errors from
-  get_config() with the whole traceback as message, and absl wraps that again."""
-  found, seen = None, set()
-  while e is not None and id(e) not in seen:
-    seen.add(id(e))
-    if isinstance(e, ConfigError):
-      found = e
-    e = e.__cause__ or e.__context__
-  return found
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  # config_flags runs get_config() while parsing flags, so unknown variant keys
-  # and bad --config.x=y values surface here as absl flag errors.
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    _config_error(_root_config_error(e) or e)
-  except (AttributeError, KeyError) as e:  # --config.no_such_key=...
-    _config_error(f"--config override names a key that does not exist: {e}")
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None:
-    _config_error(ValueError("--config FILE[:ARG] is required"))
+    cli.fail(ValueError("--config FILE[:ARG] is required"))
   try:
     cfg = config_lib.load(_CONFIG.value)  # a missing config file raises OSError here, on first access
     from recursive_lm.analysis import accounting  # imports jax: only once the config is known good
 
     d = accounting.describe(cfg)
   except (ConfigError, OSError) as e:
-    _config_error(e)
+    cli.fail(e)
   print(table(d) if _TABLE.value else json.dumps(d))
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

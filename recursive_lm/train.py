@@ -23,7 +23,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from recursive_lm import checkpoint, data, metrics, optim, peak, sharding
+from recursive_lm import checkpoint, cli, data, metrics, optim, peak, sharding
 from recursive_lm import config as config_lib
 from recursive_lm.analysis.accounting import flops_per_token
 from recursive_lm.config import Config, ConfigError
@@ -263,23 +263,6 @@ def main(argv):
     os._exit(4)
 
 
-def _parse_flags(argv):
-  """absl flag parsing, with bad flags and config overrides reported in one line (exit 2)."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:  # e.g. --config.train.steps=abc, a missing --config
-    print(f"error: {e}", file=sys.stderr)
-  except (AttributeError, KeyError) as e:  # ml_collections: an override of a field that does not exist
-    while e.args and isinstance(e.args[0], BaseException):  # AttributeError(KeyError(message))
-      e = e.args[0]
-    message = " ".join(str(e.args[0] if e.args else e).split())  # did-you-mean hints span lines
-    field = message.split("'")[1] if message.count("'") >= 2 else None  # "'nonexistent' ..."
-    names = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
-    names = [n for n in names if field in n.split(".")] or names
-    print(f"error: {' '.join(names)}: no such config field ({message})", file=sys.stderr)
-  sys.exit(2)
-
-
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

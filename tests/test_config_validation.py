@@ -74,7 +74,7 @@ CASES = [
     ("lora_ranks_unknown_target", {"model.lora.ranks": "zz=4"}, ["model.lora.ranks", "zz"]),
     ("lora_ranks_not_int", {"model.lora.ranks": "q=abc"}, ["model.lora.ranks", "q=abc"]),
     ("lora_per_target_rank_above_dimension", {"model.lora.ranks": "down=99"}, ["model.lora", "99", "down"]),
-    ("lora_gate_without_gated_mlp", {"model.mlp_type": "gelu", "model.lora.targets": "gate"},
+    ("lora_rank_for_missing_gate", {"model.mlp_type": "gelu", "model.lora.ranks": "gate=2"},
      ["model.lora", "gate", "mlp_type"]),
     # MoE.
     ("unknown_block", {"model.block": "moe"}, ["model.block", "moe"]),
@@ -122,7 +122,7 @@ CASES = [
     ("unknown_key_typo", {"model.dmodel": 32}, ["model.dmodel", "model.d_model"]),
     ("unknown_section", {"trainer": 1}, ["trainer"]),
     ("none_for_int", {"data.batch_size": None}, ["data.batch_size", "None", "int"]),
-    ("replaced_subdict_missing_keys", {"model.lora": {"rank": 2}}, ["model.lora", "targets"]),
+    ("replaced_subdict_missing_keys", {"model.lora": {"rank": 2}}, ["missing", "model.lora.targets", "model.lora.alpha"]),
 ]
 
 # Two rows need a value ConfigDict's own checks refuse on a typed field, so they set
@@ -169,11 +169,11 @@ def test_invalid_config_is_one_line_naming_field_and_values(overrides, needles):
 
 @pytest.fixture
 def compile_events():
-  """Names of JAX compile events recorded while the test runs."""
+  """XLA compilations started while the test runs (abstract tracing, e.g. eval_shape, is not one)."""
   events = []
 
   def listener(name, *args, **kwargs):
-    if "compile" in name and "cache" not in name:
+    if "backend_compile" in name:
       events.append(name)
 
   jax.monitoring.register_event_duration_secs_listener(listener)
@@ -181,26 +181,31 @@ def compile_events():
   jax.monitoring.unregister_event_duration_listener(listener)
 
 
+def test_compile_listener_sees_a_compile(compile_events):
+  jax.jit(lambda x: x * 3 + 1)(jax.numpy.arange(5))
+  assert compile_events
+
+
 RUN_CASES = [
-    # 8 simulated devices in this process (conftest).
-    ("mesh_not_matching_devices", {"mesh.data": 3}, ["mesh", "'data': 3", "3 devices", "8"]),
-    ("mesh_fixed_axes_not_dividing_devices", {"mesh.data": -1, "mesh.fsdp": 3}, ["mesh", "'fsdp': 3", "8"]),
-    ("batch_not_divisible_by_data_parallel", {"mesh.data": 8}, ["data.batch_size", "4", "8"]),
-    ("micro_batch_not_divisible_by_data_parallel", {"mesh.data": 4, "data.batch_size": 8, "optim.grad_accum": 4},
-     ["data.batch_size", "2", "4"]),
-    ("vocab_smaller_than_tokenizer", {"model.vocab_size": 100}, ["model.vocab_size", "100", "256"]),
-    ("seq_len_longer_than_the_data", {"data.max_bytes": 300}, ["data.seq_len", "32", "data.max_bytes", "300"]),
-    ("heads_not_dividing_tensor_axis", {"mesh.data": 1, "mesh.tensor": 8, "mesh.rules": "fsdp_tensor"},
-     ["heads", "tensor", "8"]),
+    # (id, overrides, devices given to the run (8 simulated in this process), needles)
+    ("mesh_not_matching_devices", {"mesh.data": 3}, 8, ["mesh", "'data': 3", "3 devices", "8"]),
+    ("mesh_fixed_axes_not_dividing_devices", {"mesh.fsdp": 3}, 8, ["mesh", "'fsdp': 3", "8 devices"]),
+    ("batch_not_divisible_by_data_parallel", {}, 8, ["data.batch_size=4", "8"]),
+    ("micro_batch_not_divisible_by_data_parallel", {"data.batch_size": 8, "optim.grad_accum": 2}, 8,
+     ["data.batch_size=4", "per micro-step", "8"]),
+    ("mlp_dim_not_dividing_tensor_axis", {"model.mlp_dim": 60, "data.batch_size": 8, "mesh.data": 1, "mesh.tensor": 8,
+                                          "mesh.rules": "fsdp_tensor"}, 8, ["dim 60", "'mlp'", "'tensor'", "8"]),
+    ("vocab_smaller_than_tokenizer", {"model.vocab_size": 100}, 1, ["model.vocab_size=100", "256"]),
+    ("seq_len_longer_than_the_data", {"data.max_bytes": 300}, 1, ["data.seq_len=32", "data.max_bytes=300"]),
 ]
 
 
-@pytest.mark.parametrize("overrides,needles", [c[1:] for c in RUN_CASES], ids=[c[0] for c in RUN_CASES])
-def test_invalid_run_fails_before_compiling(overrides, needles, tmp_path, compile_events):
+@pytest.mark.parametrize("overrides,n_devices,needles", [c[1:] for c in RUN_CASES], ids=[c[0] for c in RUN_CASES])
+def test_invalid_run_fails_before_compiling(overrides, n_devices, needles, tmp_path, compile_events):
   from recursive_lm import train
-  cfg = config_lib.load(build(overrides))  # valid on its own; wrong for this machine or data
+  cfg = config_lib.load(build(overrides))  # valid on its own; wrong for these devices or this data
   with pytest.raises(ConfigError) as info:
-    train.run(cfg, str(tmp_path / "wd"))
+    train.run(cfg, str(tmp_path / "wd"), devices=jax.devices()[:n_devices])
   message = str(info.value)
   assert "\n" not in message, message
   for needle in needles:
@@ -217,7 +222,7 @@ def test_resuming_a_workdir_with_another_architecture_is_refused(tmp_path, compi
                              ({"model.lora.rank": 4}, ["model.lora", "4", "2"]),
                              ({"model.mlp_type": "gelu", "model.lora.targets": "q,v"}, ["model.", "differing"])]:
     with pytest.raises(ConfigError) as info:
-      train.run(config_lib.load(build(overrides)), workdir)
+      train.run(config_lib.load(build(overrides)), workdir, devices=jax.devices()[:1])
     message = str(info.value)
     assert "\n" not in message and "different model" in message, message
     for needle in needles:

@@ -26,6 +26,7 @@ from flax import nnx
 
 from recursive_lm import config as config_lib
 from recursive_lm.config import Config, ModelConfig
+from recursive_lm.model import moeut_block
 from recursive_lm.model.layers import LoRAParam, NormParam
 from recursive_lm.model.transformer import Transformer
 
@@ -85,7 +86,7 @@ def _dense_matmul_params(state, cfg: ModelConfig) -> int:
 # (stacked) block or slot state. Dense blocks use every weight; a MoE block
 # must count only its active experts (top_k / experts of the expert weights)
 # and register itself here.
-ACTIVE_MATMUL_PARAMS = {"dense": _dense_matmul_params}
+ACTIVE_MATMUL_PARAMS = {"dense": _dense_matmul_params, "moeut": moeut_block.active_matmul_params}
 
 
 def matmul_params_per_token(cfg: Config | ModelConfig, model: Transformer | None = None) -> int:

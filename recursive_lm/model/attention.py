@@ -58,21 +58,28 @@ class Attention(nnx.Module):
     v = self.v(x, lora.get("v")).reshape(b, t, kh, hd)
     q = apply_rope(q, ctx.cos, ctx.sin)
     k = apply_rope(k, ctx.cos, ctx.sin)
-    if cache is None:
-      key_pos = ctx.positions
-    else:
-      idx = (0, ctx.cache_index, 0, 0)
-      k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), idx)
-      v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), idx)
-      cache = {"k": k, "v": v}
-      key_pos = jnp.arange(k.shape[1])
-      k, v = k.astype(x.dtype), v.astype(x.dtype)
-    q = q.reshape(b, t, kh, g, hd) * jnp.asarray(hd**-0.5, x.dtype)
-    if cache is None and t % CAUSAL_BLOCK == 0 and t > CAUSAL_BLOCK:
-      out = _causal_blocked(q, k, v, ctx.positions)
-    else:
-      out = _attend(q, k, v, ctx.positions, key_pos)
+    out, cache = cached_causal_attention(q.reshape(b, t, kh, g, hd), k, v, ctx, cache)
     return self.o(out.reshape(b, t, self.num_heads * hd), lora.get("o")), cache
+
+
+def cached_causal_attention(q, k, v, ctx: Context, cache: dict | None):
+  """The attention core shared by every attention layer.
+
+  q [B, T, K, G, Hd] (rotated, not yet scaled), k/v [B, T, K, Hd] of the new
+  tokens. With a cache, k/v are written at ctx.cache_index and the queries
+  read the whole cache [B, S, K, Hd]. Returns ([B, T, K, G, Hd], cache).
+  """
+  q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+  t = q.shape[1]
+  if cache is None:
+    if t % CAUSAL_BLOCK == 0 and t > CAUSAL_BLOCK:
+      return causal_attend_blocked(q, k, v, ctx.positions), None
+    return attend(q, k, v, ctx.positions, ctx.positions), None
+  idx = (0, ctx.cache_index, 0, 0)
+  cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), idx),
+           "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), idx)}
+  key_pos = jnp.arange(cache["k"].shape[1])
+  return attend(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), ctx.positions, key_pos), cache
 
 
 # Query block length of the blocked causal path. Each query block only meets
@@ -82,7 +89,7 @@ class Attention(nnx.Module):
 CAUSAL_BLOCK = 128
 
 
-def _attend(q, k, v, q_pos, k_pos):
+def attend(q, k, v, q_pos, k_pos):
   """q [B, T, K, G, Hd] (pre-scaled), k/v [B, S, K, Hd] -> [B, T, K, G, Hd]; key j is visible to query i
   when k_pos[j] <= q_pos[i]. Scores and softmax in float32."""
   scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
@@ -92,11 +99,11 @@ def _attend(q, k, v, q_pos, k_pos):
   return jnp.einsum("bkgts,bskd->btkgd", probs, v)
 
 
-def _causal_blocked(q, k, v, positions):
+def causal_attend_blocked(q, k, v, positions):
   """Causal self-attention (keys = queries) computed one query block at a time."""
   n = q.shape[1] // CAUSAL_BLOCK
   outs = []
   for i in range(n):
     lo, hi = i * CAUSAL_BLOCK, (i + 1) * CAUSAL_BLOCK
-    outs.append(_attend(q[:, lo:hi], k[:, :hi], v[:, :hi], positions[lo:hi], positions[:hi]))
+    outs.append(attend(q[:, lo:hi], k[:, :hi], v[:, :hi], positions[lo:hi], positions[:hi]))
   return jnp.concatenate(outs, axis=1)

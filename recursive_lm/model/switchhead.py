@@ -92,20 +92,6 @@ def _switch_o(x_r, att, sel, w, *, k: int, mode: str, cap: int):
   return y.reshape(b, t, d), mean_softmax(logits, b), _counts(group, h * e)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, cached: bool) -> jax.Array:
-  """Causal softmax attention with the dense attention's kernels (`recursive_lm.model.attention`:
-  the blocked causal path for long uncached chunks). q [B, T, H, Hd] (pre-scaled), k/v [B, S, H, Hd]
-  -> [B, T, H, Hd]; key j is visible to query i when k_pos[j] <= q_pos[i]."""
-  b, t, h, hd = q.shape
-  q = q.reshape(b, t, h, 1, hd)  # one query head per key head
-  block = attention_lib.CAUSAL_BLOCK
-  if not cached and t % block == 0 and t > block:
-    out = attention_lib._causal_blocked(q, k, v, q_pos)
-  else:
-    out = attention_lib._attend(q, k, v, q_pos, k_pos)
-  return out.reshape(b, t, h, hd)
-
-
 class SwitchHead(nnx.Module):
   """(x_qk [B, T, D], x_v [B, T, D]) -> (y [B, T, D], cache, aux).
 
@@ -148,16 +134,8 @@ class SwitchHead(nnx.Module):
       v, probs, counts = data_parallel(functools.partial(_switch_v, **opts), 2, (True, True, False))(
           x_qk, x_v, self.sel_v[...], self.v[...])
       aux.update(att_v_probs=probs, att_v_usage=counts.reshape(h, self.n_experts) / (b * t))
-    if cache is None:
-      key_pos = ctx.positions
-    else:
-      idx = (0, ctx.cache_index, 0, 0)
-      k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), idx)
-      v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), idx)
-      cache = {"k": k, "v": v}
-      key_pos = jnp.arange(k.shape[1])
-      k, v = k.astype(x_qk.dtype), v.astype(x_qk.dtype)
-    att = attend(q * jnp.asarray(hd**-0.5, q.dtype), k, v, ctx.positions, key_pos, cache is not None)
+    att, cache = attention_lib.cached_causal_attention(q.reshape(b, t, h, 1, hd), k, v, ctx, cache)
+    att = att.reshape(b, t, h, hd)
     if self.sel_v is None:  # one expert: a sigmoid gate per head on the output
       gate = jax.nn.sigmoid(_router_logits(x_qk, self.sel_o[...])).reshape(b, t, h, 1).astype(att.dtype)
       y = jnp.einsum("bthf,hfd->btd", att * gate, self.o[...][:, 0].astype(att.dtype))

@@ -25,6 +25,7 @@ from flax import nnx
 
 from recursive_lm import axes, sharding
 from recursive_lm.config import ModelConfig
+from recursive_lm.model import moe
 from recursive_lm.model import plan as plan_lib
 from recursive_lm.model.attention import Context, init_kv_cache
 from recursive_lm.model.block import Block, DepthSlot
@@ -56,8 +57,8 @@ class Transformer(nnx.Module):
 
   def regulariser(self, aux: dict) -> tuple[jax.Array, dict]:
     """Auxiliary training loss from the blocks' aux outputs (e.g. MoE balance)
-    and its metrics. Dense blocks add none."""
-    return jnp.zeros((), jnp.float32), {}
+    and its metrics (zero and {} for dense blocks)."""
+    return moe.balance_loss(aux, self.plan, self.cfg)
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> list[dict]:
     """Per-stage KV caches {'k','v'}: [K*R, B, S, Kv, Hd], zeroed."""
