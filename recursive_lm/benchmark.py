@@ -49,6 +49,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, FILE[:AR
 _OUT = flags.DEFINE_string("out", None, "Also write the JSON result to this file.")
 # compile mode:
 _REPEATS = flags.DEFINE_list("repeats", ["4", "16", "64"], "compile: repeats (R) values to time.")
+_STEPS = flags.DEFINE_integer("steps", 8, "train: timed steps after two warm-up steps.")
+_MOE_SIZE = flags.DEFINE_string("moe_size", "44m", "moe: layer size (44m | 126m | 244m | tiny); needs no --config.")
 _WARMUP = flags.DEFINE_bool("warmup", True, "compile: compile the first setting once, untimed, before timing "
                             "(so one-time JAX/XLA start-up is not charged to the first R).")
 
@@ -146,6 +148,88 @@ def run_compile(cd: ml_collections.ConfigDict) -> dict:
   }
 
 
+# ----------------------------------------------------------------------------
+# train mode
+
+
+def run_train(cd: ml_collections.ConfigDict) -> dict:
+  """Steady-state train step on synthetic tokens: step time, tokens/s, model
+  FLOP/s, MFU against the peak measured in this run, compile time and XLA's
+  memory estimate of the compiled step (arguments + temporaries)."""
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  from recursive_lm import optim, peak, sharding
+  from recursive_lm.analysis.accounting import flops_per_token
+  from recursive_lm.model.transformer import Transformer
+  from recursive_lm.train_step import make_train_step
+
+  cfg = config_lib.load(cd)
+  mesh = sharding.make_mesh(cfg.mesh)
+  preset = cfg.mesh.rules
+  sharding.check_batch(cfg.data.batch_size, mesh, preset)
+
+  def init():
+    model = Transformer(cfg.model, nnx.Rngs(cfg.seed))
+    tx, lr = optim.make(cfg.optim, cfg.train.steps, nnx.state(model, nnx.Param))
+    init.lr = lr
+    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  graphdef, state = nnx.split(sharding.create_sharded(init, mesh, preset))
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  step = make_train_step(graphdef, init.lr, shardings, sharding.batch_sharding(mesh, preset))
+  rng = np.random.default_rng(0)
+  shape = (cfg.data.batch_size, cfg.data.seq_len)
+  batch = sharding.global_batch({k: rng.integers(0, cfg.model.vocab_size, shape).astype(np.int32)
+                                 for k in ("inputs", "targets")}, mesh, preset)
+  t0 = time.perf_counter()
+  with sharding.mesh_context(mesh, preset):
+    lowered = step.lower(state, batch)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  mem = compiled.memory_analysis()
+  for _ in range(2):
+    state, m = compiled(state, batch)
+  jax.block_until_ready(m)
+  times = []
+  for _ in range(_STEPS.value):
+    t = time.perf_counter()
+    state, m = compiled(state, batch)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t)
+  step_s = float(np.median(times))
+  tokens_per_s = shape[0] * shape[1] / step_s
+  flops = flops_per_token(cfg, cfg.data.seq_len) * tokens_per_s
+  if jax.default_backend() == "cpu":
+    peak_flops, source = peak.measure_matmul_peak(), "float32 2048^2 matmul measured in this run"
+  else:
+    peak_flops, source = peak.total_peak(cfg.train.peak_flops)
+  return {
+      "mode": "train",
+      "config": {"preset": cfg.model.plan.preset, "d_model": cfg.model.d_model, "effective_depth":
+                 cfg.model.plan.num_layers, "batch": list(shape), "remat": cfg.model.remat,
+                 "compute_dtype": cfg.model.compute_dtype, "mesh": dict(mesh.shape), "rules": preset},
+      "step_s_median": round(step_s, 4), "step_s_all": [round(t, 4) for t in times],
+      "tokens_per_s": round(tokens_per_s, 1), "model_flops_per_s": flops, "flops_per_token": flops / tokens_per_s,
+      "peak_flops_per_s": peak_flops, "peak_source": source, "mfu": flops / peak_flops,
+      "lower_s": round(t1 - t0, 3), "compile_s": round(t2 - t1, 3),
+      "memory_bytes": None if mem is None else {
+          "arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
+          "temporaries": mem.temp_size_in_bytes, "total": mem.argument_size_in_bytes + mem.temp_size_in_bytes},
+      "loss_last": float(m["loss"]),
+      **_environment(),
+  }
+
+
+def run_moe(cd) -> dict:
+  """sigma-MoE layer vs a dense MLP of equal active FLOPs (see model/moe_bench.py)."""
+  from recursive_lm.model import moe_bench
+
+  return {"mode": "moe", **moe_bench.benchmark_moe(size=_MOE_SIZE.value)}
+
+
 def _environment() -> dict:
   import jax
 
@@ -159,7 +243,10 @@ def _environment() -> dict:
 
 MODES: dict[str, Callable[[ml_collections.ConfigDict], dict]] = {
     "compile": run_compile,
+    "train": run_train,
+    "moe": run_moe,
 }
+NEEDS_CONFIG = ("compile", "train")
 
 
 # ----------------------------------------------------------------------------
@@ -170,7 +257,7 @@ def main(argv: list[str]) -> None:
   if len(argv) != 2 or argv[1] not in MODES:
     raise app.UsageError(f"usage: python -m recursive_lm.benchmark {{{'|'.join(MODES)}}} --config FILE[:ARG] "
                          f"[--out FILE.json] (got {argv[1:]})")
-  if _CONFIG.value is None:
+  if _CONFIG.value is None and argv[1] in NEEDS_CONFIG:
     cli.fail("--config FILE[:ARG] is required")
   try:
     result = MODES[argv[1]](_CONFIG.value)

@@ -25,6 +25,7 @@ rows with D whole (`constrain_residual`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -169,16 +170,20 @@ def constrain_residual(x: jax.Array) -> jax.Array:
   return constrain(x, (axes.BATCH,) + (None,) * (x.ndim - 1))
 
 
+@contextlib.contextmanager
+def mesh_context(mesh, preset: str):
+  """The mesh and the preset's logical rules, for tracing model code whose
+  activation constraints (`constrain`) should apply."""
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules(preset)):
+    yield
+
+
 def under_mesh(fn, mesh, preset: str):
-  """`fn` called inside `jax.set_mesh(mesh)` and the preset's logical rules, so
-  that its trace sees the activation constraints (`constrain_residual`).
-  Wrap a jitted function (set_mesh is not allowed inside jit). Flax's rules
-  are not part of jit's cache key: give each preset its own jitted function."""
-  rule_list = rules(preset)
+  """`fn` called inside `mesh_context(mesh, preset)`."""
 
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rule_list):
+    with mesh_context(mesh, preset):
       return fn(*args, **kwargs)
 
   return wrapped
