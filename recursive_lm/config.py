@@ -40,6 +40,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.norm_eps = 1e-6
   m.rope_base = 10000.0
   m.rope_fraction = 1.0  # share of each head's dims that rotate
+  m.sliding_window = 0  # >0: local layers attend to this many past positions
+  m.global_every = 0  # with sliding_window: every Nth effective layer is global (0: none)
+  m.rope_base_local = 0.0  # rotary base of the local layers (0: model.rope_base)
   m.tie_embeddings = True
   m.max_seq_len = 2048
   m.param_dtype = "float32"
@@ -241,6 +244,9 @@ class ModelConfig:
   lora: LoraConfig
   block: str = "dense"
   moe: MoEConfig = MoEConfig()
+  sliding_window: int = 0
+  global_every: int = 0
+  rope_base_local: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -456,7 +462,10 @@ def load(cd: ml_collections.ConfigDict) -> Config:
       head_dim=head_dim, mlp_dim=m.mlp_dim, mlp_type=m.mlp_type, norm=m.norm, norm_eps=float(m.norm_eps),
       rope_base=float(m.rope_base), rope_fraction=float(m.rope_fraction), tie_embeddings=bool(m.tie_embeddings),
       max_seq_len=m.max_seq_len, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat,
-      scan=bool(m.scan), plan=plan, lora=_lora(m.lora, dims), block=m.block, moe=_moe(m, cd.mesh))
+      scan=bool(m.scan), plan=plan, lora=_lora(m.lora, dims), block=m.block, moe=_moe(m, cd.mesh),
+      sliding_window=_positive("model.sliding_window", m.sliding_window, allow_zero=True),
+      global_every=_positive("model.global_every", m.global_every, allow_zero=True),
+      rope_base_local=float(_positive("model.rope_base_local", m.rope_base_local, allow_zero=True)))
 
   d = cd.data
   _choice("data.source", d.source, ("stdlib", "text", "tokens"))

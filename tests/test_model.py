@@ -247,3 +247,33 @@ def test_unknown_lora_target_is_rejected():
     config_lib.load(tiny_config(preset="cycle", repeats=2, lora_rank=2, **{"model.lora.targets": "q,qkv"}))
   with pytest.raises(ConfigError):
     config_lib.load(tiny_config(lora_rank=2, **{"model.mlp_type": "gelu", "model.lora.targets": "gate"}))
+
+
+def _influence_of_first_token(cfg_dict, length=12):
+  """Per position: max |logit change| when token 0 is replaced."""
+  model = Transformer(config_lib.load(cfg_dict).model, nnx.Rngs(0))
+  toks = jax.random.randint(jax.random.key(3), (1, length), 0, 61)
+  a = model(toks)[0]
+  b = model(toks.at[0, 0].set((toks[0, 0] + 1) % 61))[0]
+  return np.abs(np.asarray(a - b)).max(axis=(0, 2))
+
+
+def test_sliding_window_limits_the_receptive_field():
+  # Two local layers with window 3: token 0 reaches positions <= 2 after one layer, <= 4 after two.
+  local = tiny_config(preset="cycle", num_layers=2, repeats=2, **{"model.sliding_window": 3})
+  change = _influence_of_first_token(local)
+  assert (change[:5] > 0).all() and (change[5:] == 0).all()
+  # Every second layer global: the shared block runs once local, once global, so token 0 reaches everything.
+  mixed = tiny_config(preset="cycle", num_layers=2, repeats=2,
+                      **{"model.sliding_window": 3, "model.global_every": 2, "model.rope_base_local": 100.0})
+  assert (_influence_of_first_token(mixed) > 0).all()
+
+
+def test_windowed_layers_scan_equals_unrolled_and_kinds_follow_depth():
+  cd = tiny_config(preset="sequence", num_layers=6, repeats=3, lora_rank=2,
+                   **{"model.sliding_window": 4, "model.global_every": 3, "model.rope_base_local": 500.0})
+  model = Transformer(config_lib.load(cd).model, nnx.Rngs(0))
+  assert model.rope_bases == (10000.0, 500.0)
+  assert dict(model.depth_data[0])["window"] == (4, 4, 0, 4, 4, 0)
+  toks = jax.random.randint(jax.random.key(4), (2, 11), 0, 61)
+  np.testing.assert_allclose(model(toks)[0], model(toks, unrolled=True)[0], rtol=1e-5, atol=1e-5)

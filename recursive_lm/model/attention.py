@@ -21,15 +21,25 @@ from recursive_lm.model.layers import Dense, LoRA, apply_rope
 class Context(NamedTuple):
   """What every layer needs to know about the positions being processed.
 
-  cos, sin: [T, rot/2] rotary tables; positions: [T] absolute query positions;
-  cache_index: scalar int32 where this chunk is written in the KV cache
-  (None when running without a cache).
+  cos, sin: [T, rot/2] rotary tables of this layer; positions: [T] absolute
+  query positions; cache_index: scalar int32 where this chunk is written in
+  the KV cache (None without a cache); window: this layer's sliding-window
+  length (0: unlimited; None: the model has no windowed layers).
+
+  The Transformer builds it with tables for every rotary kind [kinds, T, rot/2];
+  the recursion code calls `for_layer` with the layer's per-depth data.
   """
 
   cos: jax.Array
   sin: jax.Array
   positions: jax.Array
   cache_index: jax.Array | None = None
+  window: jax.Array | None = None
+
+  def for_layer(self, rope: jax.Array | None = None, window: jax.Array | None = None) -> "Context":
+    """This layer's view: the rotary tables of kind `rope` and its window."""
+    rope = 0 if rope is None else rope
+    return self._replace(cos=self.cos[rope], sin=self.sin[rope], window=window)
 
 
 def init_kv_cache(cfg: ModelConfig, n_layers: int, batch: int, max_len: int, dtype) -> dict[str, jax.Array]:
@@ -73,13 +83,13 @@ def cached_causal_attention(q, k, v, ctx: Context, cache: dict | None):
   t = q.shape[1]
   if cache is None:
     if t % CAUSAL_BLOCK == 0 and t > CAUSAL_BLOCK:
-      return causal_attend_blocked(q, k, v, ctx.positions), None
-    return attend(q, k, v, ctx.positions, ctx.positions), None
+      return causal_attend_blocked(q, k, v, ctx.positions, ctx.window), None
+    return attend(q, k, v, ctx.positions, ctx.positions, ctx.window), None
   idx = (0, ctx.cache_index, 0, 0)
   cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), idx),
            "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), idx)}
   key_pos = jnp.arange(cache["k"].shape[1])
-  return attend(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), ctx.positions, key_pos), cache
+  return attend(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), ctx.positions, key_pos, ctx.window), cache
 
 
 # Query block length of the blocked causal path. Each query block only meets
@@ -89,21 +99,24 @@ def cached_causal_attention(q, k, v, ctx: Context, cache: dict | None):
 CAUSAL_BLOCK = 128
 
 
-def attend(q, k, v, q_pos, k_pos):
+def attend(q, k, v, q_pos, k_pos, window=None):
   """q [B, T, K, G, Hd] (pre-scaled), k/v [B, S, K, Hd] -> [B, T, K, G, Hd]; key j is visible to query i
-  when k_pos[j] <= q_pos[i]. Scores and softmax in float32."""
+  when k_pos[j] <= q_pos[i] (and q_pos[i] - k_pos[j] < window for a nonzero window). Scores and softmax
+  in float32."""
   scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-  mask = k_pos[None, :] <= q_pos[:, None]  # [T, S]
-  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  visible = k_pos[None, :] <= q_pos[:, None]  # [T, S]
+  if window is not None:
+    visible &= (window == 0) | (q_pos[:, None] - k_pos[None, :] < window)
+  scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
   return jnp.einsum("bkgts,bskd->btkgd", probs, v)
 
 
-def causal_attend_blocked(q, k, v, positions):
+def causal_attend_blocked(q, k, v, positions, window=None):
   """Causal self-attention (keys = queries) computed one query block at a time."""
   n = q.shape[1] // CAUSAL_BLOCK
   outs = []
   for i in range(n):
     lo, hi = i * CAUSAL_BLOCK, (i + 1) * CAUSAL_BLOCK
-    outs.append(attend(q[:, lo:hi], k[:, :hi], v[:, :hi], positions[lo:hi], positions[:hi]))
+    outs.append(attend(q[:, lo:hi], k[:, :hi], v[:, :hi], positions[lo:hi], positions[:hi], window))
   return jnp.concatenate(outs, axis=1)

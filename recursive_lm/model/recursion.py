@@ -69,23 +69,25 @@ def _unfold(tree):
   return jax.tree.map(lambda x: x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:]), tree)
 
 
-def run_stage(stage: StageModule, x: jax.Array, ctx: Context, cache: dict | None, remat: str):
+def run_stage(stage: StageModule, x: jax.Array, ctx: Context, cache: dict | None, depth_data: dict, remat: str):
   """Run every effective layer of `stage` on x [B, T, D] with nested scans.
 
-  cache: per-depth {'k','v'} [K*R, B, S, Kv, Hd] or None.
+  cache: per-depth {'k','v'} [K*R, B, S, Kv, Hd] or None. depth_data: per-depth
+  non-parameter values {name: [K*R]} passed to `Context.for_layer` (rotary
+  kind, sliding window), so layers that share weights may still differ there.
   Returns (x, cache, aux) with aux values stacked per effective layer [K*R].
   """
   spec = stage.spec
   k_n, r_n = spec.unique_blocks, spec.repeats
   block_def, block_state = nnx.split(stage.blocks)
   slot_def, slot_state = nnx.split(stage.slots) if stage.slots is not None else (None, None)
-  per_depth = (slot_state, cache)
+  per_depth = (slot_state, cache, depth_data)
 
   def layer(x, b_state, depth_slice):
-    s_state, c = depth_slice
+    s_state, c, data = depth_slice
     block = nnx.merge(block_def, b_state)
     slot = nnx.merge(slot_def, s_state) if slot_def is not None else None
-    x, c, aux = block(x, slot, ctx, c)
+    x, c, aux = block(x, slot, ctx.for_layer(**data), c)
     return x, (c, aux)
 
   layer = _wrap(layer, remat)
@@ -102,7 +104,8 @@ def run_stage(stage: StageModule, x: jax.Array, ctx: Context, cache: dict | None
   return x, _unfold(cache_out), _unfold(aux)
 
 
-def run_unrolled(stage: StageModule, x: jax.Array, ctx: Context, cache: dict | None, remat: str):
+def run_unrolled(stage: StageModule, x: jax.Array, ctx: Context, cache: dict | None, depth_data: dict,
+                 remat: str):
   """Reference: the same stage as a Python loop over effective layers."""
   spec = stage.spec
   block_def, block_state = nnx.split(stage.blocks)
@@ -112,12 +115,12 @@ def run_unrolled(stage: StageModule, x: jax.Array, ctx: Context, cache: dict | N
   for slot_i in range(spec.depth):
     k, _ = spec.block_and_repeat(slot_i)
 
-    def layer(x, b_state, s_state, c):
+    def layer(x, b_state, s_state, c, data):
       slot = nnx.merge(slot_def, s_state) if slot_def is not None else None
-      return nnx.merge(block_def, b_state)(x, slot, ctx, c)
+      return nnx.merge(block_def, b_state)(x, slot, ctx.for_layer(**data), c)
 
     x, c, aux = _wrap(layer, remat)(x, take(block_state, k), take(slot_state, slot_i),
-                                    take(cache, slot_i) if cache is not None else None)
+                                    take(cache, slot_i) if cache is not None else None, take(depth_data, slot_i))
     caches.append(c)
     auxes.append(aux)
   stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)

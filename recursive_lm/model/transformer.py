@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from recursive_lm import axes, sharding
@@ -51,6 +52,7 @@ class Transformer(nnx.Module):
       block_cls = MoEUTBlock if cfg.block == "moeut" else Block  # chosen at build time
       stages.append(StageModule(spec, lambda r: block_cls(cfg, shared_norms, total, r), make_slot, rngs))
     self.stages = nnx.List(stages)
+    self.rope_bases, self.depth_data = layer_kinds(cfg, self.plan)
     self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, param_dtype=pd)
     self.head = None if cfg.tie_embeddings else Dense(cfg.d_model, cfg.vocab_size, axes.EMBED, axes.VOCAB,
                                                       cfg.d_model**-0.5, rngs, pd)
@@ -76,14 +78,16 @@ class Transformer(nnx.Module):
     t = tokens.shape[1]
     start = 0 if cache_index is None else cache_index
     positions = start + jnp.arange(t, dtype=jnp.int32)
-    cos, sin = rope_tables(positions, int(cfg.head_dim * cfg.rope_fraction), cfg.rope_base)
-    ctx = Context(cos, sin, positions, cache_index)
+    rot = int(cfg.head_dim * cfg.rope_fraction)
+    tables = [rope_tables(positions, rot, base) for base in self.rope_bases]  # one per rotary kind
+    ctx = Context(jnp.stack([c for c, _ in tables]), jnp.stack([s for _, s in tables]), positions, cache_index)
     # Stage boundaries pin x [B, T, D] to batch-sharded rows (no-op without a mesh).
     x = sharding.constrain_residual(self.embed(tokens, jnp.dtype(cfg.compute_dtype)))
     run = run_unrolled if (unrolled or not cfg.scan) else run_stage
+    depth_arrays = [{k: jnp.asarray(v, jnp.int32) for k, v in d} for d in self.depth_data]
     new_cache, auxes = [], []
     for i, stage in enumerate(self.stages):
-      x, c, aux = run(stage, x, ctx, None if cache is None else cache[i], cfg.remat)
+      x, c, aux = run(stage, x, ctx, None if cache is None else cache[i], depth_arrays[i], cfg.remat)
       x = sharding.constrain_residual(x)
       new_cache.append(c)
       auxes.append(aux)
@@ -91,3 +95,25 @@ class Transformer(nnx.Module):
     logits = self.embed.attend(x) if self.head is None else self.head(x)
     aux = jax.tree.map(lambda *a: jnp.concatenate(a), *auxes)
     return logits.astype(jnp.float32), (new_cache if cache is not None else None), aux
+
+
+def layer_kinds(cfg: ModelConfig, plan: plan_lib.Plan) -> tuple[tuple[float, ...], tuple]:
+  """Rotary bases, and per stage the per-depth data ((name, K*R ints), ...):
+  hashable Python, so it stays static module metadata, not model state.
+
+  With `sliding_window`, effective layer l is global when (l + 1) % global_every
+  == 0 and local (windowed, rotary base `rope_base_local`) otherwise; the kind
+  follows the depth, not the unique block, so a block shared by a local and a
+  global depth runs as both. Models without windows carry no per-depth data.
+  """
+  if not cfg.sliding_window:
+    return (cfg.rope_base,), tuple(() for _ in plan.stages)
+  bases = (cfg.rope_base, cfg.rope_base_local or cfg.rope_base)
+  is_global = np.array([cfg.global_every > 0 and (l.depth + 1) % cfg.global_every == 0 for l in plan.layers()])
+  data, start = [], 0
+  for spec in plan.stages:
+    g = is_global[start:start + spec.depth]
+    data.append((("rope", tuple(int(v) for v in np.where(g, 0, 1))),
+                 ("window", tuple(int(v) for v in np.where(g, 0, cfg.sliding_window)))))
+    start += spec.depth
+  return bases, tuple(data)
