@@ -51,12 +51,14 @@ def maybe_initialize_distributed(cfg: Config) -> None:
   if "JAX_COORDINATOR_ADDRESS" in env:
     kwargs = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
                   num_processes=int(env["JAX_NUM_PROCESSES"]), process_id=int(env["JAX_PROCESS_ID"]))
-  # A dead process must end the others rather than leave them waiting: the
-  # coordination service declares a process dead after heartbeat_timeout
-  # seconds without a heartbeat and then aborts every other process (JAX's
-  # defaults: 300 s to connect, 100 s heartbeat, 300 s shutdown wait).
+  # A dead or hung process must end the others rather than leave them waiting:
+  # a process without a heartbeat for heartbeat_timeout seconds is declared
+  # dead and JAX aborts every other process ("Terminating process because the
+  # JAX distributed service detected fatal errors"). A peer that dies with its
+  # sockets closed fails the next collective at once (see main). JAX's
+  # defaults: 300 s to connect, 100 s heartbeat, 300 s shutdown wait.
   kwargs.update(initialization_timeout=int(env.get("RLM_INIT_TIMEOUT_S", 300)),
-                heartbeat_timeout_seconds=int(env.get("RLM_HEARTBEAT_TIMEOUT_S", 60)),
+                heartbeat_timeout_seconds=int(env.get("RLM_HEARTBEAT_TIMEOUT_S", 30)),
                 shutdown_timeout_seconds=int(env.get("RLM_SHUTDOWN_TIMEOUT_S", 60)))
   jax.distributed.initialize(**kwargs)
 
@@ -190,7 +192,11 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None, devices=None) -> 
     m = jax.tree.map(lambda *xs: np.mean([np.asarray(x) for x in xs], axis=0), *micro_metrics)
     m["learning_rate"] = np.asarray(micro_metrics[-1]["learning_rate"])
     if cfg.train.on_nonfinite == "stop":
-      _check_finite(step, m)
+      try:
+        _check_finite(step, m)
+      except NonFiniteError:
+        ckpt.wait()  # the last good step may still be being written: finish it before reporting
+        raise
     tokens_seen += tokens_per_step
     window_steps += 1
 

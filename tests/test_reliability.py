@@ -1,0 +1,638 @@
+"""What a run guarantees when things go wrong, proven with real processes.
+
+The training runs here are the real CLI (`python -m recursive_lm.train`) in
+subprocesses with one CPU device each, on a tiny relaxed recursive model
+(cycle plan 2 blocks x 2 repeats, d_model 32, LoRA rank 2, seq 32, batch 4,
+100 kB of the stdlib corpus), unless a test needs to look inside (then
+`train.run` in-process on one of conftest's simulated devices).
+
+- kill -9 at three points of one run's life (while the first async
+  checkpoint is being written, between checkpoints, while a later checkpoint
+  is being written), relaunching the same command each time: the metrics
+  equal an uninterrupted run's bit for bit (slow).
+- SIGTERM / SIGINT: the current step is finished and saved, the save is
+  waited for, exit 0 with a message; the next launch resumes from that step
+  (SIGTERM) and still matches the uninterrupted run (SIGINT, slow).
+- Damaged checkpoints (truncated or bit-flipped array file, missing commit
+  marker, metadata or manifest, edited metadata or loop record, missing
+  item): each is detected before use, reported in one line, set aside as
+  `<step>.unusable`, and the previous step is restored. Orbax alone restores a
+  bit-flipped array file as different numbers (shown here), hence the
+  manifest of checksums in recursive_lm.checkpoint. With no usable step the
+  CLI exits 2 with one error line and changes nothing in the workdir.
+- Non-finite values: a poisoned token (an id outside the vocabulary makes the
+  embedding lookup NaN) stops the run at that step naming the quantity (exit
+  3), or with on_nonfinite=skip the update is skipped and training goes on;
+  a huge learning rate that makes the parameters non-finite stops it too.
+  Every checkpoint left behind restores to finite values.
+- Two processes (jax.distributed, 4 simulated devices each): kill -9 either
+  one, or stop it (SIGSTOP: hung, still connected), and the other exits
+  non-zero with a clear message within 60 s (slow).
+"""
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from recursive_lm import checkpoint, metrics
+from recursive_lm import config as config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 10
+TIMING_KEYS = ("tokens_per_sec", "mfu")  # wall-clock dependent; everything else must reproduce exactly
+
+CONFIG_FILE = '''"""Written by tests/test_reliability.py."""
+from recursive_lm import config as config_lib
+
+
+def get_config():
+  c = config_lib.base_config()
+  m = c.model
+  m.d_model, m.num_heads, m.num_kv_heads, m.mlp_dim, m.max_seq_len = 32, 2, 2, 64, 64
+  m.plan.preset, m.plan.num_layers, m.plan.repeats = "cycle", 4, 2
+  m.lora.rank = 2
+  c.data.max_bytes, c.data.seq_len, c.data.batch_size = 100_000, 32, 4
+  c.data.num_threads, c.data.prefetch = 1, 2
+  c.optim.warmup_steps = 2
+  t = c.train
+  t.steps, t.log_every, t.eval_every, t.checkpoint_every, t.eval_batches = 10, 1, 5, 3, 1
+  return c
+'''
+
+
+def tiny_cd(**overrides):
+  scope = {}
+  exec(CONFIG_FILE, scope)  # pylint: disable=exec-used
+  cd = scope["get_config"]()
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = cd
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return cd
+
+
+def tiny(**overrides):
+  return config_lib.load(tiny_cd(**overrides))
+
+
+def child_env(devices: int = 1, **extra) -> dict:
+  env = dict(os.environ)
+  flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+  env.update(XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={devices}"]),
+             JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **extra)
+  for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    if key not in extra:
+      env.pop(key, None)
+  return env
+
+
+class Launch:
+  """`python -m recursive_lm.train ...` in the background, stdout and stderr to files we can poll."""
+
+  def __init__(self, log_dir, name: str, args, env=None):
+    os.makedirs(log_dir, exist_ok=True)
+    self.out_path, self.err_path = (os.path.join(str(log_dir), f"{name}.{s}") for s in ("out", "err"))
+    self._out, self._err = open(self.out_path, "w"), open(self.err_path, "w")
+    self.started = time.time()
+    self.proc = subprocess.Popen([sys.executable, "-m", "recursive_lm.train", *args], cwd=REPO, stdout=self._out,
+                                 stderr=self._err, env=env or child_env())
+
+  def out(self) -> str:
+    with open(self.out_path) as f:
+      return f.read()
+
+  def err(self) -> str:
+    with open(self.err_path) as f:
+      return f.read()
+
+  def wait_for(self, condition, timeout: float = 240, what: str = "") -> None:
+    """Poll `condition()` every 2 ms until true; fail if the process ends or the deadline passes first."""
+    deadline = time.time() + timeout
+    while not condition():
+      if self.proc.poll() is not None:
+        raise AssertionError(f"process ended (exit {self.proc.returncode}) before {what}\n{self.tail()}")
+      if time.time() > deadline:
+        self.proc.kill()
+        raise AssertionError(f"no {what} after {timeout} s\n{self.tail()}")
+      time.sleep(0.002)
+
+  def wait_for_line(self, text: str, timeout: float = 240) -> None:
+    self.wait_for(lambda: text in self.out(), timeout, repr(text))
+
+  def finish(self, timeout: float = 300) -> int:
+    try:
+      self.proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      self.proc.kill()
+      self.proc.wait()
+      raise AssertionError(f"still running after {timeout} s; killed\n{self.tail()}")
+    finally:
+      self._out.close()
+      self._err.close()
+    return self.proc.returncode
+
+  def kill9(self) -> None:
+    self.proc.send_signal(signal.SIGKILL)
+    self.finish(30)
+    assert self.proc.returncode == -signal.SIGKILL
+
+  def tail(self) -> str:
+    return f"--- stdout ---\n{self.out()[-3000:]}\n--- stderr ---\n{self.err()[-3000:]}"
+
+
+def write_config(tmp_path) -> str:
+  path = tmp_path / "tiny_reliability.py"
+  path.write_text(CONFIG_FILE)
+  return str(path)
+
+
+def train_args(config_file, workdir, *overrides):
+  return ["--config", config_file, "--workdir", str(workdir), *overrides]
+
+
+def stripped(workdir) -> list[dict]:
+  return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in metrics.read(str(workdir))]
+
+
+def finalized_steps(workdir) -> list[int]:
+  d = os.path.join(str(workdir), "checkpoints")
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def snapshot(root) -> dict:
+  """relative path -> bytes of every file under root."""
+  out = {}
+  for dirpath, _, files in os.walk(str(root)):
+    for f in files:
+      p = os.path.join(dirpath, f)
+      with open(p, "rb") as fh:
+        out[os.path.relpath(p, str(root))] = fh.read()
+  return out
+
+
+def abstract_state(cfg):
+  """The restore target train.run builds (model + optimiser), on one device."""
+  from flax import nnx
+
+  from recursive_lm import optim, sharding
+  from recursive_lm.model.transformer import Transformer
+
+  def init():
+    model = Transformer(cfg.model, nnx.Rngs(cfg.seed))
+    tx, _ = optim.make(cfg.optim, cfg.train.steps, nnx.state(model, nnx.Param),
+                       skip_nonfinite=cfg.train.on_nonfinite == "skip")
+    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  mesh = sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1])
+  return sharding.abstract_sharded(init, mesh, cfg.mesh.rules)[1]
+
+
+def restore_every_checkpoint(workdir, cfg) -> dict[int, list[np.ndarray]]:
+  """step -> leaves of every finalized checkpoint in workdir (each verified and restored)."""
+  abstract = abstract_state(cfg)
+  ckpt = checkpoint.Checkpointer(str(workdir), keep=cfg.train.keep_checkpoints)
+  try:
+    out = {}
+    for step in finalized_steps(workdir):
+      state, loop = ckpt.restore(step, abstract)
+      assert loop["step"] == step
+      out[step] = [np.asarray(x) for x in jax.tree.leaves(state)]
+    return out
+  finally:
+    ckpt.close()
+
+
+# ---------------------------------------------------------------------------
+# The uninterrupted reference run (CLI, one device), shared by the tests below.
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory):
+  return write_config(tmp_path_factory.mktemp("config"))
+
+
+class Reference:
+  """Started when first requested, so it runs alongside the test's own launches; waited for on first use."""
+
+  def __init__(self, config_file, root):
+    self.workdir = root / "wd"
+    self.run = Launch(root, "reference", train_args(config_file, self.workdir))
+    self._records = None
+
+  def records(self) -> list[dict]:
+    if self._records is None:
+      assert self.run.finish() == 0, self.run.tail()
+      self._records = stripped(self.workdir)
+      assert [r["step"] for r in self._records if "loss" in r] == list(range(1, STEPS + 1))
+    return self._records
+
+
+@pytest.fixture(scope="module")
+def reference(config_file, tmp_path_factory):
+  ref = Reference(config_file, tmp_path_factory.mktemp("reference"))
+  yield ref
+  if ref.run.proc.poll() is None:
+    ref.run.proc.kill()
+
+
+def assert_same_trajectory(workdir, reference: Reference):
+  want, got = reference.records(), stripped(workdir)
+  assert [(r["step"], "loss" in r) for r in got] == [(r["step"], "loss" in r) for r in want]
+  for a, b in zip(got, want):
+    assert a == b, (a, b)  # losses, norms, learning rate, tokens, per-depth stats, evals: exact
+
+
+# ---------------------------------------------------------------------------
+# 1. kill -9 anywhere, then the same command again.
+
+
+def _tmp_dir(workdir, step):
+  return os.path.join(str(workdir), "checkpoints", f"{step}.orbax-checkpoint-tmp")
+
+
+@pytest.mark.slow
+def test_kill9_at_three_points_then_resume_matches_uninterrupted_run(config_file, reference, tmp_path):
+  wd = tmp_path / "wd"
+  args = train_args(config_file, wd)
+
+  # A: during the first async checkpoint write (step 3; the first save of a process
+  # takes seconds), before any checkpoint is complete.
+  a = Launch(tmp_path, "a", args)
+  a.wait_for(lambda: os.path.isdir(_tmp_dir(wd, 3)), what="the step-3 save to start")
+  a.kill9()
+  assert finalized_steps(wd) == [] and os.path.isdir(_tmp_dir(wd, 3)), os.listdir(wd / "checkpoints")
+  assert "step      3/" in a.out()  # metrics of steps 1-3 were written and must not survive
+
+  # B: between checkpoints: step 3 complete (its write takes a few hundred ms after the
+  # 3-4 s first save() returns), steps after it logged, step 6 not yet saved.
+  b = Launch(tmp_path, "b", args)
+  b.wait_for(lambda: "step      4/" in b.out() and finalized_steps(wd) == [3], what="step 4 after checkpoint 3")
+  b.kill9()
+  assert "resumed" not in b.out()  # A left nothing to resume from
+  logged = [r["step"] for r in metrics.read(str(wd)) if "loss" in r]
+  assert logged == list(range(1, len(logged) + 1)) and len(logged) >= 4, logged  # to be dropped: 4 and later
+  assert finalized_steps(wd) == [3]
+  checkpoint.verify(os.path.join(wd, "checkpoints", "3"), 3)
+  # A kill in the middle of a metrics write leaves a torn last line; the resume must cope.
+  with open(wd / "metrics.jsonl", "a") as f:
+    f.write('{"step": 6, "loss": 4.')
+
+  # C: resumed from 3, killed while step 6's checkpoint is being written.
+  c = Launch(tmp_path, "c", args)
+  c.wait_for(lambda: os.path.isdir(_tmp_dir(wd, 6)), what="the step-6 save to start")
+  c.kill9()
+  assert "resumed from step 3" in c.out(), c.tail()
+  assert finalized_steps(wd) == [3] and os.path.isdir(_tmp_dir(wd, 6)), os.listdir(wd / "checkpoints")
+
+  # D: to the end.
+  d = Launch(tmp_path, "d", args)
+  assert d.finish() == 0, d.tail()
+  assert "resumed from step 3" in d.out(), d.tail()
+  assert finalized_steps(wd) == [9, 10]
+  assert not [n for n in os.listdir(wd / "checkpoints") if "tmp" in n]  # orbax replaced the torn write
+  assert_same_trajectory(wd, reference)
+
+
+# ---------------------------------------------------------------------------
+# 2. SIGTERM / SIGINT.
+
+
+def _saved_step(out: str, signame: str) -> int:
+  found = re.findall(rf"{signame} received: saved step (\d+) in .*; exiting", out)
+  assert len(found) == 1, out
+  return int(found[0])
+
+
+def _signal_then_resume(sig, config_file, tmp_path) -> str:
+  """Signal a run after it logged step 2; check what it left; relaunch it to the end. Returns the workdir."""
+  wd = tmp_path / sig.name
+  run = Launch(tmp_path, sig.name, train_args(config_file, wd))
+  run.wait_for_line("step      2/")
+  run.proc.send_signal(sig)
+  assert run.finish() == 0, run.tail()
+  step = _saved_step(run.out(), sig.name)
+  assert 2 <= step < STEPS
+  # The step it was on when signalled was finished, logged and saved, and the save completed.
+  assert [r["step"] for r in metrics.read(str(wd)) if "loss" in r] == list(range(1, step + 1))
+  assert step in finalized_steps(wd)
+  checkpoint.verify(os.path.join(wd, "checkpoints", str(step)), step)
+  assert not [n for n in os.listdir(wd / "checkpoints") if "tmp" in n]
+
+  again = Launch(tmp_path, f"{sig.name}_again", train_args(config_file, wd))
+  assert again.finish() == 0, again.tail()
+  assert f"resumed from step {step} in" in again.out(), again.tail()
+  assert [r["step"] for r in metrics.read(str(wd)) if "loss" in r] == list(range(1, STEPS + 1))
+  return wd
+
+
+def test_sigterm_saves_the_current_step_exits_0_and_the_next_launch_resumes(config_file, tmp_path):
+  _signal_then_resume(signal.SIGTERM, config_file, tmp_path)
+
+
+@pytest.mark.slow
+def test_sigint_then_resume_matches_the_uninterrupted_run(config_file, reference, tmp_path):
+  wd = _signal_then_resume(signal.SIGINT, config_file, tmp_path)
+  assert_same_trajectory(wd, reference)
+
+
+# ---------------------------------------------------------------------------
+# 3. Damaged checkpoints.
+
+
+@pytest.fixture(scope="module")
+def three_steps(tmp_path_factory):
+  """A workdir with complete checkpoints of steps 1, 2, 3 (in-process, one device), and their leaves."""
+  from recursive_lm import train
+  cfg = tiny(**{"train.steps": 3, "train.checkpoint_every": 1, "train.keep_checkpoints": 3, "train.eval_every": 3})
+  wd = tmp_path_factory.mktemp("three_steps") / "wd"
+  train.run(cfg, str(wd), devices=jax.devices()[:1])
+  assert finalized_steps(wd) == [1, 2, 3]
+  return wd, cfg, restore_every_checkpoint(wd, cfg)
+
+
+def _largest_array_file(step_dir):
+  files = []
+  for dirpath, _, names in os.walk(os.path.join(step_dir, "state")):
+    files += [os.path.join(dirpath, n) for n in names if os.sep + "d" + os.sep in os.path.join(dirpath, n) + os.sep]
+  return max(files, key=os.path.getsize)
+
+
+def _truncate_array(step_dir):
+  path = _largest_array_file(step_dir)
+  os.truncate(path, os.path.getsize(path) // 2)
+
+
+def _flip_bit(step_dir):
+  path = _largest_array_file(step_dir)
+  with open(path, "r+b") as f:
+    f.seek(os.path.getsize(path) // 2)
+    byte = f.read(1)
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte[0] ^ 1]))
+
+
+def _remove(rel):
+  def corrupt(step_dir):
+    path = os.path.join(step_dir, rel)
+    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+  return corrupt
+
+
+def _edit_json(rel, edit):
+  def corrupt(step_dir):
+    path = os.path.join(step_dir, rel)
+    with open(path) as f:
+      obj = json.load(f)
+    edit(obj)
+    with open(path, "w") as f:
+      json.dump(obj, f)
+  return corrupt
+
+
+def _reshape_first_array(meta):
+  first = next(iter(meta["tree_metadata"].values()))
+  first["value_metadata"]["write_shape"] = [1] * len(first["value_metadata"]["write_shape"])
+
+
+def _truncate_file(rel):
+  def corrupt(step_dir):
+    path = os.path.join(step_dir, rel)
+    os.truncate(path, os.path.getsize(path) // 2)
+  return corrupt
+
+
+CORRUPTIONS = {
+    "truncated_array_file": (_truncate_array, "truncated"),
+    "bit_flip_in_array_file": (_flip_bit, "sha256"),
+    "missing_commit_marker": (_remove("commit_success.txt"), "commit_success.txt is missing"),
+    "missing_item_commit_marker": (_remove("state/commit_success.txt"), "state/commit_success.txt is missing"),
+    "missing_checkpoint_metadata": (_remove("_CHECKPOINT_METADATA"), "_CHECKPOINT_METADATA is missing"),
+    "missing_array_metadata": (_remove("state/_METADATA"), "state/_METADATA is missing"),
+    "mismatched_array_metadata": (_edit_json("state/_METADATA", _reshape_first_array), "state/_METADATA"),
+    "missing_manifest": (_remove(checkpoint.MANIFEST), f"{checkpoint.MANIFEST} is missing"),
+    "truncated_iterator_state": (_truncate_file("data_iter/process_0-of-1.json"), "data_iter/"),
+    "edited_loop_record": (_edit_json("loop/metadata", lambda r: r.update(tokens=r["tokens"] + 1)), "loop/metadata"),
+    "missing_item": (_remove("loop"), "loop/"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(kind, three_steps, tmp_path):
+  from recursive_lm import data
+  src, cfg, leaves = three_steps
+  wd = tmp_path / "wd"
+  shutil.copytree(src, wd)
+  step_dir = os.path.join(wd, "checkpoints", "3")
+  corrupt, needle = CORRUPTIONS[kind]
+  corrupt(step_dir)
+  damaged = snapshot(step_dir)
+
+  lines = []
+  ckpt = checkpoint.Checkpointer(str(wd), keep=3)
+  it = data.train_iterator(cfg.data, cfg.seed)
+  step, state, loop = ckpt.restore_latest_good(abstract_state(cfg), it, log=lines.append)
+  ckpt.close()
+  assert step == 2 and loop["step"] == 2
+  for got, want in zip(jax.tree.leaves(state), leaves[2]):
+    np.testing.assert_array_equal(np.asarray(got), want)
+  # The iterator continues where step 2 left it: the 3rd batch of a fresh pipeline.
+  fresh = data.train_iterator(cfg.data, cfg.seed)
+  for _ in range(2):
+    next(fresh)
+  np.testing.assert_array_equal(next(it)["inputs"], next(fresh)["inputs"])
+  # One line, naming the step and what is wrong with it.
+  assert len(lines) == 1 and "\n" not in lines[0], lines
+  assert "step 3 is unusable" in lines[0] and needle in lines[0], lines
+  # Set aside untouched, never deleted; the next launch no longer sees it.
+  assert not os.path.exists(step_dir) and snapshot(step_dir + ".unusable") == damaged
+  again = checkpoint.Checkpointer(str(wd), keep=3)
+  assert again.latest_step() == 2
+  again.close()
+
+
+def test_orbax_alone_restores_a_bit_flip_as_different_numbers(three_steps, tmp_path):
+  """Why the manifest exists: without it the flipped bit above would be trained on."""
+  import orbax.checkpoint as ocp
+  src, cfg, leaves = three_steps
+  wd = tmp_path / "wd"
+  shutil.copytree(src, wd)
+  _flip_bit(os.path.join(wd, "checkpoints", "3"))
+  manager = ocp.CheckpointManager(os.path.join(wd, "checkpoints"), item_names=("state", "data_iter", "loop"))
+  out = manager.restore(3, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state(cfg))))
+  manager.close()
+  got = [np.asarray(x) for x in jax.tree.leaves(out["state"])]
+  assert any(not np.array_equal(g, w) for g, w in zip(got, leaves[3]))
+
+
+def test_no_usable_checkpoint_is_a_one_line_error_and_changes_nothing(three_steps, tmp_path):
+  src, cfg, _ = three_steps
+  wd = tmp_path / "wd"
+  shutil.copytree(src, wd)
+  for step, corrupt in ((1, _truncate_array), (2, _remove(checkpoint.MANIFEST)), (3, _flip_bit)):
+    corrupt(os.path.join(wd, "checkpoints", str(step)))
+  before = snapshot(wd)
+
+  # In-process: ConfigError, nothing renamed.
+  with pytest.raises(config_lib.ConfigError) as info:
+    ckpt = checkpoint.Checkpointer(str(wd), keep=3)
+    try:
+      ckpt.restore_latest_good(abstract_state(cfg), log=lambda line: None)
+    finally:
+      ckpt.close()
+  assert "no usable checkpoint" in str(info.value) and "\n" not in str(info.value)
+  assert snapshot(wd) == before
+
+  # Through the CLI (the same config, so config.json is rewritten byte for byte).
+  config_file = write_config(tmp_path)
+  run = Launch(tmp_path, "cli", train_args(config_file, wd, "--config.train.steps=3", "--config.train.checkpoint_every=1",
+                                           "--config.train.keep_checkpoints=3", "--config.train.eval_every=3"))
+  assert run.finish() == 2, run.tail()
+  errors = [l for l in run.err().splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and "no usable checkpoint" in errors[0] and "[3, 2, 1]" in errors[0], run.tail()
+  reports = [l for l in run.out().splitlines() if "is unusable" in l]
+  assert [int(re.search(r"step (\d+)", l).group(1)) for l in reports] == [3, 2, 1], run.tail()
+  after = snapshot(wd)
+  for path, body in before.items():  # nothing deleted or modified (the TensorBoard writer may add an event file)
+    assert after.get(path) == body, path
+  assert all(p.startswith("tb" + os.sep) for p in set(after) - set(before)), set(after) - set(before)
+
+
+# ---------------------------------------------------------------------------
+# 5. Non-finite loss, gradients or parameters.
+
+BAD_TOKEN = 256  # == model.vocab_size: outside the embedding table, so the lookup yields NaN
+POISON_EVERY = 10  # one window in ten holds a bad token
+FIRST_BAD_STEP = {}  # from the skip run, for the stop run to check against
+
+
+@pytest.fixture(scope="module")
+def poisoned_tokens(tmp_path_factory):
+  """A prepared token directory (byte tokenizer) whose every 10th training window holds an out-of-vocabulary id."""
+  from recursive_lm.data import prepare, sources
+  cfg = tiny()
+  train, val = sources.stdlib_splits("byte", cfg.data.max_bytes, cfg.data.val_fraction)
+  train = np.array(train, dtype=np.int64)
+  width = cfg.data.seq_len + 1
+  train[5:len(train):width * POISON_EVERY] = BAD_TOKEN
+  out = str(tmp_path_factory.mktemp("poisoned"))
+  prepare.write_tokens(out, train, np.asarray(val), {"tokenizer": "byte", "vocab_size": 256, "is_byte_level": True})
+  return out
+
+
+def _poisoned(tokens_path, **overrides):
+  return {"data.source": "tokens", "data.tokens_path": tokens_path, **overrides}
+
+
+def test_skip_leaves_params_finite_and_training_goes_on(poisoned_tokens, tmp_path):
+  from recursive_lm import train
+  cfg = tiny(**_poisoned(poisoned_tokens, **{"train.on_nonfinite": "skip", "train.checkpoint_every": 2,
+                                              "train.keep_checkpoints": 10}))
+  wd = tmp_path / "wd"
+  summary = train.run(cfg, str(wd), devices=jax.devices()[:1])
+  recs = [r for r in metrics.read(str(wd)) if "loss" in r]
+  assert [r["step"] for r in recs] == list(range(1, STEPS + 1))
+  bad = [r["step"] for r in recs if not math.isfinite(float(r["loss"]))]
+  good = [r for r in recs if math.isfinite(float(r["loss"]))]
+  assert bad and bad[0] < STEPS and len(good) >= 3, recs  # poisoned steps happened, and steps after them
+  for r in recs:
+    assert math.isfinite(r["param_norm"]), r
+    if r["step"] in bad:
+      assert r["update_norm"] == 0.0, r  # the update was skipped
+  assert good[-1]["loss"] < good[0]["loss"]  # and it kept learning
+  assert math.isfinite(summary["eval"]["eval_loss"])
+  saved = restore_every_checkpoint(wd, cfg)
+  assert sorted(saved) == [2, 4, 6, 8, 10]
+  assert all(np.all(np.isfinite(x)) for leaves in saved.values() for x in leaves if x.dtype.kind == "f")
+  FIRST_BAD_STEP["skip"] = bad[0]  # the stop-mode test below must stop at this step
+
+
+def test_nonfinite_loss_stops_the_cli_at_that_step(poisoned_tokens, tmp_path):
+  cfg_overrides = ["--config.data.source=tokens", f"--config.data.tokens_path={poisoned_tokens}",
+                   "--config.train.checkpoint_every=1", "--config.train.keep_checkpoints=10"]
+  wd = tmp_path / "wd"
+  run = Launch(tmp_path, "nonfinite", train_args(write_config(tmp_path), wd, *cfg_overrides))
+  assert run.finish() == 3, run.tail()
+  errors = [l for l in run.err().splitlines() if l.startswith("error:")]
+  assert len(errors) == 1, run.tail()
+  # (The update computed from NaN gradients also made the parameters NaN; none of it is saved.)
+  match = re.fullmatch(r"error: step (\d+): non-finite loss and grad_norm( and param_norm)? "
+                       r"\(loss=nan, grad_norm=nan(, param_norm=nan)?\); stopped without saving this step", errors[0])
+  assert match, errors
+  stopped = int(match.group(1))
+  if "skip" in FIRST_BAD_STEP:  # the skip run ran first (file order)
+    assert stopped == FIRST_BAD_STEP["skip"]
+  assert finalized_steps(wd) == list(range(1, stopped))  # every step before it, none of it
+  cfg = tiny(**_poisoned(poisoned_tokens, **{"train.checkpoint_every": 1, "train.keep_checkpoints": 10}))
+  saved = restore_every_checkpoint(wd, cfg)
+  assert all(np.all(np.isfinite(x)) for leaves in saved.values() for x in leaves if x.dtype.kind == "f")
+  assert [r["step"] for r in metrics.read(str(wd)) if "loss" in r] == list(range(1, stopped))
+
+
+def test_an_update_that_makes_params_nonfinite_stops_before_saving(tmp_path):
+  from recursive_lm import train
+  # Step 1 runs at lr 0 (warmup); step 2's update at lr 5e29 leaves finite loss and
+  # gradients but parameters whose norm is no longer finite.
+  cfg = tiny(**{"optim.lr": 1e30, "train.checkpoint_every": 1, "train.keep_checkpoints": 10})
+  wd = tmp_path / "wd"
+  with pytest.raises(train.NonFiniteError, match=r"^step 2: non-finite param_norm \(param_norm=inf\)"):
+    train.run(cfg, str(wd), devices=jax.devices()[:1])
+  assert finalized_steps(wd) == [1]
+  saved = restore_every_checkpoint(wd, cfg)
+  assert all(np.all(np.isfinite(x)) for x in saved[1] if x.dtype.kind == "f")
+
+
+# ---------------------------------------------------------------------------
+# 7. Two processes; one is killed.
+
+MULTIHOST_OVERRIDES = ["--config.data.batch_size=8", "--config.train.steps=1000", "--config.train.eval_every=1000",
+                       "--config.train.checkpoint_every=1000"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim,how", [(1, "kill"), (0, "kill"), (1, "hang"), (0, "hang")],
+                         ids=["kill_worker", "kill_coordinator", "hang_worker", "hang_coordinator"])
+def test_losing_one_of_two_processes_ends_the_other_quickly(victim, how, tmp_path):
+  """kill: SIGKILL, the peer's sockets close. hang: SIGSTOP, the peer stays connected but silent, so
+  only the heartbeat timeout (train.maybe_initialize_distributed's default, 30 s; JAX's own is 100 s)
+  can end the survivor."""
+  import portpicker
+  port = portpicker.pick_unused_port()
+  config_file = write_config(tmp_path)
+  extra = {"RLM_HEARTBEAT_TIMEOUT_S": "10"} if how == "kill" else {}  # hang: the shipped default
+  runs = [Launch(tmp_path, f"process_{pid}", train_args(config_file, tmp_path / "wd", *MULTIHOST_OVERRIDES),
+                 env=child_env(devices=4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                               JAX_PROCESS_ID=str(pid), **extra))
+          for pid in range(2)]
+  survivor = runs[1 - victim]
+  try:
+    runs[0].wait_for_line("step      3/", timeout=400)
+    lost = time.time()
+    runs[victim].proc.send_signal(signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+    code = survivor.finish(timeout=60)
+    elapsed = time.time() - lost
+  finally:
+    for run in runs:
+      if run.proc.poll() is None:
+        run.proc.kill()
+      run.finish(30)
+  text = survivor.out() + survivor.err()
+  assert code != 0, survivor.tail()
+  assert elapsed < 60
+  ours = "a cross-process operation failed, most likely because another process died"
+  jaxs = "Terminating process because the JAX distributed service detected fatal errors"
+  # Either train.main reports the failed collective (exit 4), or JAX's coordination service
+  # aborts the process once the peer misses its heartbeats (SIGABRT), whichever comes first.
+  assert (code == 4 and ours in text) or (code == -signal.SIGABRT and jaxs in text), survivor.tail()
+  print(f"{how} process {victim}: the other exited {code} after {elapsed:.1f} s")
