@@ -34,7 +34,7 @@ def loss_fn(params: nnx.State, graphdef, rest: nnx.State, batch: dict):
 
 
 def _norm(tree) -> jax.Array:
-  return optax.global_norm(jax.tree.leaves(tree))
+  return optax.tree.norm(tree)
 
 
 def make_train_step(graphdef, lr_schedule: Callable, state_shardings=None, batch_sharding=None) -> Callable:
