@@ -43,11 +43,22 @@ def base_config() -> ml_collections.ConfigDict:
   m.sliding_window = 0  # >0: local layers attend to this many past positions
   m.global_every = 0  # with sliding_window: every Nth effective layer is global (0: none)
   m.rope_base_local = 0.0  # rotary base of the local layers (0: model.rope_base)
+  # Architecture options of the dense block (off by default: no effect, no parameters).
+  m.post_norms = False  # sandwich norms: normalise the attention and MLP outputs before the residual add (Gemma 2/3)
+  m.qk_norm = False  # per-head RMS/LayerNorm of queries and keys before rotary (Gemma 3, Qwen 3)
+  m.scale_embeddings = False  # multiply the embedding output by sqrt(d_model) (Gemma; the tied head is unscaled)
+  m.norm_offset = 0.0  # 0: norm scale w; 1: stored w with effective scale 1 + w (Gemma)
+  m.query_pre_attn_scalar = 0.0  # queries scaled by this ** -0.5 (0: head_dim)
+  m.rope_scaling = "none"  # none | linear | llama3 (applies to the global rotary base only)
+  m.rope_scaling_factor = 1.0
+  m.rope_low_freq_factor = 1.0  # llama3 only
+  m.rope_high_freq_factor = 4.0  # llama3 only
+  m.rope_original_max_len = 8192  # llama3 only: the context the base model was trained at
   m.tie_embeddings = True
   m.max_seq_len = 2048
   m.param_dtype = "float32"
   m.compute_dtype = "float32"
-  m.remat = "none"  # none | full | dots | dots_no_batch
+  m.remat = "none"  # none | full | dots | dots_no_batch | nested (two-level: memory ~ R, not K*R)
   m.scan = True  # False: unrolled Python loop (the reference)
   m.plan = p = ml_collections.ConfigDict()
   p.preset = "vanilla"  # vanilla | looped | cycle | sequence | middle_cycle | middle_sequence | sandwich
@@ -247,6 +258,16 @@ class ModelConfig:
   sliding_window: int = 0
   global_every: int = 0
   rope_base_local: float = 0.0
+  post_norms: bool = False
+  qk_norm: bool = False
+  scale_embeddings: bool = False
+  norm_offset: float = 0.0
+  query_pre_attn_scalar: float = 0.0
+  rope_scaling: str = "none"
+  rope_scaling_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,7 +338,7 @@ class Config:
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 PLAN_PRESETS = ("vanilla", "looped", "cycle", "sequence", "middle_cycle", "middle_sequence", "sandwich")
 MLP_TYPES = ("swiglu", "geglu", "gelu", "relu")
-REMAT = ("none", "full", "dots", "dots_no_batch")
+REMAT = ("none", "full", "dots", "dots_no_batch", "nested")
 MESH_RULES = ("replicated", "data", "fsdp", "fsdp_tensor", "fsdp_tensor_expert")
 
 
@@ -394,6 +415,36 @@ def _moe(m, mesh) -> MoEConfig:
   return moe
 
 
+ROPE_SCALING = ("none", "linear", "llama3")
+
+
+def _arch_options(m) -> dict[str, Any]:
+  """The optional architecture fields of ModelConfig (Gemma / Llama features), validated."""
+  _choice("model.rope_scaling", m.rope_scaling, ROPE_SCALING)
+  if m.norm_offset not in (0.0, 1.0):
+    raise ConfigError(f"model.norm_offset={m.norm_offset} must be 0 (scale w) or 1 (effective scale 1 + w)")
+  _positive("model.query_pre_attn_scalar", m.query_pre_attn_scalar, allow_zero=True)
+  if m.rope_scaling != "none":
+    _positive("model.rope_scaling_factor", m.rope_scaling_factor)
+  if m.rope_scaling == "llama3":
+    _positive("model.rope_original_max_len", m.rope_original_max_len)
+    if not 0.0 < m.rope_low_freq_factor < m.rope_high_freq_factor:
+      raise ConfigError(f"model.rope_low_freq_factor={m.rope_low_freq_factor} and model.rope_high_freq_factor="
+                        f"{m.rope_high_freq_factor} must satisfy 0 < low < high (rope_scaling='llama3')")
+  if m.block != "dense":
+    on = [f for f, off in (("post_norms", False), ("qk_norm", False), ("query_pre_attn_scalar", 0.0),
+                           ("norm_offset", 0.0)) if m[f] != off]
+    if on:
+      raise ConfigError(f"model.{on[0]}={m[on[0]]!r} is only supported with model.block='dense' "
+                        f"(model.block={m.block!r})")
+  return dict(post_norms=bool(m.post_norms), qk_norm=bool(m.qk_norm), scale_embeddings=bool(m.scale_embeddings),
+              norm_offset=float(m.norm_offset), query_pre_attn_scalar=float(m.query_pre_attn_scalar),
+              rope_scaling=m.rope_scaling, rope_scaling_factor=float(m.rope_scaling_factor),
+              rope_low_freq_factor=float(m.rope_low_freq_factor),
+              rope_high_freq_factor=float(m.rope_high_freq_factor),
+              rope_original_max_len=int(m.rope_original_max_len))
+
+
 def _check_schema(cd, ref, prefix: str = "") -> None:
   """Keys and value types of `cd` against base_config(): a config file's typo
   (`c.model.dmodel = 32`) adds a key ConfigDict accepts silently, and None or a
@@ -465,7 +516,8 @@ def load(cd: ml_collections.ConfigDict) -> Config:
       scan=bool(m.scan), plan=plan, lora=_lora(m.lora, dims), block=m.block, moe=_moe(m, cd.mesh),
       sliding_window=_positive("model.sliding_window", m.sliding_window, allow_zero=True),
       global_every=_positive("model.global_every", m.global_every, allow_zero=True),
-      rope_base_local=float(_positive("model.rope_base_local", m.rope_base_local, allow_zero=True)))
+      rope_base_local=float(_positive("model.rope_base_local", m.rope_base_local, allow_zero=True)),
+      **_arch_options(m))
 
   d = cd.data
   _choice("data.source", d.source, ("stdlib", "text", "tokens"))

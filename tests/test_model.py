@@ -94,7 +94,7 @@ def unrolled_reference(name):
   return params, logits, grads, aux
 
 
-@pytest.mark.parametrize("remat", ["none", "full"])  # "full" wraps the scan body in jax.checkpoint
+@pytest.mark.parametrize("remat", ["none", "full", "nested"])  # full: remat each layer; nested: also each outer step
 @pytest.mark.parametrize("name", list(CASES))
 def test_scan_matches_unrolled(name, remat):
   """Logits and the gradient of every parameter agree between the nested-scan
@@ -277,3 +277,140 @@ def test_windowed_layers_scan_equals_unrolled_and_kinds_follow_depth():
   assert dict(model.depth_data[0])["window"] == (4, 4, 0, 4, 4, 0)
   toks = jax.random.randint(jax.random.key(4), (2, 11), 0, 61)
   np.testing.assert_allclose(model(toks)[0], model(toks, unrolled=True)[0], rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# Architecture options of the dense block (Gemma 3 / Llama features).
+
+GEMMA_OPTIONS = {"model.post_norms": True, "model.qk_norm": True, "model.scale_embeddings": True,
+                 "model.norm_offset": 1.0, "model.query_pre_attn_scalar": 20.0, "model.mlp_type": "geglu"}
+
+
+def gemma_reference_forward(p, toks, cfg):
+  """Gemma 3 text written from its equations (sandwich norms, q/k norms, 1 + w
+  scales, sqrt(D) embedding scale, query_pre_attn_scalar, GeGLU), vanilla plan."""
+  h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  blocks = p["stages"][0]["blocks"]
+  norm = lambda x, w: _rms(x, 1.0 + w, cfg.norm_eps)
+  x = p["embed"]["table"][toks] * np.sqrt(cfg.d_model)
+  t = toks.shape[1]
+  pos = jnp.arange(t, dtype=jnp.float32)
+  causal = jnp.tril(jnp.ones((t, t), bool))
+  for i in range(cfg.plan.num_layers):
+    w = jax.tree.map(lambda a: a[i], blocks)
+    y = norm(x, w["attn_norm"]["scale"])
+    q = norm((y @ w["attn"]["q"]["kernel"]).reshape(B, t, h, hd), w["q_norm"]["scale"])
+    k = norm((y @ w["attn"]["k"]["kernel"]).reshape(B, t, kvh, hd), w["k_norm"]["scale"])
+    v = (y @ w["attn"]["v"]["kernel"]).reshape(B, t, kvh, hd)
+    q, k = _rope(q, pos, cfg.rope_base), _rope(k, pos, cfg.rope_base)
+    k, v = jnp.repeat(k, h // kvh, axis=2), jnp.repeat(v, h // kvh, axis=2)
+    s = jnp.einsum("bthd,bshd->bhts", q, k) * cfg.query_pre_attn_scalar**-0.5
+    a = jax.nn.softmax(jnp.where(causal, s, -jnp.inf), -1)
+    o = jnp.einsum("bhts,bshd->bthd", a, v).reshape(B, t, h * hd)
+    x = x + norm(o @ w["attn"]["o"]["kernel"], w["post_attn_norm"]["scale"])
+    y = norm(x, w["mlp_norm"]["scale"])
+    gate = jax.nn.gelu(y @ w["mlp"]["gate"]["kernel"], approximate=True)
+    x = x + norm((gate * (y @ w["mlp"]["up"]["kernel"])) @ w["mlp"]["down"]["kernel"], w["post_mlp_norm"]["scale"])
+  x = norm(x, p["final_norm"]["scale"])
+  return x @ p["embed"]["table"].T
+
+
+def test_gemma_options_equal_hand_written_gemma():
+  model = build_random(preset="vanilla", num_layers=3, **GEMMA_OPTIONS)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  plain = nnx.to_pure_dict(params)
+  # Norm scales are stored as w (effective 1 + w): centre the random ones near 0.
+  plain = jax.tree_util.tree_map_with_path(
+      lambda path, x: x - 1.0 if "scale" in jax.tree_util.keystr(path) else x, plain)
+  nnx.replace_by_pure_dict(params, plain)
+  toks = tokens(9)
+  logits = nnx.merge(graphdef, params, rest)(toks)[0]
+  np.testing.assert_allclose(logits, gemma_reference_forward(plain, toks, model.cfg), rtol=1e-5, atol=1e-5)
+
+
+def test_architecture_options_off_add_nothing_and_on_add_their_norms():
+  paths = lambda m: {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(nnx.state(m))}
+  plain = accounting.abstract_model(config_lib.load(tiny_config(preset="cycle", num_layers=4, repeats=2)))
+  with_all = accounting.abstract_model(config_lib.load(tiny_config(
+      preset="cycle", num_layers=4, repeats=2, **{**GEMMA_OPTIONS, "model.mlp_type": "swiglu"})))
+  added = paths(with_all) - paths(plain)
+  assert paths(plain) <= paths(with_all)
+  assert {a.split("][")[-2].strip("'") for a in added} == {"post_attn_norm", "post_mlp_norm", "q_norm", "k_norm"}
+  assert nnx.state(with_all)["stages"][0]["blocks"]["q_norm"]["scale"].shape == (2, 14)  # [K, Hd]
+  # Per-depth norms: every norm (q/k and post norms included) moves to the depth slots.
+  per_depth = accounting.abstract_model(config_lib.load(tiny_config(
+      preset="cycle", num_layers=4, repeats=2, per_depth_norms=True, **GEMMA_OPTIONS)))
+  st = nnx.state(per_depth)["stages"][0]
+  assert st["slots"]["q_norm"]["scale"].shape == (4, 14) and "q_norm" not in st["blocks"]
+  assert st["slots"]["post_mlp_norm"]["scale"].shape == (4, 42)
+
+
+def test_gemma_options_scan_matches_unrolled_with_per_depth_norms():
+  model = build_random(preset="sequence", num_layers=4, repeats=2, lora_rank=2, per_depth_norms=True,
+                       **{**GEMMA_OPTIONS, "model.sliding_window": 3, "model.global_every": 2,
+                          "model.rope_base_local": 100.0})
+  toks = tokens(10)
+  np.testing.assert_allclose(model(toks)[0], model(toks, unrolled=True)[0], rtol=1e-5, atol=1e-5)
+
+
+def _llama3_inv_freq_reference(inv_freq, factor, low, high, original):
+  """Llama 3.1's rule, written per frequency in plain Python."""
+  out = []
+  for f in np.asarray(inv_freq, np.float64):
+    wavelen = 2 * np.pi / f
+    if wavelen < original / high:
+      out.append(f)
+    elif wavelen > original / low:
+      out.append(f / factor)
+    else:
+      smooth = (original / wavelen - low) / (high - low)
+      out.append((1 - smooth) * f / factor + smooth * f)
+  return np.asarray(out)
+
+
+def test_rope_scaling_rules():
+  from recursive_lm.model.layers import rope_tables, scaled_inv_freq
+  inv = 1.0 / (500000.0 ** (np.arange(0, 128, 2) / 128))
+  got = scaled_inv_freq(jnp.asarray(inv, jnp.float32), ("llama3", 8.0, 1.0, 4.0, 8192.0))
+  np.testing.assert_allclose(got, _llama3_inv_freq_reference(inv, 8.0, 1.0, 4.0, 8192.0), rtol=1e-5)
+  assert np.isclose(got[0], inv[0]) and np.isclose(got[-1], inv[-1] / 8)  # short kept, long slowed
+  pos = jnp.arange(6)
+  lin = rope_tables(pos, 8, 100.0, ("linear", 4.0))
+  ref = rope_tables(pos.astype(jnp.float32) / 4.0, 8, 100.0)
+  np.testing.assert_allclose(lin[0], ref[0], atol=1e-6)
+  # In a model: scaling changes the global layers only, and only when on.
+  cd = lambda **kw: tiny_config(preset="vanilla", num_layers=2, **kw)
+  base = Transformer(config_lib.load(cd()).model, nnx.Rngs(0))
+  scaled = Transformer(config_lib.load(cd(**{"model.rope_scaling": "linear", "model.rope_scaling_factor": 4.0})).model,
+                       nnx.Rngs(0))
+  assert base.rope_scalings == (None,) and scaled.rope_scalings == (("linear", 4.0),)
+  toks = tokens(11)
+  assert not np.allclose(base(toks)[0], scaled(toks)[0])
+  local = Transformer(config_lib.load(cd(**{"model.rope_scaling": "llama3", "model.rope_scaling_factor": 8.0,
+                                            "model.sliding_window": 3, "model.global_every": 2})).model, nnx.Rngs(0))
+  assert local.rope_scalings[1] is None and local.rope_scalings[0][0] == "llama3"
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("model.norm_offset", 0.5, "norm_offset"),
+    ("model.rope_scaling", "yarn", "rope_scaling"),
+    ("model.query_pre_attn_scalar", -1.0, "query_pre_attn_scalar"),
+    ("model.rope_high_freq_factor", 0.5, "rope_low_freq_factor"),
+])
+def test_architecture_options_are_validated(key, value, match):
+  extra = {"model.rope_scaling": "llama3"} if key == "model.rope_high_freq_factor" else {}
+  with pytest.raises(ConfigError, match=match):
+    config_lib.load(tiny_config(**{key: value, **extra}))
+
+
+def test_architecture_options_off_leave_old_configs_loading():
+  import dataclasses as dc
+  cfg = config_lib.load(tiny_config())
+  raw = cfg.to_json()
+  import json
+  old = json.loads(raw)
+  for f in ("post_norms", "qk_norm", "scale_embeddings", "norm_offset", "query_pre_attn_scalar", "rope_scaling",
+            "rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len"):
+    old["model"].pop(f)  # a config.json written before these fields existed
+  assert config_lib.from_json(json.dumps(old)) == cfg
+  assert dc.replace(cfg.model).post_norms is False

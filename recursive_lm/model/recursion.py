@@ -20,6 +20,7 @@ the scanned path is tested against.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -32,6 +33,11 @@ from recursive_lm.model.attention import Context
 
 REMAT_POLICIES: dict[str, Callable | None] = {
     "full": None,  # save nothing, recompute the whole block
+    # Two levels: the outer scan keeps only the residual stream between outer
+    # steps (repeats for cycle order, blocks for sequence order) and recomputes
+    # each outer step, whose layers are rematerialised in turn. Activation
+    # memory then grows with R (or K) instead of K * R, for a third forward pass.
+    "nested": None,
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
@@ -59,6 +65,10 @@ class StageModule(nnx.Module):
 
 def _wrap(body, remat: str):
   return body if remat == "none" else jax.checkpoint(body, policy=REMAT_POLICIES[remat])
+
+
+def _wrap_outer(body, remat: str):
+  return jax.checkpoint(body) if remat == "nested" else body
 
 
 def _fold(tree, a: int, b: int):
@@ -93,10 +103,12 @@ def run_stage(stage: StageModule, x: jax.Array, ctx: Context, cache: dict | None
   layer = _wrap(layer, remat)
 
   if spec.order == "cycle":
+    @functools.partial(_wrap_outer, remat=remat)
     def outer(x, depth_r):  # depth_r: [K, ...]
       return jax.lax.scan(lambda x, xs: layer(x, xs[0], xs[1]), x, (block_state, depth_r), length=k_n)
     x, (cache_out, aux) = jax.lax.scan(outer, x, _fold(per_depth, r_n, k_n), length=r_n)
   else:
+    @functools.partial(_wrap_outer, remat=remat)
     def outer(x, xs):  # xs: (block k, per-depth [R, ...])
       b_state, depth_k = xs
       return jax.lax.scan(lambda x, d: layer(x, b_state, d), x, depth_k, length=r_n)
