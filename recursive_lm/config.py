@@ -84,7 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
   mo.block_rows = 128  # rows per expert block of the loop dispatch (upper bound)
 
   c.data = d = ml_collections.ConfigDict()
-  d.source = "stdlib"  # stdlib | text | tokens
+  d.source = "stdlib"  # stdlib | text | tokens | synthetic
   d.glob = ""  # text: glob of UTF-8 files
   d.tokens_path = ""  # tokens: directory written by recursive_lm.data.prepare
   d.tokenizer = "byte"  # byte | sentencepiece:PATH | hf:PATH
@@ -94,6 +94,10 @@ def base_config() -> ml_collections.ConfigDict:
   d.batch_size = 16
   d.num_threads = 2
   d.prefetch = 4
+  d.task = "parity"  # synthetic: parity | addition | copy | induction (recursive_lm/data/synthetic.py)
+  d.train_lengths = "1-8"  # synthetic: lengths trained on ('1-8' or '1,2,5')
+  d.eval_lengths = "9-16"  # synthetic: held-out lengths reported by evaluate
+  d.hops = 2  # synthetic induction: p of p-hop
 
   c.optim = o = ml_collections.ConfigDict()
   o.lr = 3e-3
@@ -282,6 +286,10 @@ class DataConfig:
   batch_size: int
   num_threads: int
   prefetch: int
+  task: str = "parity"
+  train_lengths: str = "1-8"
+  eval_lengths: str = "9-16"
+  hops: int = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -474,6 +482,23 @@ def _check_schema(cd, ref, prefix: str = "") -> None:
                         f"(default {default!r})")
 
 
+def _synthetic(d) -> None:
+  from recursive_lm.data import synthetic
+  _choice("data.task", d.task, synthetic.TASKS)
+  _positive("data.hops", d.hops)
+  if d.tokenizer != "byte":
+    raise ConfigError(f"data.source='synthetic' needs data.tokenizer='byte' (got {d.tokenizer!r})")
+  for f in ("train_lengths", "eval_lengths"):
+    try:
+      lengths = synthetic.parse_lengths(d[f])
+    except ValueError as e:
+      raise ConfigError(f"data.{f}={d[f]!r}: {e}") from None
+    need = synthetic.max_example_len(d.task, max(lengths)) - 1
+    if need > d.seq_len:
+      raise ConfigError(f"data.{f}={d[f]!r}: task {d.task!r} at length {max(lengths)} needs data.seq_len >= "
+                        f"{need} (got {d.seq_len})")
+
+
 def load(cd: ml_collections.ConfigDict) -> Config:
   """Validate a ConfigDict into the frozen `Config`. Raises ConfigError."""
   _check_schema(cd, base_config())
@@ -520,7 +545,9 @@ def load(cd: ml_collections.ConfigDict) -> Config:
       **_arch_options(m))
 
   d = cd.data
-  _choice("data.source", d.source, ("stdlib", "text", "tokens"))
+  _choice("data.source", d.source, ("stdlib", "text", "tokens", "synthetic"))
+  if d.source == "synthetic":
+    _synthetic(d)
   _positive("data.seq_len", d.seq_len)
   _positive("data.batch_size", d.batch_size)
   _positive("data.max_bytes", d.max_bytes, allow_zero=True)

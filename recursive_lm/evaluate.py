@@ -53,6 +53,87 @@ def evaluate(model, batches) -> tuple[float, int]:
   return total / count, int(count)
 
 
+def with_loops(model, cfg, loops: int):
+  """(model, cfg) running the shared stage `loops` times with the same parameters.
+
+  Only plans whose shared stage has no per-depth slots (no LoRA, no per-depth
+  norms): the unique blocks keep their shapes when only the loop count changes.
+  Raises ConfigError otherwise.
+  """
+  import dataclasses
+  import jax
+  from recursive_lm.model.plan import from_config
+  from recursive_lm.model.transformer import Transformer
+  p = cfg.model.plan
+  if loops < 1:
+    raise ConfigError(f"loops={loops} must be >= 1")
+  if cfg.model.lora.ranks or p.per_depth_norms:
+    raise ConfigError("test-time loops need a plan without per-depth slots (model.lora.rank=0 and "
+                      "model.plan.per_depth_norms=False): LoRA / norm slots exist only for the trained depths")
+  if p.preset == "vanilla":
+    raise ConfigError("test-time loops: plan 'vanilla' has no shared stage to loop")
+  if p.preset == "looped":
+    new = dataclasses.replace(p, num_layers=loops)
+  elif p.preset == "sandwich":
+    new = dataclasses.replace(p, num_layers=loops + 2)
+  elif p.preset in ("cycle", "sequence"):
+    new = dataclasses.replace(p, num_layers=p.num_layers // p.repeats * loops, repeats=loops)
+  else:  # middle_cycle / middle_sequence
+    new = dataclasses.replace(p, num_layers=(p.num_layers - 2) // p.repeats * loops + 2, repeats=loops)
+  from_config(new)
+  new_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, plan=new))
+  with nnx.use_eager_sharding(False):  # built outside a mesh; the trained arrays are copied in below
+    new_model = Transformer(new_cfg.model, nnx.Rngs(0))
+  old_state, new_state = nnx.state(model), nnx.state(new_model)
+  shapes = lambda st: jax.tree.map(lambda x: tuple(x.shape), st)
+  if jax.tree.structure(old_state) != jax.tree.structure(new_state) or shapes(old_state) != shapes(new_state):
+    raise ConfigError(f"test-time loops={loops}: parameter shapes differ from the trained model's")
+  nnx.update(new_model, old_state)
+  return new_model, new_cfg
+
+
+def accuracy_by_length(model, cfg, lengths, n_examples: int = 256, loops: int | None = None,
+                       batch_size: int = 64) -> dict[int, float]:
+  """Greedy exact-match accuracy (every answer byte the argmax) per length, synthetic runs.
+
+  Teacher-forced argmax over the answer positions: equal to greedy decoding's
+  exact match, since a greedy decode stays on the reference while it is right.
+  Examples come from the held-out 'eval' split. `loops` re-runs the shared stage
+  that many times (see with_loops).
+  """
+  import numpy as np
+  from recursive_lm.data import synthetic
+  if cfg.data.source != "synthetic":
+    raise ConfigError(f"accuracy_by_length needs data.source='synthetic' (got {cfg.data.source!r})")
+  if loops is not None:
+    model, cfg = with_loops(model, cfg, loops)
+  graphdef, state = nnx.split(model)
+  import jax
+  fwd = jax.jit(lambda st, x: jnp.argmax(nnx.merge(graphdef, st)(x)[0], axis=-1))
+  return accuracy_of_predictor(lambda x: np.asarray(fwd(state, jnp.asarray(x))), cfg, lengths, n_examples,
+                               batch_size)
+
+
+def accuracy_of_predictor(predict, cfg, lengths, n_examples: int = 256, batch_size: int = 64) -> dict[int, float]:
+  """Exact-match accuracy per length of `predict(inputs int32 [B, T]) -> predicted next ids [B, T]`."""
+  import numpy as np
+  from recursive_lm.data import synthetic
+  out = {}
+  for n in lengths:
+    seq_len = max(cfg.data.seq_len, synthetic.max_example_len(cfg.data.task, n) - 1)
+    dcfg = dataclasses_replace(cfg.data, seq_len=seq_len)
+    hits = []
+    for b in synthetic.batches(dcfg, (n,), n_examples, batch_size):
+      hits.append(synthetic.exact_match(np.asarray(predict(b["inputs"])), b["targets"]))
+    out[int(n)] = float(np.concatenate(hits).mean())
+  return out
+
+
+def dataclasses_replace(obj, **kw):
+  import dataclasses
+  return dataclasses.replace(obj, **kw)
+
+
 def run(workdir: str, step: int | None = None, n_batches: int | None = None) -> dict:
   """Load the checkpoint of `workdir` (latest or `step`) and evaluate it. Raises ConfigError."""
   cfg = checkpoint.load_config(workdir)
@@ -66,6 +147,11 @@ def run(workdir: str, step: int | None = None, n_batches: int | None = None) -> 
   if tokenizer.is_byte_level:
     out["bits_per_byte"] = loss / math.log(2)
   out.update(step=int(step), tokens=tokens, batches=n, workdir=workdir)
+  if cfg.data.source == "synthetic":
+    from recursive_lm.data.synthetic import parse_lengths
+    for split in ("train", "eval"):
+      acc = accuracy_by_length(model, cfg, parse_lengths(getattr(cfg.data, f"{split}_lengths")))
+      out[f"accuracy_{split}_lengths"] = {str(k): v for k, v in acc.items()}
   return out
 
 

@@ -21,8 +21,17 @@ from recursive_lm.model.transformer import Transformer
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """Mean token cross-entropy in float32. logits [B, T, V], targets [B, T]."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
+  """Mean token cross-entropy in float32 over targets >= 0 (negative targets,
+  e.g. the non-answer positions of synthetic tasks, are ignored). logits [B, T, V], targets [B, T]."""
+  losses, valid = token_losses(logits.astype(jnp.float32), targets)
+  return losses.sum() / jnp.maximum(valid.sum(), 1).astype(jnp.float32)
+
+
+def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-token cross-entropy [B, T] (0 where targets < 0) and the bool mask of counted targets."""
+  valid = targets >= 0
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, targets, 0))
+  return jnp.where(valid, losses, 0.0), valid
 
 
 def loss_fn(params: nnx.State, graphdef, rest: nnx.State, batch: dict):
@@ -73,7 +82,7 @@ def make_eval_step(graphdef) -> Callable:
   def step(state, batch):
     model = nnx.merge(graphdef, state)
     logits, _, _ = model(batch["inputs"])
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    return losses.sum(), jnp.asarray(losses.size, jnp.float32)
+    losses, valid = token_losses(logits, batch["targets"])
+    return losses.sum(), valid.sum().astype(jnp.float32)
 
   return jax.jit(step)

@@ -89,6 +89,13 @@ def _to_inputs_targets(windows: np.ndarray) -> dict[str, np.ndarray]:
 def train_dataset(cfg: DataConfig, seed: int, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
   """The infinite, shuffled training MapDataset of this process's batches (see train_iterator)."""
   b_local = _local_batch_size(cfg, process_index, process_count)
+  if cfg.source == "synthetic":
+    from recursive_lm.data import synthetic
+    return (grain.MapDataset.source(synthetic.source_for(cfg, "train"))
+            .shuffle(seed=seed)
+            .repeat(None)
+            .batch(b_local, drop_remainder=True)
+            [process_index::process_count])
   _, train, _ = load_splits(cfg)
   # shuffle before repeat: each epoch is a full, freshly seeded permutation.
   # Batching by B_local *before* the [p::P] slice makes the P consecutive
@@ -124,6 +131,15 @@ def eval_batches(cfg: DataConfig, n_batches: int, process_index: int = 0,
   any split of at least one window. Returns n dicts of int32 [B_local, T].
   """
   b_local = _local_batch_size(cfg, process_index, process_count)
+  if cfg.source == "synthetic":  # held-out examples (split 'eval') at the training lengths
+    from recursive_lm.data import synthetic
+    src = synthetic.source_for(cfg, "eval")
+    out = []
+    for k in range(n_batches):
+      first = k * cfg.batch_size + process_index * b_local
+      rows = [src[first + j] for j in range(b_local)]
+      out.append({key: np.stack([r[key] for r in rows]) for key in rows[0]})
+    return out
   _, _, val = load_splits(cfg)
   windows = TokenWindows(val, cfg.seq_len)
   out = []

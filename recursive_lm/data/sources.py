@@ -230,6 +230,9 @@ def load_splits(cfg: DataConfig):
   Raises ConfigError naming data.seq_len when a split is shorter than one
   window of seq_len + 1 tokens.
   """
+  if cfg.source == "synthetic":
+    # Examples are generated per index (recursive_lm/data/synthetic.py): no token arrays.
+    return get_tokenizer(cfg.tokenizer), None, None
   if cfg.source == "stdlib":
     train, val = stdlib_splits(cfg.tokenizer, cfg.max_bytes, cfg.val_fraction)
   elif cfg.source == "text":

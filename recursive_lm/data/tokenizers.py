@@ -94,7 +94,7 @@ class HFTokenizer:
 
 @functools.lru_cache(maxsize=None)
 def get_tokenizer(spec: str):
-  """'byte' | 'sentencepiece:PATH' | 'hf:PATH' -> tokenizer (cached per spec).
+  """'byte' | 'sentencepiece:PATH' | 'hf:PATH' | 'gguf:PATH' -> tokenizer (cached per spec).
 
   Raises ConfigError (a ValueError) naming data.tokenizer for anything else.
   """
@@ -105,4 +105,7 @@ def get_tokenizer(spec: str):
     return SentencePieceTokenizer(path)
   if sep and path and kind == "hf":
     return HFTokenizer(path)
-  raise ConfigError(f"data.tokenizer={spec!r} is not 'byte', 'sentencepiece:PATH' or 'hf:PATH'")
+  if sep and path and kind == "gguf":  # the tokenizer in a GGUF file's metadata (needs gguf and tokenizers)
+    from recursive_lm.convert.tokenizer import GGUFTokenizer  # pylint: disable=g-import-not-at-top
+    return GGUFTokenizer(path)
+  raise ConfigError(f"data.tokenizer={spec!r} is not 'byte', 'sentencepiece:PATH', 'hf:PATH' or 'gguf:PATH'")

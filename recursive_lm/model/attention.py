@@ -15,7 +15,7 @@ from flax import nnx
 
 from recursive_lm import axes
 from recursive_lm.config import ModelConfig
-from recursive_lm.model.layers import Dense, LoRA, apply_rope
+from recursive_lm.model.layers import Dense, LoRA, Norm, apply_rope
 
 
 class Context(NamedTuple):
@@ -53,33 +53,39 @@ class Attention(nnx.Module):
     d, h, k, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     pd = jnp.dtype(cfg.param_dtype)
     self.num_heads, self.num_kv_heads, self.head_dim = h, k, hd
+    self.query_scale = (cfg.query_pre_attn_scalar or hd) ** -0.5
     self.q = Dense(d, h * hd, axes.EMBED, axes.HEADS, d**-0.5, rngs, pd)
     self.k = Dense(d, k * hd, axes.EMBED, axes.KV_HEADS, d**-0.5, rngs, pd)
     self.v = Dense(d, k * hd, axes.EMBED, axes.KV_HEADS, d**-0.5, rngs, pd)
     self.o = Dense(h * hd, d, axes.HEADS, axes.EMBED, out_std, rngs, pd)
 
-  def __call__(self, x: jax.Array, ctx: Context, lora: dict[str, LoRA], cache: dict | None):
-    """x [B, T, D] -> ([B, T, D], updated cache or None)."""
+  def __call__(self, x: jax.Array, ctx: Context, lora: dict[str, LoRA], cache: dict | None,
+               q_norm: Norm | None = None, k_norm: Norm | None = None):
+    """x [B, T, D] -> ([B, T, D], updated cache or None). q_norm / k_norm: per-head
+    norms over Hd (model.qk_norm), applied before rotary; None when off."""
     b, t, _ = x.shape
     hd, kh = self.head_dim, self.num_kv_heads
     g = self.num_heads // kh
     q = self.q(x, lora.get("q")).reshape(b, t, self.num_heads, hd)
     k = self.k(x, lora.get("k")).reshape(b, t, kh, hd)
     v = self.v(x, lora.get("v")).reshape(b, t, kh, hd)
+    q = q if q_norm is None else q_norm(q)
+    k = k if k_norm is None else k_norm(k)
     q = apply_rope(q, ctx.cos, ctx.sin)
     k = apply_rope(k, ctx.cos, ctx.sin)
-    out, cache = cached_causal_attention(q.reshape(b, t, kh, g, hd), k, v, ctx, cache)
+    out, cache = cached_causal_attention(q.reshape(b, t, kh, g, hd), k, v, ctx, cache, self.query_scale)
     return self.o(out.reshape(b, t, self.num_heads * hd), lora.get("o")), cache
 
 
-def cached_causal_attention(q, k, v, ctx: Context, cache: dict | None):
+def cached_causal_attention(q, k, v, ctx: Context, cache: dict | None, scale: float | None = None):
   """The attention core shared by every attention layer.
 
   q [B, T, K, G, Hd] (rotated, not yet scaled), k/v [B, T, K, Hd] of the new
-  tokens. With a cache, k/v are written at ctx.cache_index and the queries
-  read the whole cache [B, S, K, Hd]. Returns ([B, T, K, G, Hd], cache).
+  tokens; queries are multiplied by `scale` (default Hd^-1/2). With a cache,
+  k/v are written at ctx.cache_index and the queries read the whole cache
+  [B, S, K, Hd]. Returns ([B, T, K, G, Hd], cache).
   """
-  q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+  q = q * jnp.asarray(q.shape[-1] ** -0.5 if scale is None else scale, q.dtype)
   t = q.shape[1]
   if cache is None:
     if t % CAUSAL_BLOCK == 0 and t > CAUSAL_BLOCK:

@@ -29,8 +29,25 @@ def lora_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int, str, str]]:
   }
 
 
-def _norm(cfg: ModelConfig) -> Norm:
-  return Norm(cfg.d_model, cfg.norm, cfg.norm_eps, param_dtype=jnp.dtype(cfg.param_dtype))
+def _norm(cfg: ModelConfig, dim: int | None = None) -> Norm:
+  axis = axes.EMBED if dim is None else axes.HEAD_DIM
+  return Norm(dim or cfg.d_model, cfg.norm, cfg.norm_eps, cfg.norm_offset, jnp.dtype(cfg.param_dtype), axis)
+
+
+def _add_norms(owner: nnx.Module, cfg: ModelConfig, on: bool) -> None:
+  """Give `owner` (a Block, or a DepthSlot with per-depth norms) every norm the
+  architecture has; the optional ones are None when the config turns them off
+  (or when `on` is False: the norms live elsewhere)."""
+  owner.attn_norm = _norm(cfg) if on else None
+  owner.mlp_norm = _norm(cfg) if on else None
+  owner.post_attn_norm = _norm(cfg) if on and cfg.post_norms else None
+  owner.post_mlp_norm = _norm(cfg) if on and cfg.post_norms else None
+  owner.q_norm = _norm(cfg, cfg.head_dim) if on and cfg.qk_norm else None
+  owner.k_norm = _norm(cfg, cfg.head_dim) if on and cfg.qk_norm else None
+
+
+def _maybe(norm: Norm | None, x: jax.Array) -> jax.Array:
+  return x if norm is None else norm(x)
 
 
 class DepthSlot(nnx.Module):
@@ -40,8 +57,7 @@ class DepthSlot(nnx.Module):
     shapes, pd = lora_shapes(cfg), jnp.dtype(cfg.param_dtype)
     self.lora = nnx.Dict({t: LoRA(*shapes[t][:2], r, cfg.lora.scale_of(t), *shapes[t][2:], rngs, pd)
                           for t, r in cfg.lora.ranks})
-    self.attn_norm = _norm(cfg) if with_norms else None
-    self.mlp_norm = _norm(cfg) if with_norms else None
+    _add_norms(self, cfg, with_norms)
 
   @staticmethod
   def needed(cfg: ModelConfig, with_norms: bool) -> bool:
@@ -51,26 +67,27 @@ class DepthSlot(nnx.Module):
 class Block(nnx.Module):
   """x -> x + attn(norm(x)); x -> x + mlp(norm(x)).
 
-  `own_norms=False` leaves the norms to the depth slot (per-depth norms).
+  Options chosen at build time (absent, with no parameters, when off):
+  model.post_norms: x -> x + post_norm(attn(norm(x))) (likewise the MLP);
+  model.qk_norm: per-head norms of q and k before rotary.
+  `own_norms=False` leaves all norms to the depth slot (per-depth norms).
   """
 
   def __init__(self, cfg: ModelConfig, own_norms: bool, total_depth: int, rngs: nnx.Rngs):
     # Output projections start smaller so the residual stream's variance stays
     # about constant with depth (GPT-2 style 1/sqrt(2 L) on top of fan-in).
     out_std = (cfg.num_heads * cfg.head_dim) ** -0.5 / (2 * total_depth) ** 0.5
-    self.attn_norm = _norm(cfg) if own_norms else None
+    _add_norms(self, cfg, own_norms)
     self.attn = Attention(cfg, out_std, rngs)
-    self.mlp_norm = _norm(cfg) if own_norms else None
     self.mlp = MLP(cfg, cfg.mlp_dim**-0.5 / (2 * total_depth) ** 0.5, rngs)
 
   def __call__(self, x: jax.Array, slot: DepthSlot | None, ctx: Context, cache: dict | None):
     """x [B, T, D] -> (x [B, T, D], cache, aux {name: scalar})."""
     lora = {} if slot is None else dict(slot.lora)
-    attn_norm = self.attn_norm if self.attn_norm is not None else slot.attn_norm
-    mlp_norm = self.mlp_norm if self.mlp_norm is not None else slot.mlp_norm
-    h, cache = self.attn(attn_norm(x), ctx, lora, cache)
-    x = x + h
-    x = x + self.mlp(mlp_norm(x), lora)
+    n = self if self.attn_norm is not None else slot  # where this depth's norms live
+    h, cache = self.attn(n.attn_norm(x), ctx, lora, cache, n.q_norm, n.k_norm)
+    x = x + _maybe(n.post_attn_norm, h)
+    x = x + _maybe(n.post_mlp_norm, self.mlp(n.mlp_norm(x), lora))
     # Per-depth diagnostic: RMS of the residual stream after this layer.
     rms = jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32))))
     return x, cache, {"resid_rms": rms}

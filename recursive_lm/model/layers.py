@@ -35,10 +35,10 @@ class Norm(nnx.Module):
   """
 
   def __init__(self, dim: int, kind: str = "rms", eps: float = 1e-6, offset: float = 0.0,
-               param_dtype=jnp.float32):
+               param_dtype=jnp.float32, axis: str = axes.EMBED):
     self.kind, self.eps, self.offset = kind, eps, offset
-    self.scale = NormParam(jnp.full((dim,), 1.0 - offset, param_dtype), out_sharding=(axes.EMBED,))
-    self.bias = NormParam(jnp.zeros((dim,), param_dtype), out_sharding=(axes.EMBED,)) if kind == "layer" else None
+    self.scale = NormParam(jnp.full((dim,), 1.0 - offset, param_dtype), out_sharding=(axis,))
+    self.bias = NormParam(jnp.zeros((dim,), param_dtype), out_sharding=(axis,)) if kind == "layer" else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     h = x.astype(jnp.float32)
@@ -85,9 +85,15 @@ class Dense(nnx.Module):
 
 
 class Embed(nnx.Module):
-  """Token embedding [V, D]; `attend` gives tied-output logits [..., V]."""
+  """Token embedding [V, D]; `attend` gives tied-output logits [..., V].
 
-  def __init__(self, vocab: int, dim: int, std: float, rngs: nnx.Rngs, param_dtype=jnp.float32):
+  `scale` multiplies the looked-up rows (Gemma: sqrt(D), in the compute
+  dtype); `attend` always uses the unscaled table.
+  """
+
+  def __init__(self, vocab: int, dim: int, std: float, rngs: nnx.Rngs, param_dtype=jnp.float32,
+               scale: float = 1.0):
+    self.scale = scale
     self.table = nnx.Param(normal(std)(rngs.params(), (vocab, dim), param_dtype), out_sharding=(axes.VOCAB, axes.EMBED))
 
   def __call__(self, tokens: jax.Array, dtype) -> jax.Array:
@@ -95,17 +101,44 @@ class Embed(nnx.Module):
     # a lookup into a D-split table yields D-split rows that XLA can only
     # re-shard by batch with a full copy.
     table = sharding.constrain(self.table[...], (axes.VOCAB, None))
-    return jnp.take(table, tokens, axis=0).astype(dtype)
+    x = jnp.take(table, tokens, axis=0).astype(dtype)
+    return x if self.scale == 1.0 else x * jnp.asarray(self.scale, dtype)
 
   def attend(self, x: jax.Array) -> jax.Array:
     return x @ self.table[...].astype(x.dtype).T
 
 
-def rope_tables(positions: jax.Array, rot_dims: int, base: float | jax.Array) -> tuple[jax.Array, jax.Array]:
-  """cos, sin of shape [T, rot_dims // 2] for integer positions [T]."""
+def rope_tables(positions: jax.Array, rot_dims: int, base: float | jax.Array,
+                scaling: tuple | None = None) -> tuple[jax.Array, jax.Array]:
+  """cos, sin of shape [T, rot_dims // 2] for integer positions [T].
+
+  scaling: None, ("linear", factor) (positions / factor) or ("llama3", factor,
+  low_freq_factor, high_freq_factor, original_max_len) (Llama 3.1: long
+  wavelengths divided by factor, short ones kept, a smooth blend between).
+  """
   inv_freq = 1.0 / (base ** (jnp.arange(0, rot_dims, 2, dtype=jnp.float32) / rot_dims))
+  if scaling is not None:
+    inv_freq = scaled_inv_freq(inv_freq, scaling)
   angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
   return jnp.cos(angles), jnp.sin(angles)
+
+
+def scaled_inv_freq(inv_freq: jax.Array, scaling: tuple) -> jax.Array:
+  """Rotary frequencies [rot/2] under a context-extension rule (see rope_tables)."""
+  kind, factor = scaling[0], scaling[1]
+  if kind == "linear":
+    return inv_freq / factor
+  if kind != "llama3":
+    raise ValueError(f"unknown rope scaling {kind!r}")
+  low, high, original = scaling[2], scaling[3], scaling[4]
+  wavelen = 2 * jnp.pi / inv_freq
+  # Wavelengths longer than original / low are slowed by `factor`, shorter than
+  # original / high kept; in between, a linear blend in original / wavelen.
+  smooth = (original / wavelen - low) / (high - low)
+  blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+  out = jnp.where(wavelen > original / low, inv_freq / factor, inv_freq)
+  medium = (wavelen >= original / high) & (wavelen <= original / low)
+  return jnp.where(medium, blended, out)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:

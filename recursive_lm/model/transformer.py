@@ -41,7 +41,8 @@ class Transformer(nnx.Module):
     self.plan = plan_lib.from_config(cfg.plan)
     pd = jnp.dtype(cfg.param_dtype)
     total = self.plan.depth
-    self.embed = Embed(cfg.vocab_size, cfg.d_model, cfg.d_model**-0.5, rngs, pd)
+    self.embed = Embed(cfg.vocab_size, cfg.d_model, cfg.d_model**-0.5, rngs, pd,
+                       scale=cfg.d_model**0.5 if cfg.scale_embeddings else 1.0)
     stages = []
     for spec in self.plan.stages:
       shared_norms = not (spec.per_depth_norms and spec.repeats > 1)
@@ -53,7 +54,8 @@ class Transformer(nnx.Module):
       stages.append(StageModule(spec, lambda r: block_cls(cfg, shared_norms, total, r), make_slot, rngs))
     self.stages = nnx.List(stages)
     self.rope_bases, self.depth_data = layer_kinds(cfg, self.plan)
-    self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, param_dtype=pd)
+    self.rope_scalings = rope_scalings(cfg, len(self.rope_bases))
+    self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.norm_offset, param_dtype=pd)
     self.head = None if cfg.tie_embeddings else Dense(cfg.d_model, cfg.vocab_size, axes.EMBED, axes.VOCAB,
                                                       cfg.d_model**-0.5, rngs, pd)
 
@@ -79,7 +81,8 @@ class Transformer(nnx.Module):
     start = 0 if cache_index is None else cache_index
     positions = start + jnp.arange(t, dtype=jnp.int32)
     rot = int(cfg.head_dim * cfg.rope_fraction)
-    tables = [rope_tables(positions, rot, base) for base in self.rope_bases]  # one per rotary kind
+    tables = [rope_tables(positions, rot, base, scaling)  # one per rotary kind
+              for base, scaling in zip(self.rope_bases, self.rope_scalings)]
     ctx = Context(jnp.stack([c for c, _ in tables]), jnp.stack([s for _, s in tables]), positions, cache_index)
     # Stage boundaries pin x [B, T, D] to batch-sharded rows (no-op without a mesh).
     x = sharding.constrain_residual(self.embed(tokens, jnp.dtype(cfg.compute_dtype)))
@@ -95,6 +98,20 @@ class Transformer(nnx.Module):
     logits = self.embed.attend(x) if self.head is None else self.head(x)
     aux = jax.tree.map(lambda *a: jnp.concatenate(a), *auxes)
     return logits.astype(jnp.float32), (new_cache if cache is not None else None), aux
+
+
+def rope_scalings(cfg: ModelConfig, kinds: int) -> tuple:
+  """Per rotary kind: the context-extension rule (`rope_tables` scaling) or None.
+  It applies to the global kind (0) only, as in Gemma 3 and Llama 3.1 (whose
+  layers are all global); local layers keep their plain base."""
+  if cfg.rope_scaling == "none":
+    scaling = None
+  elif cfg.rope_scaling == "linear":
+    scaling = ("linear", cfg.rope_scaling_factor)
+  else:
+    scaling = ("llama3", cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+               float(cfg.rope_original_max_len))
+  return (scaling,) + (None,) * (kinds - 1)
 
 
 def layer_kinds(cfg: ModelConfig, plan: plan_lib.Plan) -> tuple[tuple[float, ...], tuple]:

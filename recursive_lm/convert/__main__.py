@@ -1,0 +1,73 @@
+"""python -m recursive_lm.convert --source gguf:PATH|hf:DIR --workdir DIR [options]
+
+Converts a pretrained transformer into a run directory (see workdir.py) and
+prints the conversion record as JSON. Options:
+
+  --plan vanilla|cycle|sequence|middle_cycle|middle_sequence|looped|sandwich
+  --repeats R              loops of the shared stage (default 2 unless vanilla)
+  --init stepwise|average|lower|upper|random    shared-block initialisation
+  --lora_rank N|full       depth-wise LoRA by truncated SVD of each layer's residual (0: strict tying)
+  --lora_alpha A           LoRA scale alpha / r (0: scale 1)
+  --per_depth_norms        every effective layer keeps its source layer's norms
+  --set KEY=VALUE          any other config value, e.g. --set train.steps=20 --set data.seq_len=64
+
+Errors (unsupported source, depth not divisible, pickle files) print one line
+on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from recursive_lm import cli
+from recursive_lm.config import ConfigError, PLAN_PRESETS
+
+
+def parse(argv):
+  p = argparse.ArgumentParser(prog="python -m recursive_lm.convert", description=__doc__.split("\n\n")[1])
+  p.add_argument("--source", required=True, help="gguf:PATH or hf:DIR (config.json + *.safetensors)")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--plan", default="vanilla", choices=PLAN_PRESETS)
+  p.add_argument("--repeats", type=int, default=None)
+  p.add_argument("--init", default="stepwise", choices=("stepwise", "average", "lower", "upper", "random"))
+  p.add_argument("--lora_rank", default="0", help="an integer, or 'full'")
+  p.add_argument("--lora_alpha", type=float, default=0.0)
+  p.add_argument("--per_depth_norms", action="store_true")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  args = parse(sys.argv[1:] if argv is None else argv)
+  from recursive_lm.convert import readers, workdir as wd
+  try:
+    rank = args.lora_rank if args.lora_rank == "full" else int(args.lora_rank)
+  except ValueError:
+    cli.fail(f"--lora_rank {args.lora_rank!r} is not an integer or 'full'")
+  overrides = {}
+  for item in args.set:
+    key, sep, value = item.partition("=")
+    if not sep:
+      cli.fail(f"--set {item!r}: expected KEY=VALUE")
+    overrides[key.strip()] = value.strip()
+  repeats = args.repeats if args.repeats is not None else (1 if args.plan == "vanilla" else 2)
+  try:
+    source = readers.read(args.source)
+    print(f"read {source.origin}: {source.family}, {source.num_layers} layers, d_model {source.model['d_model']}",
+          file=sys.stderr)
+    tokenizer = wd.write_tokenizer(source, args.workdir, log=lambda s: print(s, file=sys.stderr))
+    cd = wd.make_config(source, args.plan, repeats, rank, args.lora_alpha, args.per_depth_norms, tokenizer,
+                        overrides)
+    record = wd.write_run(source, cd, args.workdir, args.init, log=lambda s: print(s, file=sys.stderr))
+  except ConfigError as e:
+    cli.fail(e)
+  print(json.dumps(record))
+  print(f"continue with: python -m recursive_lm.train --config configs/converted.py:workdir={args.workdir} "
+        f"--workdir {args.workdir}", file=sys.stderr)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
