@@ -102,7 +102,6 @@ def accuracy_by_length(model, cfg, lengths, n_examples: int = 256, loops: int | 
   that many times (see with_loops).
   """
   import numpy as np
-  from recursive_lm.data import synthetic
   if cfg.data.source != "synthetic":
     raise ConfigError(f"accuracy_by_length needs data.source='synthetic' (got {cfg.data.source!r})")
   if loops is not None:

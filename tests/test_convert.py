@@ -313,13 +313,17 @@ def test_full_rank_lora_reproduces_the_source(plan, init, gemma_dir):
   assert max(residual.values()) < 1e-5, residual
 
 
-def test_partial_rank_lora_is_the_truncated_svd_with_the_scale_divided_out():
+@pytest.mark.parametrize("shape", [(12, 7), (7, 12)])
+def test_partial_rank_lora_is_the_truncated_svd_with_the_scale_divided_out(shape):
   rng = np.random.default_rng(0)
-  r = rng.standard_normal((12, 7))
+  r = rng.standard_normal(shape)
   a, b = build.svd_lora(r, 3, scale=2.5)
   u, s, vt = np.linalg.svd(r, full_matrices=False)
   np.testing.assert_allclose(2.5 * a @ b, (u[:, :3] * s[:3]) @ vt[:3], atol=1e-5)
-  np.testing.assert_allclose(a, u[:, :3], atol=1e-6)
+  np.testing.assert_allclose(np.abs(a.T @ u[:, :3]), np.eye(3), atol=1e-5)  # A = U_r up to signs
+  np.testing.assert_allclose(b, a.T @ r / 2.5, atol=1e-5)  # B = S_r V_r^T / s
+  full_a, full_b = build.svd_lora(r, min(shape), scale=0.5)
+  np.testing.assert_allclose(0.5 * full_a @ full_b, r, atol=1e-5)
 
 
 def test_rank_zero_is_the_strict_recursive_model(llama_dir):

@@ -203,3 +203,21 @@ def test_lm_eval_step_counts_unchanged():
   ref = optax.softmax_cross_entropy_with_integer_labels(logits, x[:, 1:]).sum()
   assert float(n) == 16.0
   np.testing.assert_allclose(float(s), float(ref), rtol=1e-6)
+
+
+def test_synthetic_run_trains_and_evaluate_reports_accuracy(tmp_path):
+  import importlib.util
+  import os
+  from recursive_lm import evaluate as ev
+  from recursive_lm import train
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "algorithmic.py")
+  spec = importlib.util.spec_from_file_location("algorithmic_cfg", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  cd = mod.get_config("size=tiny,task=parity,train_lengths=1-3,eval_lengths=4-5,plan=looped,depth=2")
+  cd.train.steps, cd.train.eval_every, cd.train.checkpoint_every, cd.train.log_every = 3, 3, 3, 1
+  cfg = config_lib.load(cd)
+  train.run(cfg, str(tmp_path), devices=jax.devices()[:1])
+  out = ev.run(str(tmp_path))
+  assert set(out["accuracy_train_lengths"]) == {"1", "2", "3"} and set(out["accuracy_eval_lengths"]) == {"4", "5"}
+  assert all(0.0 <= v <= 1.0 for v in out["accuracy_eval_lengths"].values())

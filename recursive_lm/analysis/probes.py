@@ -30,8 +30,6 @@ import numpy as np
 import optax
 from flax import nnx
 
-from recursive_lm.model.attention import Context
-from recursive_lm.model.layers import rope_tables
 
 
 def _model(run_or_model):
@@ -47,30 +45,9 @@ def _take(tree, i):
 
 
 def _layer_contexts(model, t: int):
-  """-> f(stage index, slot index) -> the Context that effective layer runs with.
-
-  Mirrors `Transformer.__call__` for a cache-free forward from position 0
-  (the model has no method that builds its context, so this is the one place
-  that must follow changes there; the tests compare against the model).
-  Models with per-depth rotary kinds / sliding windows carry `rope_bases`
-  (one table per kind), optionally `rope_scalings` (one context-extension
-  rule or None per kind) and `depth_data` (per stage, per-depth ints handed
-  to `Context.for_layer`); older models have one rotary table for all layers.
-  """
-  cfg = model.cfg
-  positions = jnp.arange(t, dtype=jnp.int32)
-  rot = int(cfg.head_dim * cfg.rope_fraction)
-  bases = getattr(model, "rope_bases", None)
-  if bases is None:
-    cos, sin = rope_tables(positions, rot, cfg.rope_base)
-    ctx = Context(cos, sin, positions, None)
-    return lambda stage_i, slot_i: ctx
-  # Context-extension scaling per rotary kind, where the model has it (None: plain tables).
-  scalings = getattr(model, "rope_scalings", (None,) * len(bases))
-  tables = [rope_tables(positions, rot, base) if scaling is None else rope_tables(positions, rot, base, scaling)
-            for base, scaling in zip(bases, scalings)]
-  ctx = Context(jnp.stack([c for c, _ in tables]), jnp.stack([s for _, s in tables]), positions, None)
-  data = [{k: jnp.asarray(v, jnp.int32) for k, v in d} for d in model.depth_data]
+  """-> f(stage index, slot index) -> the Context that effective layer runs with
+  (a cache-free forward from position 0, as in `Transformer.__call__`)."""
+  ctx, data = model.context(t)
   return lambda stage_i, slot_i: ctx.for_layer(**{k: v[slot_i] for k, v in data[stage_i].items()})
 
 
@@ -96,11 +73,8 @@ def residual_stream(model, tokens: jax.Array) -> tuple[jax.Array, dict]:
 
 
 def readout(model, h: jax.Array) -> jax.Array:
-  """The model's output head on any residual stream: h [..., T, D] -> logits
-  [..., T, V] float32 (final norm, then the tied embedding or the head)."""
-  x = model.final_norm(h)
-  logits = model.embed.attend(x) if model.head is None else model.head(x)
-  return logits.astype(jnp.float32)
+  """The model's output head on any residual stream: h [..., T, D] -> logits [..., T, V] float32."""
+  return model.readout(h)
 
 
 # Jitted with the graphdef static, so repeated calls on one model compile once

@@ -22,7 +22,7 @@ copies its source layer's norms exactly; shared norms follow the block rule.
 Depth-wise LoRA (model.lora): effective layer l with block k gets, per target
 with rank r, the truncated SVD of its residual R_l = W_l - W_k (kernels
 [d_in, d_out], so x @ W_l = x @ W_k + x @ R_l): U S V^T = svd(R_l),
-A = U_r, B = S_r V_r^T / s, where s = alpha / r is the adapter's scale, so
+A = U_r, B = S_r V_r^T / s (= A^T R_l / s), where s = alpha / r is the adapter's scale, so
 s * A @ B is the best rank-r approximation of R_l. At full rank it is R_l and
 the converted model reproduces the source's logits; rank 0 is the strictly
 tied model.
@@ -153,12 +153,27 @@ def convert_params(source: Source, cfg: ModelConfig, params: dict, init: str = "
 
 
 def svd_lora(residual: np.ndarray, rank: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
-  """A [d_in, r], B [r, d_out] with scale * A @ B the best rank-r approximation of residual [d_in, d_out]."""
-  # float64: exact enough for full rank, and LAPACK's float64 path is the faster one here.
-  u, s, vt = np.linalg.svd(np.asarray(residual, np.float64), full_matrices=False)
-  a = u[:, :rank]
-  b = (s[:rank, None] * vt[:rank]) / scale
-  return a.astype(np.float32), b.astype(np.float32)
+  """A [d_in, r], B [r, d_out] with scale * A @ B the best rank-r approximation of residual [d_in, d_out].
+
+  A holds the top-r left singular vectors (orthonormal) and B = S_r V_r^T / scale
+  = A^T residual / scale. They come from the eigendecomposition of the smaller
+  Gram matrix (float64), several times faster than a full SVD of a wide matrix;
+  at full rank A @ B * scale is the residual itself (A spans its column space).
+  """
+  r = np.asarray(residual, np.float64)
+  d_in, d_out = r.shape
+  if d_in <= d_out:
+    _, vecs = np.linalg.eigh(r @ r.T)  # ascending eigenvalues = squared singular values
+    a = np.ascontiguousarray(vecs[:, ::-1][:, :rank])  # (a reversed view would miss BLAS)
+    b = a.T @ r
+  else:
+    vals, vecs = np.linalg.eigh(r.T @ r)
+    v = np.ascontiguousarray(vecs[:, ::-1][:, :rank])
+    sv = np.sqrt(np.maximum(vals[::-1][:rank], 0.0))
+    keep = sv > sv[:1].max(initial=0.0) * 1e-12  # null directions: r @ v is 0 there, and so is B's row
+    a = (r @ v) / np.where(keep, sv, 1.0)
+    b = sv[:, None] * v.T
+  return a.astype(np.float32), (b / scale).astype(np.float32)
 
 
 def _get(tree: dict, path: tuple) -> np.ndarray:

@@ -77,27 +77,34 @@ class Transformer(nnx.Module):
     keys/values are written there. aux maps diagnostic names to [L_eff] arrays.
     """
     cfg = self.cfg
-    t = tokens.shape[1]
-    start = 0 if cache_index is None else cache_index
-    positions = start + jnp.arange(t, dtype=jnp.int32)
-    rot = int(cfg.head_dim * cfg.rope_fraction)
-    tables = [rope_tables(positions, rot, base, scaling)  # one per rotary kind
-              for base, scaling in zip(self.rope_bases, self.rope_scalings)]
-    ctx = Context(jnp.stack([c for c, _ in tables]), jnp.stack([s for _, s in tables]), positions, cache_index)
+    ctx, depth_arrays = self.context(tokens.shape[1], cache_index)
     # Stage boundaries pin x [B, T, D] to batch-sharded rows (no-op without a mesh).
     x = sharding.constrain_residual(self.embed(tokens, jnp.dtype(cfg.compute_dtype)))
     run = run_unrolled if (unrolled or not cfg.scan) else run_stage
-    depth_arrays = [{k: jnp.asarray(v, jnp.int32) for k, v in d} for d in self.depth_data]
     new_cache, auxes = [], []
     for i, stage in enumerate(self.stages):
       x, c, aux = run(stage, x, ctx, None if cache is None else cache[i], depth_arrays[i], cfg.remat)
       x = sharding.constrain_residual(x)
       new_cache.append(c)
       auxes.append(aux)
+    aux = jax.tree.map(lambda *a: jnp.concatenate(a), *auxes)
+    return self.readout(x), (new_cache if cache is not None else None), aux
+
+  def context(self, t: int, cache_index: jax.Array | None = None) -> tuple[Context, list[dict]]:
+    """The Context of T tokens starting at cache_index (0 without a cache), with
+    rotary tables for every kind, and per stage its per-depth data {name: [K*R]}."""
+    start = 0 if cache_index is None else cache_index
+    positions = start + jnp.arange(t, dtype=jnp.int32)
+    rot = int(self.cfg.head_dim * self.cfg.rope_fraction)
+    tables = [rope_tables(positions, rot, base, scaling) for base, scaling in zip(self.rope_bases, self.rope_scalings)]
+    ctx = Context(jnp.stack([c for c, _ in tables]), jnp.stack([s for _, s in tables]), positions, cache_index)
+    return ctx, [{k: jnp.asarray(v, jnp.int32) for k, v in d} for d in self.depth_data]
+
+  def readout(self, x: jax.Array) -> jax.Array:
+    """Final norm and output head: residual stream [..., T, D] -> logits [..., T, V] float32."""
     x = self.final_norm(x)
     logits = self.embed.attend(x) if self.head is None else self.head(x)
-    aux = jax.tree.map(lambda *a: jnp.concatenate(a), *auxes)
-    return logits.astype(jnp.float32), (new_cache if cache is not None else None), aux
+    return logits.astype(jnp.float32)
 
 
 def rope_scalings(cfg: ModelConfig, kinds: int) -> tuple:
