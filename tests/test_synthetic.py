@@ -1,6 +1,5 @@
 """Synthetic algorithmic tasks: generators, grain state, masked loss, accuracy."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
