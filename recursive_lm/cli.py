@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import flags
+from absl import flags, logging
 
 from recursive_lm.config import ConfigError
 
@@ -47,3 +47,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     names = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
     names = [n for n in names if field in n.split(".")] or names
     fail(f"{' '.join(names)}: no such config field ({message})")
+
+
+def quiet_logging() -> None:
+  """WARNING unless --verbosity was given: orbax and jax log every restore at INFO."""
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)

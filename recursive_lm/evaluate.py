@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 
 import jax.numpy as jnp
-from absl import app, flags, logging
+from absl import app, flags
 from flax import nnx
 
-from recursive_lm import checkpoint, data
+from recursive_lm import checkpoint, cli, data
 from recursive_lm.config import ConfigError
 from recursive_lm.inference.decode import load_checkpoint
 from recursive_lm.train_step import make_eval_step
@@ -157,17 +156,14 @@ def run(workdir: str, step: int | None = None, n_batches: int | None = None) -> 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax and jax log every restore at INFO
+  cli.quiet_logging()
   f = flags.FLAGS
   if not f.workdir:
-    print("error: --workdir is required", file=sys.stderr)
-    sys.exit(2)
+    cli.fail("--workdir is required")
   try:
     out = run(f.workdir, f.step, f.batches)
   except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail(e)
   print(json.dumps(out), flush=True)
 
 

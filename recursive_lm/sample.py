@@ -14,9 +14,9 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
-from recursive_lm import data
+from recursive_lm import cli, data
 from recursive_lm.config import ConfigError
 from recursive_lm.inference.decode import generate, load_checkpoint
 
@@ -51,18 +51,15 @@ def sample(workdir: str, prompt: str, max_new_tokens: int, temperature: float = 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax and jax log every restore at INFO
+  cli.quiet_logging()
   f = flags.FLAGS
   for name, value in (("workdir", f.workdir), ("prompt", f.prompt)):
     if value is None:
-      print(f"error: --{name} is required", file=sys.stderr)
-      sys.exit(2)
+      cli.fail(f"--{name} is required")
   try:
     text = sample(f.workdir, f.prompt, f.max_new_tokens, f.temperature, f.top_k, f.seed, f.step)
   except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail(e)
   sys.stdout.write(text + "\n")
   sys.stdout.flush()
 
