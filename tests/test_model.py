@@ -164,6 +164,19 @@ def test_vanilla_equals_hand_written_transformer(kv_heads):
   np.testing.assert_allclose(logits, reference_forward(plain, toks, model.cfg), rtol=1e-5, atol=1e-5)
 
 
+def test_vanilla_gradients_equal_hand_written_transformer(monkeypatch):
+  """The hand-written backwards (Dense's `linear`, the blocked attention with
+  several uneven query blocks) give autodiff's gradients of the plain model."""
+  from recursive_lm.model import attention
+  monkeypatch.setattr(attention, "CAUSAL_BLOCK", 5)  # T = 16: blocks of 5, 5, 5, 1
+  model = build_random(preset="vanilla", num_layers=2, **{"model.num_kv_heads": 1})
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  toks, targets = tokens(3), tokens(4)
+  ours = jax.grad(lambda p: cross_entropy(nnx.merge(graphdef, p, rest)(toks)[0], targets))(params)
+  ref = jax.grad(lambda p: cross_entropy(reference_forward(p, toks, model.cfg), targets))(nnx.to_pure_dict(params))
+  assert_trees_close(nnx.to_pure_dict(ours), ref)
+
+
 @pytest.mark.parametrize("preset,extra", [("cycle", dict(repeats=2)),
                                           ("middle_sequence", dict(repeats=2, per_depth_norms=True))])
 def test_relaxed_at_init_equals_tied(preset, extra):

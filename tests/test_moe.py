@@ -264,16 +264,6 @@ def test_active_matmul_params_of_the_tiny_preset():
   assert moeut_block.active_matmul_params(abstract.stages[0].blocks, cfg.model) == 2 * per_block
 
 
-def test_blocked_causal_path_equals_the_plain_one():
-  """T = 2 * CAUSAL_BLOCK takes the blocked causal path (shared by SwitchHead and dense attention)."""
-  from recursive_lm.model import attention
-  t = 2 * attention.CAUSAL_BLOCK
-  q, k, v = rand((1, t, 2, 1, 4), 7), rand((1, t, 2, 4), 8), rand((1, t, 2, 4), 9)
-  pos = jnp.arange(t)
-  np.testing.assert_allclose(attention.causal_attend_blocked(q, k, v, pos), attention.attend(q, k, v, pos, pos),
-                             rtol=1e-5, atol=1e-6)
-
-
 def test_norm_styles_and_single_attention_expert():
   toks = tokens(4)
   peri = jit_call(Transformer(moeut_cfg().model, nnx.Rngs(0)), toks)[0]

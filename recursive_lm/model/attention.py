@@ -86,11 +86,8 @@ def cached_causal_attention(q, k, v, ctx: Context, cache: dict | None, scale: fl
   [B, S, K, Hd]. Returns ([B, T, K, G, Hd], cache).
   """
   q = q * jnp.asarray(q.shape[-1] ** -0.5 if scale is None else scale, q.dtype)
-  t = q.shape[1]
   if cache is None:
-    if t % CAUSAL_BLOCK == 0 and t > CAUSAL_BLOCK:
-      return causal_attend_blocked(q, k, v, ctx.positions, ctx.window), None
-    return attend(q, k, v, ctx.positions, ctx.positions, ctx.window), None
+    return causal_attend_blocked(q, k, v, ctx.positions, ctx.window), None
   idx = (0, ctx.cache_index, 0, 0)
   cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), idx),
            "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), idx)}
@@ -98,31 +95,98 @@ def cached_causal_attention(q, k, v, ctx: Context, cache: dict | None, scale: fl
   return attend(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), ctx.positions, key_pos, ctx.window), cache
 
 
-# Query block length of the blocked causal path. Each query block only meets
-# the keys at or before it, so about half of the T x T scores are never
-# computed; on CPU that also keeps the score blocks cache-sized (about 3x
-# faster forward+backward at T = 512 than the full masked product).
-CAUSAL_BLOCK = 128
+def _visible(q_pos, k_pos, window):
+  """[Tq, S] bool: key j is visible to query i when k_pos[j] <= q_pos[i] and,
+  for a nonzero window, q_pos[i] - k_pos[j] < window."""
+  visible = k_pos[None, :] <= q_pos[:, None]
+  if window is not None:
+    visible &= (window == 0) | (q_pos[:, None] - k_pos[None, :] < window)
+  return visible
 
 
 def attend(q, k, v, q_pos, k_pos, window=None):
   """q [B, T, K, G, Hd] (pre-scaled), k/v [B, S, K, Hd] -> [B, T, K, G, Hd]; key j is visible to query i
   when k_pos[j] <= q_pos[i] (and q_pos[i] - k_pos[j] < window for a nonzero window). Scores and softmax
-  in float32."""
+  in float32. The decode path (queries against a cache) and the reference for the blocked path."""
   scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-  visible = k_pos[None, :] <= q_pos[:, None]  # [T, S]
-  if window is not None:
-    visible &= (window == 0) | (q_pos[:, None] - k_pos[None, :] < window)
-  scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+  scores = jnp.where(_visible(q_pos, k_pos, window), scores, _MASKED)
   probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
   return jnp.einsum("bkgts,bskd->btkgd", probs, v)
 
 
+# Query block length of the blocked causal path. Each query block only meets
+# the keys at or before it, so about half of the T x T scores are never
+# computed, and the score blocks stay cache-sized on CPU.
+CAUSAL_BLOCK = 128
+_MASKED = -1e30  # finite, so exp(masked - row max) is exactly 0 without inf - inf
+
+
 def causal_attend_blocked(q, k, v, positions, window=None):
-  """Causal self-attention (keys = queries) computed one query block at a time."""
-  n = q.shape[1] // CAUSAL_BLOCK
-  outs = []
-  for i in range(n):
-    lo, hi = i * CAUSAL_BLOCK, (i + 1) * CAUSAL_BLOCK
-    outs.append(attend(q[:, lo:hi], k[:, :hi], v[:, :hi], positions[lo:hi], positions[:hi], window))
-  return jnp.concatenate(outs, axis=1)
+  """Causal self-attention of a chunk with itself (keys = queries).
+
+  q [B, T, K, G, Hd] (pre-scaled), k/v [B, T, K, Hd], positions [T] -> [B, T, K, G, Hd].
+  Same values as `attend(q, k, v, positions, positions, window)`. Computed
+  head-major, one query block of CAUSAL_BLOCK at a time against the keys up
+  to its end, with a hand-written backward that recomputes the scores from
+  the saved log-sum-exp (nothing of size T x T is kept between forward and
+  backward). Measured against the autodiff of `attend` on CPU at B 8, T 512,
+  8 heads of 64: about 1.7x faster forward+backward.
+  """
+  window = jnp.zeros((), jnp.int32) if window is None else jnp.asarray(window, jnp.int32)
+  qh = jnp.transpose(q, (0, 2, 3, 1, 4))  # [B, K, G, T, Hd]
+  kh, vh = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))  # [B, K, T, Hd]
+  out = _flash(qh, kh, vh, positions, window)
+  return jnp.transpose(out, (0, 3, 1, 2, 4))
+
+
+def _blocks(t: int):
+  return [(lo, min(lo + CAUSAL_BLOCK, t)) for lo in range(0, t, CAUSAL_BLOCK)]
+
+
+def _scores(q, k, positions, window, lo, hi):
+  """Masked float32 scores of queries [lo, hi) against keys [0, hi): [B, K, G, hi-lo, hi]."""
+  s = jnp.einsum("bkgtd,bksd->bkgts", q[:, :, :, lo:hi], k[:, :, :hi], preferred_element_type=jnp.float32)
+  return jnp.where(_visible(positions[lo:hi], positions[:hi], window), s, _MASKED)
+
+
+def _flash_fwd(q, k, v, positions, window):
+  outs, lses = [], []
+  for lo, hi in _blocks(q.shape[3]):
+    s = _scores(q, k, positions, window, lo, hi)
+    m = s.max(-1, keepdims=True)
+    e = jnp.exp(s - m)
+    l = e.sum(-1, keepdims=True)
+    o = jnp.einsum("bkgts,bksd->bkgtd", e.astype(v.dtype), v[:, :, :hi], preferred_element_type=jnp.float32)
+    outs.append((o / l).astype(q.dtype))
+    lses.append((m + jnp.log(l))[..., 0])
+  out = jnp.concatenate(outs, axis=3)
+  return out, (q, k, v, positions, window, out, jnp.concatenate(lses, axis=3))
+
+
+def _flash_bwd(res, dout):
+  q, k, v, positions, window, out, lse = res
+  delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), -1)  # [B, K, G, T]
+  dq = []
+  dk = jnp.zeros(k.shape, jnp.float32)
+  dv = jnp.zeros(v.shape, jnp.float32)
+  for lo, hi in _blocks(q.shape[3]):
+    p = jnp.exp(_scores(q, k, positions, window, lo, hi) - lse[..., lo:hi, None])
+    do = dout[:, :, :, lo:hi]
+    dv = dv.at[:, :, :hi].add(jnp.einsum("bkgts,bkgtd->bksd", p.astype(do.dtype), do,
+                                         preferred_element_type=jnp.float32))
+    dp = jnp.einsum("bkgtd,bksd->bkgts", do, v[:, :, :hi], preferred_element_type=jnp.float32)
+    ds = (p * (dp - delta[..., lo:hi, None])).astype(q.dtype)
+    dq.append(jnp.einsum("bkgts,bksd->bkgtd", ds, k[:, :, :hi], preferred_element_type=jnp.float32))
+    dk = dk.at[:, :, :hi].add(jnp.einsum("bkgts,bkgtd->bksd", ds, q[:, :, :, lo:hi],
+                                         preferred_element_type=jnp.float32))
+  dq = jnp.concatenate(dq, axis=3).astype(q.dtype)
+  return dq, dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+
+@jax.custom_vjp
+def _flash(q, k, v, positions, window):
+  """q [B, K, G, T, Hd], k/v [B, K, T, Hd] -> [B, K, G, T, Hd] (see causal_attend_blocked)."""
+  return _flash_fwd(q, k, v, positions, window)[0]
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)

@@ -69,6 +69,34 @@ class LoRA(nnx.Module):
     return (x @ self.a[...].astype(x.dtype)) @ (self.b[...].astype(x.dtype) * self.scale)
 
 
+@jax.custom_vjp
+def linear(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [..., d_in] @ w [d_in, d_out] -> [..., d_out], with a hand-written backward.
+
+  Same values and gradients as `x @ w`. The backward spells out the weight
+  gradient as one token-contracting matmul and transposes the narrower of
+  (x, dy); XLA:CPU's autodiff lowering instead transposes the wide MLP
+  activation for every weight gradient, which measured about 1.5x slower for a
+  gated MLP's forward and backward at d 512 / F 1376.
+  """
+  return x @ w
+
+
+def _linear_fwd(x, w):
+  return x @ w, (x, w)
+
+
+def _linear_bwd(res, dy):
+  x, w = res
+  dx = dy @ w.T
+  x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+  dw = (dy2.T @ x2).T if x2.shape[1] >= dy2.shape[1] else x2.T @ dy2
+  return dx, dw.astype(w.dtype)
+
+
+linear.defvjp(_linear_fwd, _linear_bwd)
+
+
 class Dense(nnx.Module):
   """y = x @ W (+ LoRA(x) when the caller passes this depth's adapter).
 
@@ -80,7 +108,7 @@ class Dense(nnx.Module):
     self.kernel = nnx.Param(normal(std)(rngs.params(), (d_in, d_out), param_dtype), out_sharding=(in_axis, out_axis))
 
   def __call__(self, x: jax.Array, lora: LoRA | None = None) -> jax.Array:
-    y = x @ self.kernel[...].astype(x.dtype)
+    y = linear(x, self.kernel[...].astype(x.dtype))
     return y if lora is None else y + lora(x)
 
 
