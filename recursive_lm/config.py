@@ -81,7 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
   mo.att_balance = 0.001
   mo.norm_style = "peri"  # peri | pre
   mo.dispatch = "auto"  # auto | loop | ragged | dense (auto: loop on CPU, ragged elsewhere)
-  mo.block_rows = 128  # rows per expert block of the loop dispatch (upper bound)
+  mo.block_rows = 512  # largest rows per expert block of the loop dispatch (sigma-MoE: tiers down to 32)
 
   c.data = d = ml_collections.ConfigDict()
   d.source = "stdlib"  # stdlib | text | tokens | synthetic
@@ -233,7 +233,7 @@ class MoEConfig:
   att_balance: float = 0.001
   norm_style: str = "peri"
   dispatch: str = "auto"
-  block_rows: int = 128
+  block_rows: int = 512
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,9 +9,9 @@ score c, the layer is c x the dense ReLU MLP whose hidden layer is the
 concatenation of the experts (tests/test_moe.py checks this).
 
 Dispatch. Routing yields A "assignments" (token, expert) with a gate value
-each. Assignments are sorted by group (expert) and laid out in row blocks of
-`b` rows that each belong to one group, every group padded to a multiple of
-b. A grouped linear layer is then, per block j with group g_j:
+each. Assignments are sorted by group (expert) and laid out in row blocks
+that each belong to one group. A grouped linear layer is then, per block j
+with group g_j:
 
     out[dst[i]] += gate[i] * (x[src[i]] @ W[g_j])      for the rows i of block j
 
@@ -19,9 +19,13 @@ b. A grouped linear layer is then, per block j with group g_j:
           trip count), gathering its rows, with a custom VJP whose backward is
           the same loop (dx, dW, dgate: two matmuls per block). sigma-MoE runs
           both expert layers in one loop (`expert_mlp`: the [b, S] hidden block
-          stays in cache; pre-activations are kept only when differentiating).
-          Exact; never touches unused experts, and pads at most one partial
-          block per group.
+          stays in cache; pre-activations are kept only when differentiating)
+          over a tiered layout (`plan_tiers`): each group in as many blocks of
+          the largest size (model.moe.block_rows, 512) as fit plus at most one
+          block of each smaller power of two down to 32 rows, because
+          block-sized matmuls are up to 1.7x faster per row at 512 rows than
+          at 128 while padding stays under 32 rows per group. SwitchHead uses
+          single-size blocks (`plan_layout`). Exact; never touches unused experts.
   ragged  `jax.lax.ragged_dot` on the sorted rows (no padding). Native on
           TPU/GPU; on XLA:CPU it lowers to a dense masked product over all
           groups (2.3 GFLOP/s vs 190 for a plain matmul of the same FLOPs at
@@ -31,14 +35,17 @@ b. A grouped linear layer is then, per block j with group g_j:
           reference the other two are tested against (E/K times the work).
 
   Rejected on CPU: gathering each token's expert weights (weight traffic of
-  D*S per token-expert, memory-bound) and a batched matmul over gathered
+  D*S per token-expert, memory-bound); a batched matmul over gathered
   per-block weights with a static worst-case block count (all padding blocks
-  computed: 0.2-0.3x of the dense MLP). Measured with
-  `recursive_lm.model.moe_bench` at the 44M layer (D 412, E 155, K 12, S 128,
-  4096 tokens, 2 shared cores): forward+backward 0.67-0.94x and forward
-  0.46-0.61x the tokens/s of a dense ReLU MLP of width K*S (the same active
-  FLOPs); the gap is ~20% padding at 128-row blocks plus routing (top-k and
-  the sort, ~25 ms of ~220 ms forward).
+  computed: 0.2-0.3x of the dense MLP); a capacity-style [E, C, D] batched
+  matmul (XLA:CPU runs it at ~105 GFLOP/s, about one core); materialising the
+  weight-gradient transposes (slower than XLA's generic path).
+  Measured with `recursive_lm.model.moe_bench` at the 44M layer (D 412, E 155,
+  K 12, S 128, 4096 tokens, a quiet 2-core CPU): forward+backward 0.55x and
+  forward 0.44x the tokens/s of a dense ReLU MLP of width K*S computed with
+  the model's `linear` (the same active FLOPs). The gap: each block's matmuls
+  are small enough that XLA:CPU runs them on one core at a time, where the
+  dense MLP's large matmuls use both, plus routing (top-k and the sort).
 
 Data parallelism: under an Auto mesh with logical rules (see
 `recursive_lm.sharding.under_mesh`) the routing and dispatch run inside a
@@ -143,6 +150,68 @@ def plan_layout(group: jax.Array, n_groups: int, mode: str, cap: int = 128) -> L
   return Layout(jnp.where(valid, slot, 0), valid, block_group.astype(jnp.int32), pend[-1] // b, sizes)
 
 
+class Tiers(NamedTuple):
+  """Assignments sorted by group in blocks of several sizes, in one row array of R rows.
+
+  slot, valid: [R] as in Layout. Per tier i (largest block first): rows
+  start[i] (traced) onwards hold count[i] (traced) blocks of block[i] (static)
+  rows; group[i]: [max blocks of the tier] group of each block.
+  group_sizes: [G] assignments per group.
+  """
+
+  slot: jax.Array
+  valid: jax.Array
+  start: tuple
+  count: tuple
+  group: tuple
+  block: tuple
+  group_sizes: jax.Array
+
+
+def plan_tiers(group: jax.Array, n_groups: int, cap: int = 512, granule: int = 32) -> Tiers:
+  """The loop layout of sigma-MoE: assignments sorted by group, in blocks of several sizes.
+
+  Block-sized matmuls on CPU get much faster with more rows (at the 44M
+  sizes, 2.5 us per row in 128-row blocks, 1.5 in 512-row blocks), but one
+  large block size pads every group by half a block on average. Here each
+  group's count is rounded up to a multiple of the smallest tier, then split
+  into as many blocks of the largest tier as fit plus at most one block of
+  each smaller tier (the binary digits of the rest): padding stays below
+  `granule` rows per group while most rows run in large blocks. Tier sizes:
+  the powers of two from `block_rows(A, G, cap)` down to min(that, granule).
+  """
+  a = group.shape[0]
+  group = group.astype(jnp.int32)
+  top = block_rows(a, n_groups, cap)
+  tiers = tuple(top >> i for i in range(top.bit_length() - min(top, granule).bit_length() + 1))
+  small = tiers[-1]
+  sizes = jnp.zeros((n_groups,), jnp.int32).at[group].add(1)
+  sorted_group, order = jax.lax.sort((group, jnp.arange(a, dtype=jnp.int32)), num_keys=1, is_stable=True)
+  rank = jnp.arange(a, dtype=jnp.int32) - (jnp.cumsum(sizes) - sizes)[sorted_group]  # rank within its group
+  padded = (sizes + small - 1) // small * small
+  total = a + n_groups * (small - 1)  # static bound on sum(padded): the rows of the layout
+  dest = jnp.zeros((a,), jnp.int32)
+  done = jnp.zeros((n_groups,), jnp.int32)  # rows of each group placed in earlier tiers
+  offset = jnp.zeros((), jnp.int32)  # rows used by earlier tiers
+  starts, counts, groups = [], [], []
+  for i, t in enumerate(tiers):
+    rows = (padded // t) * t if i == 0 else ((padded // t) % 2) * t  # [G] rows of each group in this tier
+    ends = jnp.cumsum(rows)
+    lo = done[sorted_group]
+    inside = (rank >= lo) & (rank < lo + rows[sorted_group])
+    dest = jnp.where(inside, offset + ends[sorted_group] - rows[sorted_group] + rank - lo, dest)
+    nb = max(1, total // t if i == 0 else min(n_groups, total // t))
+    groups.append(jnp.minimum(jnp.searchsorted(ends, jnp.arange(nb, dtype=jnp.int32) * t, side="right"),
+                              n_groups - 1).astype(jnp.int32))
+    starts.append(offset)
+    counts.append(ends[-1] // t)
+    offset = offset + ends[-1]
+    done = done + rows
+  slot = jnp.full((total,), a, jnp.int32).at[dest].set(order)
+  valid = slot < a
+  return Tiers(jnp.where(valid, slot, 0), valid, tuple(starts), tuple(counts), tuple(groups), tiers, sizes)
+
+
 # ----------------------------------------------------------------------------
 # The loop kernel: out[dst] += gate * (x[src] @ W[g]) over used blocks.
 
@@ -208,82 +277,94 @@ def _loop_gmm_bwd(b, n_out, res, g):
 _loop_gmm.defvjp(_loop_gmm_fwd, _loop_gmm_bwd)
 
 
-def _mlp_forward(x, keys, values, gate, token, block_group, n_blocks, b, save):
-  rows = gate.shape[0]
+def _block(a: jax.Array, start: jax.Array, b: int) -> jax.Array:
+  return jax.lax.dynamic_slice_in_dim(a, start, b, 0)
+
+
+def _mlp_forward(x, keys, values, gate, token, starts, counts, groups, blocks, save):
   out = jnp.zeros((x.shape[0], values.shape[2]), jnp.float32)
-  pre_buf = jnp.zeros((rows, keys.shape[2]), x.dtype) if save else None
+  pre_buf = jnp.zeros((gate.shape[0], keys.shape[2]), x.dtype) if save else None
+  for start, n_blocks, block_group, b in zip(starts, counts, groups, blocks):
+    def body(j, carry, start=start, block_group=block_group, b=b):
+      out, pre_buf = carry
+      e, r = block_group[j], start + j * b
+      rows = _block(token, r, b)
+      pre = jnp.dot(x[rows], jax.lax.dynamic_index_in_dim(keys, e, 0, False),
+                    preferred_element_type=jnp.float32).astype(x.dtype)
+      h = jax.nn.relu(pre) * _block(gate, r, b)[:, None]
+      yb = jnp.dot(h, jax.lax.dynamic_index_in_dim(values, e, 0, False), preferred_element_type=jnp.float32)
+      if save:
+        pre_buf = jax.lax.dynamic_update_slice_in_dim(pre_buf, pre, r, 0)
+      return out.at[rows].add(yb), pre_buf
 
-  def body(j, carry):
-    out, pre_buf = carry
-    e = block_group[j]
-    pre = jnp.dot(_rows(x, token, j, b), jax.lax.dynamic_index_in_dim(keys, e, 0, False),
-                  preferred_element_type=jnp.float32).astype(x.dtype)
-    h = jax.nn.relu(pre) * _rows(gate, None, j, b)[:, None]
-    yb = jnp.dot(h, jax.lax.dynamic_index_in_dim(values, e, 0, False), preferred_element_type=jnp.float32)
-    if save:
-      pre_buf = jax.lax.dynamic_update_slice_in_dim(pre_buf, pre, j * b, 0)
-    return _put(out, token, j, b, yb), pre_buf
-
-  out, pre_buf = jax.lax.fori_loop(0, n_blocks, body, (out, pre_buf))
+    out, pre_buf = jax.lax.fori_loop(0, n_blocks, body, (out, pre_buf))
   return out.astype(x.dtype), pre_buf
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _mlp_loop(x, keys, values, gate, token, block_group, n_blocks, b):
-  """out[token[i]] += gate[i] * relu(x[token[i]] @ keys[g]) @ values[g] over the used blocks: both
-  expert layers in one loop (the [rows, S] hidden activations stay in cache; the pre-activations
-  are kept for the backward pass only when differentiating)."""
-  return _mlp_forward(x, keys, values, gate, token, block_group, n_blocks, b, False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _mlp_loop(x, keys, values, gate, token, starts, counts, groups, blocks):
+  """out[token[i]] += gate[i] * relu(x[token[i]] @ keys[g]) @ values[g] over the used blocks of
+  every tier of a `Tiers` layout (gate, token: [R] rows; starts, counts, groups, blocks: per tier).
+  Both expert layers run in one loop (the [b, S] hidden block stays in cache). Pre-activations
+  are kept for the backward pass only when differentiating."""
+  return _mlp_forward(x, keys, values, gate, token, starts, counts, groups, blocks, False)[0]
 
 
-def _mlp_loop_fwd(x, keys, values, gate, token, block_group, n_blocks, b):
-  out, pre_buf = _mlp_forward(x, keys, values, gate, token, block_group, n_blocks, b, True)
-  return out, (x, keys, values, gate, token, block_group, n_blocks, pre_buf)
+def _mlp_loop_fwd(x, keys, values, gate, token, starts, counts, groups, blocks):
+  out, pre_buf = _mlp_forward(x, keys, values, gate, token, starts, counts, groups, blocks, True)
+  return out, (x, keys, values, gate, token, starts, counts, groups, pre_buf)
 
 
-def _mlp_loop_bwd(b, res, g):
-  x, keys, values, gate, token, block_group, n_blocks, pre_buf = res
+def _mlp_loop_bwd(blocks, res, g):
+  x, keys, values, gate, token, starts, counts, groups, pre_buf = res
   g = g.astype(x.dtype)
   f32 = jnp.float32
 
   def acc(buf, e, val):
     return jax.lax.dynamic_update_index_in_dim(buf, jax.lax.dynamic_index_in_dim(buf, e, 0, False) + val, e, 0)
 
-  def body(j, carry):
-    dx, dk, dv, dgate = carry
-    e = block_group[j]
-    xb, gyb, gb = _rows(x, token, j, b), _rows(g, token, j, b), _rows(gate, None, j, b)[:, None]
-    ke = jax.lax.dynamic_index_in_dim(keys, e, 0, False)
-    ve = jax.lax.dynamic_index_in_dim(values, e, 0, False)
-    pre = _rows(pre_buf, None, j, b)
-    h = jax.nn.relu(pre)
-    dh = jnp.dot(gyb, ve.T, preferred_element_type=f32)  # d(gate * h)
-    dv = acc(dv, e, jnp.dot((h * gb).T, gyb, preferred_element_type=f32))
-    dgate = jax.lax.dynamic_update_slice_in_dim(dgate, jnp.sum(dh * h.astype(f32), -1), j * b, 0)
-    dpre = jnp.where(pre > 0, dh * gb.astype(f32), 0).astype(x.dtype)
-    dk = acc(dk, e, jnp.dot(xb.T, dpre, preferred_element_type=f32))
-    dx = _put(dx, token, j, b, jnp.dot(dpre, ke.T, preferred_element_type=f32))
-    return dx, dk, dv, dgate
+  carry = (jnp.zeros(x.shape, f32), jnp.zeros(keys.shape, f32), jnp.zeros(values.shape, f32),
+           jnp.zeros(gate.shape, f32))
+  for start, n_blocks, block_group, b in zip(starts, counts, groups, blocks):
+    def body(j, carry, start=start, block_group=block_group, b=b):
+      dx, dk, dv, dgate = carry
+      e, r = block_group[j], start + j * b
+      rows = _block(token, r, b)
+      xb, gyb, gb = x[rows], g[rows], _block(gate, r, b)[:, None]
+      ke = jax.lax.dynamic_index_in_dim(keys, e, 0, False)
+      ve = jax.lax.dynamic_index_in_dim(values, e, 0, False)
+      pre = _block(pre_buf, r, b)
+      h = jax.nn.relu(pre)
+      dh = jnp.dot(gyb, ve.T, preferred_element_type=f32)  # d(gate * h)
+      dv = acc(dv, e, jnp.dot((h * gb).T, gyb, preferred_element_type=f32))
+      dgate = jax.lax.dynamic_update_slice_in_dim(dgate, jnp.sum(dh * h.astype(f32), -1), r, 0)
+      dpre = jnp.where(pre > 0, dh * gb.astype(f32), 0).astype(x.dtype)
+      dk = acc(dk, e, jnp.dot(xb.T, dpre, preferred_element_type=f32))
+      dx = dx.at[rows].add(jnp.dot(dpre, ke.T, preferred_element_type=f32))
+      return dx, dk, dv, dgate
 
-  init = (jnp.zeros(x.shape, f32), jnp.zeros(keys.shape, f32), jnp.zeros(values.shape, f32), jnp.zeros(gate.shape, f32))
-  dx, dk, dv, dgate = jax.lax.fori_loop(0, n_blocks, body, init)
-  return dx.astype(x.dtype), dk.astype(keys.dtype), dv.astype(values.dtype), dgate.astype(gate.dtype), None, None, None
+    carry = jax.lax.fori_loop(0, n_blocks, body, carry)
+  dx, dk, dv, dgate = carry
+  none = tuple(None for _ in blocks)
+  return (dx.astype(x.dtype), dk.astype(keys.dtype), dv.astype(values.dtype), dgate.astype(gate.dtype), None,
+          none, none, none)
 
 
 _mlp_loop.defvjp(_mlp_loop_fwd, _mlp_loop_bwd)
 
 
-def expert_mlp(x: jax.Array, keys: jax.Array, values: jax.Array, layout: Layout, mode: str, token: jax.Array,
+def expert_mlp(x: jax.Array, keys: jax.Array, values: jax.Array, layout, mode: str, token: jax.Array,
                gate: jax.Array) -> jax.Array:
   """sigma-MoE experts: out[token[a]] += gate[a] * relu(x[token[a]] @ keys[g_a]) @ values[g_a].
 
-  x [N, D]; keys [E, D, S]; values [E, S, D]; token, gate [A]; layout from the group ids [A].
+  x [N, D]; keys [E, D, S]; values [E, S, D]; token, gate [A]; layout of the
+  group ids [A]: `plan_tiers` (loop) or `plan_layout` (ragged).
   """
   keys, values = keys.astype(x.dtype), values.astype(x.dtype)
   if mode == "loop":
     gate_rows = jnp.where(layout.valid, gate[layout.slot].astype(x.dtype), 0)
-    return _mlp_loop(x, keys, values, gate_rows, token[layout.slot].astype(jnp.int32), layout.block_group,
-                     layout.n_blocks, layout.block)
+    return _mlp_loop(x, keys, values, gate_rows, token[layout.slot].astype(jnp.int32), layout.start,
+                     layout.count, layout.group, layout.block)
   h = jax.nn.relu(grouped_linear(x, keys, layout, mode, src=token))
   return grouped_linear(h, values, layout, mode, dst=token, gate=gate, n_out=x.shape[0])
 
@@ -396,7 +477,8 @@ def _sigma_moe(x, r_in, router, keys, values, *, top_k: int, mode: str, cap: int
                    preferred_element_type=jnp.float32).astype(x.dtype)
   else:
     token = jnp.arange(n * top_k, dtype=jnp.int32) // top_k
-    layout = plan_layout(idx.reshape(-1), e, mode, cap)
+    group = idx.reshape(-1)
+    layout = plan_tiers(group, e, cap) if mode == "loop" else plan_layout(group, e, mode, cap)
     y = expert_mlp(xf, keys, values, layout, mode, token, gate.reshape(-1))
     counts = layout.group_sizes.astype(jnp.float32)
   return y.reshape(b, t, d), mean_softmax(logits, b), counts
@@ -414,7 +496,7 @@ class SigmaMoE(nnx.Module):
   """
 
   def __init__(self, d_model: int, n_experts: int, expert_size: int, top_k: int, init_scale: float,
-               rngs: nnx.Rngs, param_dtype=jnp.float32, dispatch: str = "auto", block_cap: int = 128):
+               rngs: nnx.Rngs, param_dtype=jnp.float32, dispatch: str = "auto", block_cap: int = 512):
     if not 1 <= top_k <= n_experts:
       raise ConfigError(f"model.moe.top_k={top_k} must be in [1, model.moe.experts={n_experts}]")
     d, e, s = d_model, n_experts, expert_size

@@ -1,6 +1,8 @@
 """Throughput of the sigma-MoE layer against a dense ReLU MLP with the same
-active FLOPs (hidden width top_k * expert_size), measured in one process with
-the two timed alternately so that load from other processes hits both.
+active FLOPs (hidden width top_k * expert_size, computed with the model's own
+`linear`, so with the same hand-written backward as every Dense layer),
+measured in one process with the two timed alternately so that load from
+other processes hits both.
 
   python -m recursive_lm.model.moe_bench [out.json] [size]
 
@@ -19,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from recursive_lm.model.layers import linear
 from recursive_lm.model.moe import SigmaMoE, resolve_dispatch
 
 # (d_model, experts, top_k, expert_size): the MoEUT paper's MLP layers.
@@ -36,13 +39,13 @@ def _min_time(fn, args, reps: int) -> float:
 
 
 def benchmark_moe(out_path: str | None = None, size: str = "44m", batch: int = 4, seq: int = 1024,
-                  rounds: int = 5, dispatch: str = "auto") -> dict:
+                  rounds: int = 5, dispatch: str = "auto", block_cap: int = 512) -> dict:
   d, e, k, s = SIZES[size]
   n = batch * seq
   keys = jax.random.split(jax.random.PRNGKey(0), 4)
   x = jax.random.normal(keys[0], (batch, seq, d), jnp.float32)
   with nnx.use_eager_sharding(False):
-    layer = SigmaMoE(d, e, s, k, 1.0, nnx.Rngs(0), dispatch=dispatch)
+    layer = SigmaMoE(d, e, s, k, 1.0, nnx.Rngs(0), dispatch=dispatch, block_cap=block_cap)
   moe_params = (layer.router[...], layer.keys[...], layer.values[...])
   graphdef = nnx.graphdef(layer)
   w1 = jax.random.normal(keys[1], (d, k * s)) * d**-0.5
@@ -53,7 +56,7 @@ def benchmark_moe(out_path: str | None = None, size: str = "44m", batch: int = 4
     return m(x)[0]
 
   def dense_fwd(x, params):
-    return jax.nn.relu(x @ params[0]) @ params[1]
+    return linear(jax.nn.relu(linear(x, params[0])), params[1])
 
   def loss(f):
     return lambda x, p: jnp.sum(jnp.square(f(x, p)))
@@ -71,7 +74,7 @@ def benchmark_moe(out_path: str | None = None, size: str = "44m", batch: int = 4
     for name, (fn, args) in fns.items():
       best[name] = min(best[name], _min_time(fn, args, 1))
   rec = {
-      "size": size, "tokens": n, "d_model": d, "experts": e, "top_k": k, "expert_size": s,
+      "size": size, "tokens": n, "block_cap": block_cap, "d_model": d, "experts": e, "top_k": k, "expert_size": s,
       "dispatch": resolve_dispatch(dispatch), "backend": jax.default_backend(),
       **{f"{name}_tok_s": n / t for name, t in best.items()},
       "ratio_fwd": best["dense_fwd"] / best["moe_fwd"],
