@@ -41,8 +41,8 @@ with group g_j:
   matmul (XLA:CPU runs it at ~105 GFLOP/s, about one core); materialising the
   weight-gradient transposes (slower than XLA's generic path).
   Measured with `recursive_lm.model.moe_bench` at the 44M layer (D 412, E 155,
-  K 12, S 128, 4096 tokens, a quiet 2-core CPU): forward+backward 0.55x and
-  forward 0.44x the tokens/s of a dense ReLU MLP of width K*S computed with
+  K 12, S 128, 4096 tokens, a quiet 2-core CPU): forward+backward 0.54x and
+  forward 0.43x the tokens/s of a dense ReLU MLP of width K*S computed with
   the model's `linear` (the same active FLOPs). The gap: each block's matmuls
   are small enough that XLA:CPU runs them on one core at a time, where the
   dense MLP's large matmuls use both, plus routing (top-k and the sort).
