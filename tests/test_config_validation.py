@@ -16,19 +16,12 @@ import pytest
 from recursive_lm import config as config_lib
 from recursive_lm.config import ConfigError
 
+import tiny_run
+
 
 def tiny_cd():
   """A valid tiny config: cycle plan 2 blocks x 2 repeats, LoRA rank 2, d_model 32, 2 heads."""
-  c = config_lib.base_config()
-  m = c.model
-  m.d_model, m.num_heads, m.num_kv_heads, m.mlp_dim, m.max_seq_len = 32, 2, 2, 64, 64
-  m.plan.preset, m.plan.num_layers, m.plan.repeats = "cycle", 4, 2
-  m.lora.rank = 2
-  c.data.max_bytes, c.data.seq_len, c.data.batch_size = 100_000, 32, 4
-  c.optim.warmup_steps = 2
-  t = c.train
-  t.steps, t.log_every, t.eval_every, t.checkpoint_every, t.eval_batches = 4, 1, 4, 2, 1
-  return c
+  return tiny_run.config()
 
 
 def apply(cd, overrides: dict):

@@ -47,40 +47,18 @@ import pytest
 from recursive_lm import checkpoint, metrics
 from recursive_lm import config as config_lib
 
+import tiny_run
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 10
 TIMING_KEYS = ("tokens_per_sec", "mfu")  # wall-clock dependent; everything else must reproduce exactly
 
-CONFIG_FILE = '''"""Written by tests/test_reliability.py."""
-from recursive_lm import config as config_lib
-
-
-def get_config():
-  c = config_lib.base_config()
-  m = c.model
-  m.d_model, m.num_heads, m.num_kv_heads, m.mlp_dim, m.max_seq_len = 32, 2, 2, 64, 64
-  m.plan.preset, m.plan.num_layers, m.plan.repeats = "cycle", 4, 2
-  m.lora.rank = 2
-  c.data.max_bytes, c.data.seq_len, c.data.batch_size = 100_000, 32, 4
-  c.data.num_threads, c.data.prefetch = 1, 2
-  c.optim.warmup_steps = 2
-  t = c.train
-  t.steps, t.log_every, t.eval_every, t.checkpoint_every, t.eval_batches = 10, 1, 5, 3, 1
-  return c
-'''
+TINY_ARG = "steps=10,eval_every=5,checkpoint_every=3,threads=1"
+TINY_FILE = f"{tiny_run.PATH}:{TINY_ARG}"  # the --config value of the CLI runs
 
 
 def tiny_cd(**overrides):
-  scope = {}
-  exec(CONFIG_FILE, scope)  # pylint: disable=exec-used
-  cd = scope["get_config"]()
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = cd
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return cd
+  return tiny_run.config(TINY_ARG, **overrides)
 
 
 def tiny(**overrides):
@@ -152,12 +130,6 @@ class Launch:
     return f"--- stdout ---\n{self.out()[-3000:]}\n--- stderr ---\n{self.err()[-3000:]}"
 
 
-def write_config(tmp_path) -> str:
-  path = tmp_path / "tiny_reliability.py"
-  path.write_text(CONFIG_FILE)
-  return str(path)
-
-
 def train_args(config_file, workdir, *overrides):
   return ["--config", config_file, "--workdir", str(workdir), *overrides]
 
@@ -219,8 +191,8 @@ def restore_every_checkpoint(workdir, cfg) -> dict[int, list[np.ndarray]]:
 
 
 @pytest.fixture(scope="module")
-def config_file(tmp_path_factory):
-  return write_config(tmp_path_factory.mktemp("config"))
+def config_file():
+  return TINY_FILE
 
 
 class Reference:
@@ -495,7 +467,7 @@ def test_no_usable_checkpoint_is_a_one_line_error_and_changes_nothing(three_step
   assert snapshot(wd) == before
 
   # Through the CLI (the same config, so config.json is rewritten byte for byte).
-  config_file = write_config(tmp_path)
+  config_file = TINY_FILE
   run = Launch(tmp_path, "cli", train_args(config_file, wd, "--config.train.steps=3", "--config.train.checkpoint_every=1",
                                            "--config.train.keep_checkpoints=3", "--config.train.eval_every=3"))
   assert run.finish() == 2, run.tail()
@@ -562,7 +534,7 @@ def test_nonfinite_loss_stops_the_cli_at_that_step(poisoned_tokens, tmp_path):
   cfg_overrides = ["--config.data.source=tokens", f"--config.data.tokens_path={poisoned_tokens}",
                    "--config.train.checkpoint_every=1", "--config.train.keep_checkpoints=10"]
   wd = tmp_path / "wd"
-  run = Launch(tmp_path, "nonfinite", train_args(write_config(tmp_path), wd, *cfg_overrides))
+  run = Launch(tmp_path, "nonfinite", train_args(TINY_FILE, wd, *cfg_overrides))
   assert run.finish() == 3, run.tail()
   errors = [l for l in run.err().splitlines() if l.startswith("error:")]
   assert len(errors) == 1, run.tail()
@@ -609,7 +581,7 @@ def test_losing_one_of_two_processes_ends_the_other_quickly(victim, how, tmp_pat
   can end the survivor."""
   import portpicker
   port = portpicker.pick_unused_port()
-  config_file = write_config(tmp_path)
+  config_file = TINY_FILE
   extra = {"RLM_HEARTBEAT_TIMEOUT_S": "10"} if how == "kill" else {}  # hang: the shipped default
   runs = [Launch(tmp_path, f"process_{pid}", train_args(config_file, tmp_path / "wd", *MULTIHOST_OVERRIDES),
                  env=child_env(devices=4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",

@@ -25,43 +25,17 @@ from recursive_lm import config as config_lib
 from recursive_lm import data, metrics
 from recursive_lm.config import ConfigError
 
+import tiny_run
+
 STEPS, STOP_AT = 12, 5
 TIMING_KEYS = ("tokens_per_sec", "mfu")  # wall-clock dependent; everything else must reproduce exactly
 
-CONFIG_FILE = '''
-from recursive_lm import config as config_lib
-
-
-def get_config():
-  c = config_lib.base_config()
-  m = c.model
-  m.d_model, m.num_heads, m.num_kv_heads, m.mlp_dim, m.max_seq_len = 32, 2, 2, 64, 64
-  m.plan.preset, m.plan.num_layers, m.plan.repeats = "cycle", 4, 2
-  m.lora.rank = 2
-  c.data.max_bytes, c.data.seq_len, c.data.batch_size = 100_000, 32, 8
-  c.optim.warmup_steps = 2
-  t = c.train
-  t.steps, t.log_every, t.eval_every, t.checkpoint_every, t.eval_batches = 12, 1, 6, 4, 2
-  return c
-'''
-
-
-def tiny_cd():
-  """The ConfigDict of CONFIG_FILE (the CLI test loads the same text from disk)."""
-  scope = {}
-  exec(CONFIG_FILE, scope)  # pylint: disable=exec-used
-  return scope["get_config"]()
+TINY_ARG = "batch=8,steps=12,eval_every=6,checkpoint_every=4,eval_batches=2"
+TINY_FILE = f"{tiny_run.PATH}:{TINY_ARG}"
 
 
 def tiny(**overrides):
-  cd = tiny_cd()
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = cd
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config_lib.load(cd)
+  return config_lib.load(tiny_run.config(TINY_ARG, **overrides))
 
 
 def subprocess_env():
@@ -233,10 +207,8 @@ def test_workdir_with_another_model_is_refused(run_a):
 
 
 def test_train_cli_rejects_bad_overrides(tmp_path):
-  cfg_file = tmp_path / "tiny_cfg.py"
-  cfg_file.write_text(CONFIG_FILE)
   cases = (("--config.model.nonexistent=1", "nonexistent"), ("--config.train.steps=abc", "abc"))
-  procs = [start("recursive_lm.train", "--config", str(cfg_file), "--workdir", str(tmp_path / "wd"), override)
+  procs = [start("recursive_lm.train", "--config", TINY_FILE, "--workdir", str(tmp_path / "wd"), override)
            for override, _ in cases]
   for (override, needle), proc in zip(cases, procs):
     res = finish(proc)
@@ -248,10 +220,8 @@ def test_train_cli_rejects_bad_overrides(tmp_path):
 
 @pytest.mark.slow
 def test_train_cli_runs_and_resumes(tmp_path):
-  cfg_file = tmp_path / "tiny_cfg.py"
-  cfg_file.write_text(CONFIG_FILE)
   wd = tmp_path / "wd"
-  base = ("recursive_lm.train", "--config", str(cfg_file), "--workdir", str(wd), "--config.train.eval_every=2")
+  base = ("recursive_lm.train", "--config", TINY_FILE, "--workdir", str(wd), "--config.train.eval_every=2")
   res = cli(*base, "--config.train.steps=2")
   assert res.returncode == 0, res.stderr
   res = cli(*base, "--config.train.steps=3")  # same model: resumes from step 2
