@@ -17,6 +17,7 @@ for _flag in _FLAGS:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 
 import flax  # noqa: E402
+from tiny_run import set_keys  # noqa: E402
 
 # Models in tests are built outside any mesh; with eager sharding on, Flax
 # would demand a mesh for every Variable that carries logical axis names.
@@ -41,10 +42,4 @@ def tiny_config(**overrides):
   c.data.seq_len, c.data.batch_size = 7, 2
   short = {"preset": "model.plan.preset", "num_layers": "model.plan.num_layers", "repeats": "model.plan.repeats",
            "per_depth_norms": "model.plan.per_depth_norms", "lora_rank": "model.lora.rank", "remat": "model.remat"}
-  for key, value in overrides.items():
-    *parents, leaf = short.get(key, key).split(".")
-    node = c
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
-  return c
+  return set_keys(c, {short.get(key, key): value for key, value in overrides.items()})

@@ -30,9 +30,8 @@ def get_config(arg=None):
   return c
 
 
-def config(arg=None, **overrides):
-  """get_config(arg) with dotted-key overrides: config("steps=12", **{"model.d_model": 48})."""
-  cd = get_config(arg)
+def set_keys(cd, overrides: dict):
+  """Set dotted keys {"model.d_model": 48} on a ConfigDict in place; returns it."""
   for key, value in overrides.items():
     *parents, leaf = key.split(".")
     node = cd
@@ -40,3 +39,8 @@ def config(arg=None, **overrides):
       node = node[part]
     node[leaf] = value
   return cd
+
+
+def config(arg=None, **overrides):
+  """get_config(arg) with dotted-key overrides: config("steps=12", **{"model.d_model": 48})."""
+  return set_keys(get_config(arg), overrides)
