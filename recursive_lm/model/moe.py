@@ -216,11 +216,14 @@ def plan_tiers(group: jax.Array, n_groups: int, cap: int = 512, granule: int = 3
 # The loop kernel: out[dst] += gate * (x[src] @ W[g]) over used blocks.
 
 
+def _block(a: jax.Array, start: jax.Array, b: int) -> jax.Array:
+  """Rows [start, start + b) of `a`."""
+  return jax.lax.dynamic_slice_in_dim(a, start, b, 0)
+
+
 def _rows(a: jax.Array, idx: jax.Array | None, j: jax.Array, b: int) -> jax.Array:
   """Block j's rows of `a`: gathered by idx[j*b:(j+1)*b], or a contiguous slice when idx is None."""
-  if idx is None:
-    return jax.lax.dynamic_slice_in_dim(a, j * b, b, 0)
-  return a[jax.lax.dynamic_slice_in_dim(idx, j * b, b, 0)]
+  return _block(a, j * b, b) if idx is None else a[_block(idx, j * b, b)]
 
 
 def _put(buf: jax.Array, idx: jax.Array | None, j: jax.Array, b: int, val: jax.Array) -> jax.Array:
@@ -275,10 +278,6 @@ def _loop_gmm_bwd(b, n_out, res, g):
 
 
 _loop_gmm.defvjp(_loop_gmm_fwd, _loop_gmm_bwd)
-
-
-def _block(a: jax.Array, start: jax.Array, b: int) -> jax.Array:
-  return jax.lax.dynamic_slice_in_dim(a, start, b, 0)
 
 
 def _mlp_forward(x, keys, values, gate, token, starts, counts, groups, blocks, save):
