@@ -128,13 +128,27 @@ def block_rows(n_assign: int, n_groups: int, cap: int) -> int:
   return int(min(cap, max(8, 1 << (mean - 1).bit_length())))
 
 
+def sort_by_group(group: jax.Array, n_groups: int) -> tuple[jax.Array, jax.Array]:
+  """Stable sort of assignments by group: (sorted group ids [A], assignment order [A]).
+
+  Sorts one packed int32 key group * A + index when it fits (5x faster on
+  XLA:CPU than sorting the (group, index) pair), else the pair.
+  """
+  a = group.shape[0]
+  index = jnp.arange(a, dtype=jnp.int32)
+  if n_groups * a < 2**31:
+    key = jax.lax.sort(group * a + index)
+    return key // a, key % a
+  return jax.lax.sort((group, index), num_keys=1, is_stable=True)
+
+
 def plan_layout(group: jax.Array, n_groups: int, mode: str, cap: int = 128) -> Layout:
   """Layout for assignments with group ids `group` [A] (int32 in [0, n_groups)); mode 'loop' or 'ragged'
   (the dense reference needs none)."""
   a = group.shape[0]
   group = group.astype(jnp.int32)
   sizes = jnp.zeros((n_groups,), jnp.int32).at[group].add(1)
-  sorted_group, order = jax.lax.sort((group, jnp.arange(a, dtype=jnp.int32)), num_keys=1, is_stable=True)
+  sorted_group, order = sort_by_group(group, n_groups)
   if mode == "ragged":
     return Layout(order, jnp.ones((a,), bool), sorted_group, jnp.int32(0), sizes)
   b = block_rows(a, n_groups, cap)
@@ -186,7 +200,7 @@ def plan_tiers(group: jax.Array, n_groups: int, cap: int = 512, granule: int = 3
   tiers = tuple(top >> i for i in range(top.bit_length() - min(top, granule).bit_length() + 1))
   small = tiers[-1]
   sizes = jnp.zeros((n_groups,), jnp.int32).at[group].add(1)
-  sorted_group, order = jax.lax.sort((group, jnp.arange(a, dtype=jnp.int32)), num_keys=1, is_stable=True)
+  sorted_group, order = sort_by_group(group, n_groups)
   rank = jnp.arange(a, dtype=jnp.int32) - (jnp.cumsum(sizes) - sizes)[sorted_group]  # rank within its group
   padded = (sizes + small - 1) // small * small
   total = a + n_groups * (small - 1)  # static bound on sum(padded): the rows of the layout
@@ -280,23 +294,52 @@ def _loop_gmm_bwd(b, n_out, res, g):
 _loop_gmm.defvjp(_loop_gmm_fwd, _loop_gmm_bwd)
 
 
+# Rows per loop iteration: each iteration runs STEP_ROWS // b independent
+# blocks, which XLA:CPU executes concurrently (small blocks alone leave a core
+# idle: at the 44M sizes 128-row blocks went 80 -> 126 GFLOP/s, 512-row 133 -> 150).
+STEP_ROWS = 1024
+STEP_BLOCKS = 4  # at most this many blocks per iteration (compile time grows with it)
+
+
+def _block_loop(n_blocks: jax.Array, b: int, block_fn: Callable, add: Callable, carry):
+  """carry = add(carry, j, block_fn(j)) for j in [0, n_blocks), STEP_ROWS // b blocks per iteration.
+
+  block_fn must not read the carry, so the blocks of one iteration are
+  independent; the leftover blocks run one per iteration (nothing is padded).
+  """
+  per = max(1, min(STEP_BLOCKS, STEP_ROWS // b))
+
+  def step(i, carry):
+    outs = [(i * per + u, block_fn(i * per + u)) for u in range(per)]
+    for j, out in outs:
+      carry = add(carry, j, out)
+    return carry
+
+  carry = jax.lax.fori_loop(0, n_blocks // per, step, carry)
+  return jax.lax.fori_loop(n_blocks // per * per, n_blocks, lambda j, c: add(c, j, block_fn(j)), carry)
+
+
 def _mlp_forward(x, keys, values, gate, token, starts, counts, groups, blocks, save):
   out = jnp.zeros((x.shape[0], values.shape[2]), jnp.float32)
   pre_buf = jnp.zeros((gate.shape[0], keys.shape[2]), x.dtype) if save else None
   for start, n_blocks, block_group, b in zip(starts, counts, groups, blocks):
-    def body(j, carry, start=start, block_group=block_group, b=b):
-      out, pre_buf = carry
+    def block(j, start=start, block_group=block_group, b=b):
       e, r = block_group[j], start + j * b
       rows = _block(token, r, b)
       pre = jnp.dot(x[rows], jax.lax.dynamic_index_in_dim(keys, e, 0, False),
                     preferred_element_type=jnp.float32).astype(x.dtype)
       h = jax.nn.relu(pre) * _block(gate, r, b)[:, None]
-      yb = jnp.dot(h, jax.lax.dynamic_index_in_dim(values, e, 0, False), preferred_element_type=jnp.float32)
+      return rows, pre, jnp.dot(h, jax.lax.dynamic_index_in_dim(values, e, 0, False),
+                                preferred_element_type=jnp.float32)
+
+    def add(carry, j, res, start=start, b=b):
+      out, pre_buf = carry
+      rows, pre, yb = res
       if save:
-        pre_buf = jax.lax.dynamic_update_slice_in_dim(pre_buf, pre, r, 0)
+        pre_buf = jax.lax.dynamic_update_slice_in_dim(pre_buf, pre, start + j * b, 0)
       return out.at[rows].add(yb), pre_buf
 
-    out, pre_buf = jax.lax.fori_loop(0, n_blocks, body, (out, pre_buf))
+    out, pre_buf = _block_loop(n_blocks, b, block, add, (out, pre_buf))
   return out.astype(x.dtype), pre_buf
 
 
@@ -325,8 +368,7 @@ def _mlp_loop_bwd(blocks, res, g):
   carry = (jnp.zeros(x.shape, f32), jnp.zeros(keys.shape, f32), jnp.zeros(values.shape, f32),
            jnp.zeros(gate.shape, f32))
   for start, n_blocks, block_group, b in zip(starts, counts, groups, blocks):
-    def body(j, carry, start=start, block_group=block_group, b=b):
-      dx, dk, dv, dgate = carry
+    def block(j, start=start, block_group=block_group, b=b):
       e, r = block_group[j], start + j * b
       rows = _block(token, r, b)
       xb, gyb, gb = x[rows], g[rows], _block(gate, r, b)[:, None]
@@ -335,14 +377,19 @@ def _mlp_loop_bwd(blocks, res, g):
       pre = _block(pre_buf, r, b)
       h = jax.nn.relu(pre)
       dh = jnp.dot(gyb, ve.T, preferred_element_type=f32)  # d(gate * h)
-      dv = acc(dv, e, jnp.dot((h * gb).T, gyb, preferred_element_type=f32))
-      dgate = jax.lax.dynamic_update_slice_in_dim(dgate, jnp.sum(dh * h.astype(f32), -1), r, 0)
+      dve = jnp.dot((h * gb).T, gyb, preferred_element_type=f32)
+      dgb = jnp.sum(dh * h.astype(f32), -1)
       dpre = jnp.where(pre > 0, dh * gb.astype(f32), 0).astype(x.dtype)
-      dk = acc(dk, e, jnp.dot(xb.T, dpre, preferred_element_type=f32))
-      dx = dx.at[rows].add(jnp.dot(dpre, ke.T, preferred_element_type=f32))
-      return dx, dk, dv, dgate
+      dke = jnp.dot(xb.T, dpre, preferred_element_type=f32)
+      return e, rows, dve, dgb, dke, jnp.dot(dpre, ke.T, preferred_element_type=f32)
 
-    carry = jax.lax.fori_loop(0, n_blocks, body, carry)
+    def add(carry, j, res, start=start, b=b):
+      dx, dk, dv, dgate = carry
+      e, rows, dve, dgb, dke, dxb = res
+      return (dx.at[rows].add(dxb), dk.at[e].add(dke), dv.at[e].add(dve),
+              jax.lax.dynamic_update_slice_in_dim(dgate, dgb, start + j * b, 0))
+
+    carry = _block_loop(n_blocks, b, block, add, carry)
   dx, dk, dv, dgate = carry
   none = tuple(None for _ in blocks)
   return (dx.astype(x.dtype), dk.astype(keys.dtype), dv.astype(values.dtype), dgate.astype(gate.dtype), None,
