@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from recursive_lm.config import ConfigError
 from recursive_lm.model.layers import linear
 from recursive_lm.model.moe import SigmaMoE, resolve_dispatch
 
@@ -40,6 +41,10 @@ def _min_time(fn, args, reps: int) -> float:
 
 def benchmark_moe(out_path: str | None = None, size: str = "44m", batch: int = 4, seq: int = 1024,
                   rounds: int = 5, dispatch: str = "auto", block_cap: int = 512) -> dict:
+  if size not in SIZES:
+    raise ConfigError(f"moe benchmark size {size!r} is not one of {list(SIZES)}")
+  if batch < 1:
+    raise ConfigError(f"moe benchmark batch={batch} must be >= 1")
   d, e, k, s = SIZES[size]
   n = batch * seq
   keys = jax.random.split(jax.random.PRNGKey(0), 4)
@@ -74,7 +79,7 @@ def benchmark_moe(out_path: str | None = None, size: str = "44m", batch: int = 4
     for name, (fn, args) in fns.items():
       best[name] = min(best[name], _min_time(fn, args, 1))
   rec = {
-      "size": size, "tokens": n, "block_cap": block_cap, "d_model": d, "experts": e, "top_k": k, "expert_size": s,
+      "size": size, "batch": batch, "seq": seq, "tokens": n, "block_cap": block_cap, "d_model": d, "experts": e, "top_k": k, "expert_size": s,
       "dispatch": resolve_dispatch(dispatch), "backend": jax.default_backend(),
       **{f"{name}_tok_s": n / t for name, t in best.items()},
       "ratio_fwd": best["dense_fwd"] / best["moe_fwd"],
