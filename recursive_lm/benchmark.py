@@ -53,7 +53,7 @@ _STEPS = flags.DEFINE_integer("steps", 8, "train: timed steps after two warm-up 
 _MOE_SIZE = flags.DEFINE_string("moe_size", "44m", "moe: layer size (44m | 126m | 244m | tiny); needs no --config.")
 _MOE_BATCH = flags.DEFINE_integer("moe_batch", 4, "moe: sequences of 1024 tokens per call (the configs/moeut.py "
                                   "presets train on 64).")
-_MOE_DISPATCH = flags.DEFINE_string("moe_dispatch", "auto", "moe: model.moe.dispatch (auto | loop | ragged | dense).")
+_MOE_DISPATCH = flags.DEFINE_string("moe_dispatch", "auto", "moe: model.moe.dispatch (auto | loop | blocks | ragged | dense).")
 _WARMUP = flags.DEFINE_bool("warmup", True, "compile: compile the first setting once, untimed, before timing "
                             "(so one-time JAX/XLA start-up is not charged to the first R).")
 

@@ -80,7 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
   mo.mlp_balance = 0.01  # entropy regulariser coefficients
   mo.att_balance = 0.001
   mo.norm_style = "peri"  # peri | pre
-  mo.dispatch = "auto"  # auto | loop | ragged | dense (auto: loop on CPU, ragged elsewhere)
+  mo.dispatch = "auto"  # auto | loop | blocks | ragged | dense (auto: loop on CPU, blocks on GPU, ragged on TPU)
   mo.block_rows = 512  # largest rows per expert block of the loop dispatch (sigma-MoE: tiers down to 32)
 
   c.data = d = ml_collections.ConfigDict()
@@ -404,7 +404,7 @@ def _moe(m, mesh) -> MoEConfig:
   _positive("model.moe.mlp_balance", mo.mlp_balance, allow_zero=True)
   _positive("model.moe.att_balance", mo.att_balance, allow_zero=True)
   _choice("model.moe.norm_style", mo.norm_style, ("peri", "pre"))
-  _choice("model.moe.dispatch", mo.dispatch, ("auto", "loop", "ragged", "dense"))
+  _choice("model.moe.dispatch", mo.dispatch, ("auto", "loop", "blocks", "ragged", "dense"))
   if mo.block_rows < 8 or mo.block_rows & (mo.block_rows - 1):
     raise ConfigError(f"model.moe.block_rows={mo.block_rows} must be a power of two >= 8")
   if m.num_kv_heads != m.num_heads:

@@ -23,7 +23,7 @@ from recursive_lm.model.transformer import Transformer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 D, E, S, K = 24, 7, 8, 3
-MODES = ("loop", "ragged", "dense")
+MODES = ("loop", "blocks", "ragged", "dense")
 
 
 def rand(shape, seed=0, scale=1.0):
@@ -100,7 +100,7 @@ def test_topk_selection_and_output_match_numpy():
   np.testing.assert_allclose(aux["mlp_probs"], p.reshape(2, 5, E).mean(1), rtol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ("loop", "ragged"))
+@pytest.mark.parametrize("mode", ("loop", "blocks", "ragged"))
 def test_dispatch_values_and_gradients_match_dense(mode):
   """Also: the gradient reaches the router (through the gates and the softmax
   statistics) and every expert."""
@@ -135,6 +135,42 @@ def test_layout_blocks_hold_one_group_and_every_assignment_once():
   rows_group = np.repeat(bg, lay.block)
   np.testing.assert_array_equal(rows_group[valid], np.asarray(group)[slot[valid]])
   assert moe.block_rows(6, 155, 128) == 8 and moe.block_rows(49152, 155, 128) == 128
+
+
+def test_batched_blocks_layout_pads_at_most_a_quarter():
+  """The 'blocks' dispatch computes all ceil(A / b) + G - 1 blocks: b keeps that near A."""
+  assert moe.batched_block_rows(49152, 155, 512) == 64  # 44M sigma-MoE, 4096 tokens: 922 blocks
+  assert moe.batched_block_rows(6, 155, 512) == 8 and moe.batched_block_rows(10**6, 4, 128) == 128
+  for a, g in [(49152, 155), (196608, 155), (8192, 64), (3000, 7)]:
+    b = moe.batched_block_rows(a, g, 4096)
+    assert (-(-a // b) + g - 1) * b <= 1.25 * a + b
+  group = jnp.asarray(np.random.default_rng(1).integers(0, 5, 203), jnp.int32)
+  lay = moe.plan_layout(group, 5, "blocks", cap=512)
+  slot, valid = np.asarray(lay.slot), np.asarray(lay.valid)
+  assert lay.block == 8 and sorted(slot[valid]) == list(range(203))
+  np.testing.assert_array_equal(np.repeat(np.asarray(lay.block_group), 8)[valid], np.asarray(group)[slot[valid]])
+
+
+@pytest.mark.parametrize("mode", ("loop", "blocks", "ragged"))
+def test_moeut_model_dispatch_matches_dense(mode):
+  """The whole MoEUT model (SwitchHead and sigma-MoE) with each dispatch: logits and gradients as dense."""
+  cfg = moeut_cfg()
+  model = Transformer(cfg.model, nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  toks = tokens(2)
+
+  def loss(p, m):
+    mod = nnx.merge(graphdef, p, rest)
+    set_mode(mod, m)
+    logits = mod(toks)[0]
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 0]), logits
+
+  grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+  (_, lg), g = grad(params, mode)
+  (_, lg_ref), g_ref = grad(params, "dense")
+  np.testing.assert_allclose(lg, lg_ref, rtol=1e-5, atol=1e-5)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
 
 
 def test_tiered_layout_and_its_kernel_match_a_direct_computation():

@@ -76,7 +76,9 @@ from jax.sharding import PartitionSpec as P
 from recursive_lm import axes
 from recursive_lm.config import ConfigError
 
-DISPATCH = ("auto", "loop", "ragged", "dense")
+DISPATCH = ("auto", "loop", "blocks", "ragged", "dense")
+# What `auto` picks per backend (see the module docstring for the measurements).
+AUTO = {"cpu": "loop", "gpu": "blocks", "cuda": "blocks", "rocm": "blocks", "tpu": "ragged"}
 
 
 def resolve_dispatch(mode: str) -> str:
@@ -84,7 +86,7 @@ def resolve_dispatch(mode: str) -> str:
     raise ConfigError(f"model.moe.dispatch={mode!r} is not one of {list(DISPATCH)}")
   if mode != "auto":
     return mode
-  return "loop" if jax.default_backend() == "cpu" else "ragged"
+  return AUTO.get(jax.default_backend(), "blocks")
 
 
 def check_expert_mesh(n_experts: int, expert_axis_size: int, field: str = "model.moe.experts") -> None:
@@ -142,16 +144,24 @@ def sort_by_group(group: jax.Array, n_groups: int) -> tuple[jax.Array, jax.Array
   return jax.lax.sort((group, index), num_keys=1, is_stable=True)
 
 
+def batched_block_rows(n_assign: int, n_groups: int, cap: int) -> int:
+  """Rows per block of the batched ('blocks') dispatch, which computes every block of the static
+  worst case ceil(A / b) + G - 1: the power of two <= A / (4 G), in [8, cap], so at most about a
+  quarter of the computed rows are padding."""
+  quarter = max(1, n_assign // (4 * n_groups))
+  return int(min(cap, max(8, 1 << (quarter.bit_length() - 1))))
+
+
 def plan_layout(group: jax.Array, n_groups: int, mode: str, cap: int = 128) -> Layout:
-  """Layout for assignments with group ids `group` [A] (int32 in [0, n_groups)); mode 'loop' or 'ragged'
-  (the dense reference needs none)."""
+  """Layout for assignments with group ids `group` [A] (int32 in [0, n_groups)); mode 'loop',
+  'blocks' or 'ragged' (the dense reference needs none)."""
   a = group.shape[0]
   group = group.astype(jnp.int32)
   sizes = jnp.zeros((n_groups,), jnp.int32).at[group].add(1)
   sorted_group, order = sort_by_group(group, n_groups)
   if mode == "ragged":
     return Layout(order, jnp.ones((a,), bool), sorted_group, jnp.int32(0), sizes)
-  b = block_rows(a, n_groups, cap)
+  b = batched_block_rows(a, n_groups, cap) if mode == "blocks" else block_rows(a, n_groups, cap)
   padded = (sizes + b - 1) // b * b
   pend = jnp.cumsum(padded)
   start = jnp.cumsum(sizes) - sizes
@@ -434,9 +444,14 @@ def grouped_linear(x: jax.Array, w: jax.Array, layout: Layout, mode: str, *, src
   if mode == "loop":
     return _loop_gmm(x, w, gate_rows, src_rows, dst_rows, layout.block_group, layout.n_blocks, layout.block, n_out)
   xs = x if src_rows is None else x[src_rows]
-  if mode != "ragged":
-    raise ConfigError(f"grouped_linear: dispatch {mode!r} is not 'loop' or 'ragged'")
-  y = jax.lax.ragged_dot(xs, w, layout.group_sizes, preferred_element_type=jnp.float32)
+  if mode == "blocks":  # one batched matmul over every block of the worst case, each with its group's weights
+    nb, b = layout.block_group.shape[0], layout.block
+    y = jnp.einsum("nbi,nio->nbo", xs.reshape(nb, b, -1), w[layout.block_group],
+                   preferred_element_type=jnp.float32).reshape(nb * b, -1)
+  elif mode == "ragged":
+    y = jax.lax.ragged_dot(xs, w, layout.group_sizes, preferred_element_type=jnp.float32)
+  else:
+    raise ConfigError(f"grouped_linear: dispatch {mode!r} is not 'loop', 'blocks' or 'ragged'")
   y = y * gate_rows[:, None].astype(jnp.float32)
   if dst_rows is not None:
     y = jnp.zeros((n_out, w.shape[2]), jnp.float32).at[dst_rows].add(y)
