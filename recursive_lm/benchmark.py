@@ -51,8 +51,8 @@ _OUT = flags.DEFINE_string("out", None, "Also write the JSON result to this file
 _REPEATS = flags.DEFINE_list("repeats", ["4", "16", "64"], "compile: repeats (R) values to time.")
 _STEPS = flags.DEFINE_integer("steps", 8, "train: timed steps after two warm-up steps.")
 _MOE_SIZE = flags.DEFINE_string("moe_size", "44m", "moe: layer size (44m | 126m | 244m | tiny); needs no --config.")
-_MOE_BATCH = flags.DEFINE_integer("moe_batch", 4, "moe: sequences of 1024 tokens per call (the configs/moeut.py "
-                                  "presets train on 64).")
+_MOE_BATCHES = flags.DEFINE_list("moe_batches", ["4", "16", "64"], "moe: batches of 1024-token sequences to "
+                                 "measure, one call each (the configs/moeut.py presets train on 64).")
 _MOE_DISPATCH = flags.DEFINE_string("moe_dispatch", "auto", "moe: model.moe.dispatch (auto | loop | blocks | ragged | dense).")
 _WARMUP = flags.DEFINE_bool("warmup", True, "compile: compile the first setting once, untimed, before timing "
                             "(so one-time JAX/XLA start-up is not charged to the first R).")
@@ -235,7 +235,11 @@ def run_moe(cd) -> dict:
   """sigma-MoE layer vs a dense MLP of equal active FLOPs (see model/moe_bench.py)."""
   from recursive_lm.model import moe_bench
 
-  return {"mode": "moe", **moe_bench.benchmark_moe(size=_MOE_SIZE.value, batch=_MOE_BATCH.value,
+  try:
+    batches = [int(b) for b in _MOE_BATCHES.value]
+  except ValueError:
+    raise ConfigError(f"--moe_batches={','.join(_MOE_BATCHES.value)} must be comma-separated integers") from None
+  return {"mode": "moe", **moe_bench.benchmark_moe(size=_MOE_SIZE.value, batches=batches,
                                                    dispatch=_MOE_DISPATCH.value), **_environment()}
 
 

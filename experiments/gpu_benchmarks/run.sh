@@ -16,9 +16,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$O/g
 python3 -c "import jax, flax, optax, orbax.checkpoint, grain; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 # sigma-MoE layer vs the dense MLP of equal active FLOPs, 4k and 16k tokens: auto (= blocks on GPU),
 # and jax.lax.ragged_dot for comparison.
-$B moe --moe_batch 4 --out "$O/moe_44m_b4.json"
-$B moe --moe_batch 16 --out "$O/moe_44m_b16.json"
-$B moe --moe_batch 4 --moe_dispatch ragged --out "$O/moe_44m_b4_ragged.json"
+$B moe --moe_batches 4 --out "$O/moe_44m_b4.json"
+$B moe --moe_batches 16 --out "$O/moe_44m_b16.json"
+$B moe --moe_batches 4 --moe_dispatch ragged --out "$O/moe_44m_b4_ragged.json"
 # Train steps in bfloat16: the d512 model of the CPU records at a GPU-sized batch, and MoEUT 44M.
 D512="--config configs/vanilla.py --config.model.d_model=512 --config.model.num_heads=8 --config.model.num_kv_heads=8
       --config.model.mlp_dim=1376 --config.model.plan.num_layers=8 --config.data.seq_len=512

@@ -1,0 +1,33 @@
+"""The benchmark command line: the moe mode's record, and one-line errors for bad flags."""
+
+import json
+import os
+import subprocess
+import sys
+
+
+def _run(*args):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-m", "recursive_lm.benchmark", *args], capture_output=True, text=True,
+                        env=env, timeout=300)
+
+
+def test_moe_mode_writes_one_record_per_batch(tmp_path):
+  out = tmp_path / "moe.json"
+  proc = _run("moe", "--moe_size", "tiny", "--moe_batches", "1,2", "--out", str(out))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rec = json.loads(out.read_text())
+  assert rec["mode"] == "moe" and rec["dispatch"] == "loop" and rec["backend"] == "cpu"
+  assert [r["tokens"] for r in rec["results"]] == [1024, 2048]
+  for r in rec["results"]:
+    assert r["moe_fwd_bwd_tok_s"] > 0 and r["dense_fwd_bwd_tok_s"] > 0
+    assert abs(r["ratio_fwd_bwd"] - r["moe_fwd_bwd_tok_s"] / r["dense_fwd_bwd_tok_s"]) < 1e-9
+
+
+def test_bad_moe_flags_exit_2_with_one_line():
+  for args, word in [(("--moe_batches", "1,x"), "--moe_batches"), (("--moe_size", "7b"), "size"),
+                     (("--moe_dispatch", "fast", "--moe_batches", "1"), "dispatch")]:
+    proc = _run("moe", *args)
+    assert proc.returncode == 2, (args, proc.stderr[-2000:])
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and word in errors[0], proc.stderr[-2000:]
