@@ -20,7 +20,8 @@ with group g_j:
           the same loop (dx, dW, dgate: two matmuls per block). sigma-MoE runs
           both expert layers in one loop (`expert_mlp`: the [b, S] hidden block
           stays in cache; pre-activations are kept only when differentiating)
-          over a tiered layout (`plan_tiers`): each group in as many blocks of
+          over a tiered layout (`plan_tiers`), several blocks per iteration
+          (`_block_loop`): each group in as many blocks of
           the largest size (model.moe.block_rows, 512) as fit plus at most one
           block of each smaller power of two down to 32 rows, because
           block-sized matmuls are up to 1.7x faster per row at 512 rows than
@@ -41,17 +42,19 @@ with group g_j:
           reference the others are tested against (E/K times the work).
 
   Rejected on CPU: gathering each token's expert weights (weight traffic of
-  D*S per token-expert, memory-bound); a batched matmul over gathered
-  per-block weights with a static worst-case block count (all padding blocks
-  computed: 0.2-0.3x of the dense MLP); a capacity-style [E, C, D] batched
-  matmul (XLA:CPU runs it at ~105 GFLOP/s, about one core); materialising the
-  weight-gradient transposes (slower than XLA's generic path).
+  D*S per token-expert, memory-bound); `blocks` (all padding blocks computed:
+  0.2-0.3x of the dense MLP); a capacity-style [E, C, D] batched matmul
+  (XLA:CPU runs it at ~105 GFLOP/s, about one core); running token halves on
+  two simulated CPU devices (no faster: they share the cores); XLA's XNNPACK,
+  YNNPACK and oneDNN dot options (no faster, or slower).
   Measured with `recursive_lm.model.moe_bench` at the 44M layer (D 412, E 155,
-  K 12, S 128, 4096 tokens, a quiet 2-core CPU): forward+backward 0.54x and
-  forward 0.43x the tokens/s of a dense ReLU MLP of width K*S computed with
-  the model's `linear` (the same active FLOPs). The gap: each block's matmuls
-  are small enough that XLA:CPU runs them on one core at a time, where the
-  dense MLP's large matmuls use both, plus routing (top-k and the sort).
+  K 12, S 128, a 2-core CPU), against a dense ReLU MLP of width K*S computed
+  with the model's `linear` (the same active FLOPs), forward+backward /
+  forward: 0.65x / 0.51x at 4096 tokens per call, 0.73x / 0.70x at 16384 and
+  0.75x / 0.73x at 65536 (the 44M preset's batch). The rest is block size:
+  an expert gets ~317 rows at 4096 tokens, and matmuls of 32-128 rows run at
+  65-120 GFLOP/s against ~145 for 512 rows and 150-190 for the dense MLP;
+  routing (top-k, the sort) adds ~5 %.
 
 Data parallelism: under an Auto mesh with logical rules (see
 `recursive_lm.sharding.under_mesh`) the routing and dispatch run inside a
@@ -262,57 +265,10 @@ def _put(buf: jax.Array, idx: jax.Array | None, j: jax.Array, b: int, val: jax.A
   return buf.at[jax.lax.dynamic_slice_in_dim(idx, j * b, b, 0)].add(val)
 
 
-def _loop_forward(x, w, gate, src, dst, block_group, n_blocks, b, n_out):
-  rows = gate.shape[0]
-  out = jnp.zeros((rows if dst is None else n_out, w.shape[2]), jnp.float32)
-
-  def body(j, out):
-    xb = _rows(x, src, j, b)
-    we = jax.lax.dynamic_index_in_dim(w, block_group[j], 0, keepdims=False)
-    yb = jnp.dot(xb, we, preferred_element_type=jnp.float32) * _rows(gate, None, j, b)[:, None]
-    return _put(out, dst, j, b, yb)
-
-  return jax.lax.fori_loop(0, n_blocks, body, out).astype(x.dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _loop_gmm(x, w, gate, src, dst, block_group, n_blocks, b, n_out):
-  return _loop_forward(x, w, gate, src, dst, block_group, n_blocks, b, n_out)
-
-
-def _loop_gmm_fwd(x, w, gate, src, dst, block_group, n_blocks, b, n_out):
-  out = _loop_forward(x, w, gate, src, dst, block_group, n_blocks, b, n_out)
-  return out, (x, w, gate, src, dst, block_group, n_blocks)
-
-
-def _loop_gmm_bwd(b, n_out, res, g):
-  x, w, gate, src, dst, block_group, n_blocks = res
-  g = g.astype(x.dtype)
-
-  def body(j, carry):
-    dx, dw, dgate = carry
-    e = block_group[j]
-    xb, gyb = _rows(x, src, j, b), _rows(g, dst, j, b)
-    gb = _rows(gate, None, j, b)
-    we = jax.lax.dynamic_index_in_dim(w, e, 0, keepdims=False)
-    dxb = jnp.dot(gyb, we.T, preferred_element_type=jnp.float32)  # d(x @ W) rows, before the gate
-    dwe = jnp.dot(xb.T, (gyb * gb[:, None].astype(gyb.dtype)), preferred_element_type=jnp.float32)
-    dw = jax.lax.dynamic_update_index_in_dim(dw, jax.lax.dynamic_index_in_dim(dw, e, 0, False) + dwe, e, 0)
-    dgate = jax.lax.dynamic_update_slice_in_dim(dgate, jnp.sum(xb.astype(jnp.float32) * dxb, -1), j * b, 0)
-    dx = _put(dx, src, j, b, dxb * gb[:, None].astype(jnp.float32))
-    return dx, dw, dgate
-
-  init = (jnp.zeros(x.shape, jnp.float32), jnp.zeros(w.shape, jnp.float32), jnp.zeros(gate.shape, jnp.float32))
-  dx, dw, dgate = jax.lax.fori_loop(0, n_blocks, body, init)
-  return dx.astype(x.dtype), dw.astype(w.dtype), dgate.astype(gate.dtype), None, None, None, None
-
-
-_loop_gmm.defvjp(_loop_gmm_fwd, _loop_gmm_bwd)
-
-
-# Rows per loop iteration: each iteration runs STEP_ROWS // b independent
-# blocks, which XLA:CPU executes concurrently (small blocks alone leave a core
-# idle: at the 44M sizes 128-row blocks went 80 -> 126 GFLOP/s, 512-row 133 -> 150).
+# Rows per loop iteration: each iteration runs up to STEP_ROWS // b blocks
+# that do not depend on each other, which XLA:CPU runs faster than one block
+# per iteration (measured at the 44M sizes, forward: 128-row blocks 80 -> 126
+# GFLOP/s, 512-row 133 -> 150; sigma-MoE forward+backward 11.8k -> 14.6k tokens/s).
 STEP_ROWS = 1024
 STEP_BLOCKS = 4  # at most this many blocks per iteration (compile time grows with it)
 
@@ -333,6 +289,52 @@ def _block_loop(n_blocks: jax.Array, b: int, block_fn: Callable, add: Callable, 
 
   carry = jax.lax.fori_loop(0, n_blocks // per, step, carry)
   return jax.lax.fori_loop(n_blocks // per * per, n_blocks, lambda j, c: add(c, j, block_fn(j)), carry)
+
+
+def _loop_forward(x, w, gate, src, dst, block_group, n_blocks, b, n_out):
+  out = jnp.zeros((gate.shape[0] if dst is None else n_out, w.shape[2]), jnp.float32)
+
+  def block(j):
+    we = jax.lax.dynamic_index_in_dim(w, block_group[j], 0, keepdims=False)
+    return jnp.dot(_rows(x, src, j, b), we, preferred_element_type=jnp.float32) * _rows(gate, None, j, b)[:, None]
+
+  return _block_loop(n_blocks, b, block, lambda out, j, yb: _put(out, dst, j, b, yb), out).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _loop_gmm(x, w, gate, src, dst, block_group, n_blocks, b, n_out):
+  return _loop_forward(x, w, gate, src, dst, block_group, n_blocks, b, n_out)
+
+
+def _loop_gmm_fwd(x, w, gate, src, dst, block_group, n_blocks, b, n_out):
+  out = _loop_forward(x, w, gate, src, dst, block_group, n_blocks, b, n_out)
+  return out, (x, w, gate, src, dst, block_group, n_blocks)
+
+
+def _loop_gmm_bwd(b, n_out, res, g):
+  x, w, gate, src, dst, block_group, n_blocks = res
+  g = g.astype(x.dtype)
+
+  def block(j):
+    e = block_group[j]
+    xb, gyb = _rows(x, src, j, b), _rows(g, dst, j, b)
+    gb = _rows(gate, None, j, b)
+    we = jax.lax.dynamic_index_in_dim(w, e, 0, keepdims=False)
+    dxb = jnp.dot(gyb, we.T, preferred_element_type=jnp.float32)  # d(x @ W) rows, before the gate
+    dwe = jnp.dot(xb.T, (gyb * gb[:, None].astype(gyb.dtype)), preferred_element_type=jnp.float32)
+    return e, dwe, jnp.sum(xb.astype(jnp.float32) * dxb, -1), dxb * gb[:, None].astype(jnp.float32)
+
+  def add(carry, j, res):
+    dx, dw, dgate = carry
+    e, dwe, dgb, dxb = res
+    return _put(dx, src, j, b, dxb), dw.at[e].add(dwe), jax.lax.dynamic_update_slice_in_dim(dgate, dgb, j * b, 0)
+
+  init = (jnp.zeros(x.shape, jnp.float32), jnp.zeros(w.shape, jnp.float32), jnp.zeros(gate.shape, jnp.float32))
+  dx, dw, dgate = _block_loop(n_blocks, b, block, add, init)
+  return dx.astype(x.dtype), dw.astype(w.dtype), dgate.astype(gate.dtype), None, None, None, None
+
+
+_loop_gmm.defvjp(_loop_gmm_fwd, _loop_gmm_bwd)
 
 
 def _mlp_forward(x, keys, values, gate, token, starts, counts, groups, blocks, save):
@@ -378,9 +380,9 @@ def _mlp_loop_bwd(blocks, res, g):
   g = g.astype(x.dtype)
   f32 = jnp.float32
 
-  def acc(buf, e, val):
-    return jax.lax.dynamic_update_index_in_dim(buf, jax.lax.dynamic_index_in_dim(buf, e, 0, False) + val, e, 0)
-
+  # Weight gradients accumulate with scatter-adds (.at[e].add), which XLA
+  # updates in place; a dynamic slice + add + update of the same buffer copies
+  # the whole [E, D, S] array once several blocks share an iteration.
   carry = (jnp.zeros(x.shape, f32), jnp.zeros(keys.shape, f32), jnp.zeros(values.shape, f32),
            jnp.zeros(gate.shape, f32))
   for start, n_blocks, block_group, b in zip(starts, counts, groups, blocks):

@@ -43,7 +43,7 @@ def _min_time(fn, args, reps: int) -> float:
 
 
 def benchmark_moe(out_path: str | None = None, size: str = "44m", batches=(4, 16, 64), seq: int = 1024,
-                  rounds: int = 3, dispatch: str = "auto", block_cap: int = 512) -> dict:
+                  rounds: int = 5, dispatch: str = "auto", block_cap: int = 512) -> dict:
   if size not in SIZES:
     raise ConfigError(f"moe benchmark size {size!r} is not one of {list(SIZES)}")
   if not batches or min(batches) < 1:
