@@ -135,6 +135,9 @@ def test_layout_blocks_hold_one_group_and_every_assignment_once():
   rows_group = np.repeat(bg, lay.block)
   np.testing.assert_array_equal(rows_group[valid], np.asarray(group)[slot[valid]])
   assert moe.block_rows(6, 155, 128) == 8 and moe.block_rows(49152, 155, 128) == 128
+  sorted_group, order = moe.sort_by_group(group, 5)  # the packed-key sort is numpy's stable argsort
+  np.testing.assert_array_equal(order, np.argsort(np.asarray(group), kind="stable"))
+  np.testing.assert_array_equal(sorted_group, np.sort(np.asarray(group)))
 
 
 def test_batched_blocks_layout_pads_at_most_a_quarter():
