@@ -17,7 +17,7 @@ from flax import nnx
 from conftest import tiny_config
 from recursive_lm import config as config_lib
 from recursive_lm.config import ConfigError
-from recursive_lm.model import moe, moeut_block
+from recursive_lm.model import dispatch, moe, moeut_block
 from recursive_lm.model import plan as plan_lib
 from recursive_lm.model.transformer import Transformer
 
@@ -127,28 +127,28 @@ def test_dispatch_values_and_gradients_match_dense(mode):
 
 def test_layout_blocks_hold_one_group_and_every_assignment_once():
   group = jnp.asarray(np.random.default_rng(0).integers(0, 5, 101), jnp.int32)
-  lay = moe.plan_layout(group, 5, "loop", cap=16)
-  assert lay.block == moe.block_rows(101, 5, 16) == 16
+  lay = dispatch.plan_layout(group, 5, "loop", cap=16)
+  assert lay.block == dispatch.block_rows(101, 5, 16) == 16
   slot, valid, bg = np.asarray(lay.slot), np.asarray(lay.valid), np.asarray(lay.block_group)
   used = int(lay.n_blocks)
   assert sorted(slot[valid]) == list(range(101)) and not valid[used * lay.block:].any()
   rows_group = np.repeat(bg, lay.block)
   np.testing.assert_array_equal(rows_group[valid], np.asarray(group)[slot[valid]])
-  assert moe.block_rows(6, 155, 128) == 8 and moe.block_rows(49152, 155, 128) == 128
-  sorted_group, order = moe.sort_by_group(group, 5)  # the packed-key sort is numpy's stable argsort
+  assert dispatch.block_rows(6, 155, 128) == 8 and dispatch.block_rows(49152, 155, 128) == 128
+  sorted_group, order = dispatch.sort_by_group(group, 5)  # the packed-key sort is numpy's stable argsort
   np.testing.assert_array_equal(order, np.argsort(np.asarray(group), kind="stable"))
   np.testing.assert_array_equal(sorted_group, np.sort(np.asarray(group)))
 
 
 def test_batched_blocks_layout_pads_at_most_a_quarter():
   """The 'blocks' dispatch computes all ceil(A / b) + G - 1 blocks: b keeps that near A."""
-  assert moe.batched_block_rows(49152, 155, 512) == 64  # 44M sigma-MoE, 4096 tokens: 922 blocks
-  assert moe.batched_block_rows(6, 155, 512) == 8 and moe.batched_block_rows(10**6, 4, 128) == 128
+  assert dispatch.batched_block_rows(49152, 155, 512) == 64  # 44M sigma-MoE, 4096 tokens: 922 blocks
+  assert dispatch.batched_block_rows(6, 155, 512) == 8 and dispatch.batched_block_rows(10**6, 4, 128) == 128
   for a, g in [(49152, 155), (196608, 155), (8192, 64), (3000, 7)]:
-    b = moe.batched_block_rows(a, g, 4096)
+    b = dispatch.batched_block_rows(a, g, 4096)
     assert (-(-a // b) + g - 1) * b <= 1.25 * a + b
   group = jnp.asarray(np.random.default_rng(1).integers(0, 5, 203), jnp.int32)
-  lay = moe.plan_layout(group, 5, "blocks", cap=512)
+  lay = dispatch.plan_layout(group, 5, "blocks", cap=512)
   slot, valid = np.asarray(lay.slot), np.asarray(lay.valid)
   assert lay.block == 8 and sorted(slot[valid]) == list(range(203))
   np.testing.assert_array_equal(np.repeat(np.asarray(lay.block_group), 8)[valid], np.asarray(group)[slot[valid]])
@@ -184,7 +184,7 @@ def test_tiered_layout_and_its_kernel_match_a_direct_computation():
   rng = np.random.default_rng(0)
   n, d, s, g, a = 40, 6, 5, 5, 300
   group = jnp.asarray(rng.choice(g, a, p=[0.5, 0.3, 0.1, 0.07, 0.03]), jnp.int32)
-  tiers = moe.plan_tiers(group, g, cap=64, granule=8)
+  tiers = dispatch.plan_tiers(group, g, cap=64, granule=8)
   assert tiers.block == (64, 32, 16, 8)
   slot, valid = np.asarray(tiers.slot), np.asarray(tiers.valid)
   used_rows = []
@@ -206,7 +206,7 @@ def test_tiered_layout_and_its_kernel_match_a_direct_computation():
     h = jax.nn.relu(jnp.einsum("ad,ads->as", x[token], keys[group])) * gate[:, None]
     return jnp.zeros((n, d)).at[token].add(jnp.einsum("as,asd->ad", h, values[group]))
 
-  tiered = lambda *args: moe.expert_mlp(args[0], args[1], args[2], tiers, "loop", token, args[3])
+  tiered = lambda *args: dispatch.expert_mlp(args[0], args[1], args[2], tiers, "loop", token, args[3])
   np.testing.assert_allclose(tiered(x, keys, values, gate), direct(x, keys, values, gate), rtol=1e-5, atol=1e-5)
   w = rand((n, d), 5)
   ours = jax.grad(lambda *p: jnp.vdot(tiered(*p), w), (0, 1, 2, 3))(x, keys, values, gate)

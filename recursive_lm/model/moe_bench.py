@@ -26,7 +26,8 @@ from flax import nnx
 
 from recursive_lm.config import ConfigError
 from recursive_lm.model.layers import linear
-from recursive_lm.model.moe import SigmaMoE, resolve_dispatch
+from recursive_lm.model.dispatch import resolve_dispatch
+from recursive_lm.model.moe import SigmaMoE
 
 # (d_model, experts, top_k, expert_size): the MoEUT paper's MLP layers.
 SIZES = {"44m": (412, 155, 12, 128), "126m": (768, 254, 12, 128), "244m": (1024, 387, 16, 128),

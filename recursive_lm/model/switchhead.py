@@ -32,8 +32,8 @@ from recursive_lm.config import ModelConfig
 from recursive_lm.model import attention as attention_lib
 from recursive_lm.model.attention import Context
 from recursive_lm.model.layers import Dense, LoRA, apply_rope
-from recursive_lm.model.moe import (data_parallel, grouped_linear, mean_softmax, normalised_rows, plan_layout,
-                                    resolve_dispatch, route)
+from recursive_lm.model.dispatch import grouped_linear, plan_layout, resolve_dispatch
+from recursive_lm.model.moe import data_parallel, mean_softmax, normalised_rows, route
 
 
 def _router_logits(x_r: jax.Array, sel: jax.Array) -> jax.Array:
