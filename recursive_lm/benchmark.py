@@ -272,6 +272,7 @@ def main(argv: list[str]) -> None:
                          f"[--out FILE.json] (got {argv[1:]})")
   if _CONFIG.value is None and argv[1] in NEEDS_CONFIG:
     cli.fail("--config FILE[:ARG] is required")
+  cli.route_library_logs(None, "benchmark")
   try:
     result = MODES[argv[1]](_CONFIG.value)
   except (ConfigError, OSError) as e:  # OSError: a missing config file surfaces on first access

@@ -44,7 +44,7 @@ def check_or_write_config(workdir: str, cfg: Config) -> None:
   path = config_path(workdir)
   if os.path.exists(path):
     with open(path) as f:
-      old = config_lib.from_json(f.read())
+      old = config_lib.from_json(f.read(), path)
     if old.model != cfg.model:
       a, b = dataclasses.asdict(old.model), dataclasses.asdict(cfg.model)
       diff = sorted(k for k in a if a[k] != b[k])
@@ -63,7 +63,7 @@ def load_config(workdir: str) -> Config:
   if not os.path.exists(path):
     raise ConfigError(f"--workdir {workdir}: no config.json (not a recursive_lm run directory)")
   with open(path) as f:
-    return config_lib.from_json(f.read())
+    return config_lib.from_json(f.read(), path)
 
 
 MANIFEST = "recursive_lm_manifest.json"

@@ -1,13 +1,19 @@
 """Shared command-line plumbing: every entry point reports a bad config,
-flag or path as one line on stderr and exits 2.
+flag or path as one line on stderr and exits 2, and keeps library logging
+off the console.
 
 config_flags runs `get_config()` and applies `--config.KEY=VALUE` while absl
 parses flags, so those errors surface during parsing, wrapped by absl; the
-parser below unwraps them to the message that names the field.
+parser below unwraps them to the message that names the field. A config file
+that is missing, does not parse or has no `get_config` is caught before that:
+config_flags would keep such an error and raise it at the first access, far
+from the flag.
 """
 
 from __future__ import annotations
 
+import ast
+import os
 import sys
 
 from absl import flags, logging
@@ -33,8 +39,45 @@ def _root_config_error(e: BaseException | None) -> ConfigError | None:
   return found
 
 
+def _config_file_arg(argv: list[str]) -> str | None:
+  """The FILE[:ARG] value of --config in argv (either spelling), or None."""
+  for i, a in enumerate(argv[1:], 1):
+    if a.startswith("--config="):
+      return a.split("=", 1)[1]
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def check_config_file(value: str) -> None:
+  """Fail in one line unless FILE (of FILE[:ARG]) is a readable Python file defining get_config."""
+  path = value.split(":", 1)[0]
+  if not os.path.isfile(path):
+    fail(f"--config {path}: no such file")
+  try:
+    with open(path, encoding="utf-8") as f:
+      tree = ast.parse(f.read(), filename=path)
+  except (OSError, UnicodeDecodeError) as e:
+    fail(f"--config {path}: cannot read it ({e})")
+  except SyntaxError as e:
+    fail(f"--config {path}: line {e.lineno}: {e.msg} (not a valid Python config file)")
+  defined = set()
+  for node in tree.body:
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+      defined.add(node.name)
+    elif isinstance(node, (ast.Import, ast.ImportFrom)):
+      defined.update(a.asname or a.name.split(".")[0] for a in node.names)
+    elif isinstance(node, ast.Assign):
+      defined.update(t.id for t in node.targets if isinstance(t, ast.Name))
+  if "get_config" not in defined:
+    fail(f"--config {path}: defines no get_config() (a config file is a Python module with get_config(arg=None))")
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parser for `app.run(main, flags_parser=parse_flags)`."""
+  config_file = _config_file_arg(argv)
+  if config_file is not None:
+    check_config_file(config_file)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:  # bad variant string, --config.train.steps=abc, missing --config
@@ -47,9 +90,64 @@ def parse_flags(argv: list[str]) -> list[str]:
     names = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
     names = [n for n in names if field in n.split(".")] or names
     fail(f"{' '.join(names)}: no such config field ({message})")
+  except Exception as e:  # get_config() itself raised (NameError, ImportError, ...): the file is broken
+    where = f"--config {config_file.split(':', 1)[0]}: " if config_file else ""
+    fail(f"{where}{type(e).__name__}: {e}")
 
 
-def quiet_logging() -> None:
-  """WARNING unless --verbosity was given: orbax and jax log every restore at INFO."""
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+class _LogFile:
+  """Append-mode file opened on the first write: a launch that logs nothing
+  (or is refused before it starts) creates nothing in the workdir."""
+
+  def __init__(self, path: str):
+    self.path, self._f = path, None
+
+  def write(self, text: str) -> None:
+    if self._f is None:
+      os.makedirs(os.path.dirname(self.path), exist_ok=True)
+      self._f = open(self.path, "a", encoding="utf-8")
+    self._f.write(text)
+
+  def flush(self) -> None:
+    if self._f is not None:
+      self._f.flush()
+
+  def close(self) -> None:
+    if self._f is not None:
+      self._f.close()
+
+
+def route_library_logs(workdir: str | None, program: str, read_only: bool = False,
+                       also_to_console: bool | None = None) -> str | None:
+  """Library log records (absl: orbax, jax) go to WORKDIR/logs/PROGRAM.log; the
+  console keeps the project's own lines plus warnings and errors.
+
+  absl's handler writes to its stream and echoes to stderr what reaches
+  --stderrthreshold (here WARNING unless given), or everything with
+  --alsologtostderr: the stack's own switch brings the records back to the
+  console. --logtostderr keeps absl's plain console-only behaviour. Without a
+  local workdir (none given, one that does not exist for a read-only tool, or
+  a remote path) records below WARNING are dropped. `read_only` tools (evaluate,
+  sample) never create the workdir; `also_to_console` sets --alsologtostderr for
+  CLIs that parse their own arguments. Returns the log path or None.
+  """
+  f = flags.FLAGS
+  if not f.is_parsed():  # argparse CLIs (convert): absl sends everything to stderr until flags are parsed
+    f.mark_as_parsed()
+  if also_to_console is not None:
+    f.alsologtostderr = also_to_console
+  if f["logtostderr"].value:
+    return None
+  if not f["stderrthreshold"].present:
+    f.stderrthreshold = "warning"
+  if not f["verbosity"].present:
+    logging.set_verbosity(logging.INFO)
+  if not workdir or "://" in workdir or (read_only and not os.path.isdir(workdir)):
+    if not f["alsologtostderr"].value:
+      logging.set_verbosity(logging.WARNING)
+    return None
+  # Several processes of one run write their own files (JAX_PROCESS_ID is set by multi-process launchers).
+  process = os.environ.get("JAX_PROCESS_ID")
+  path = os.path.join(workdir, "logs", f"{program}.log" if process in (None, "0") else f"{program}.p{process}.log")
+  logging.get_absl_handler().python_handler.stream = _LogFile(path)
+  return path

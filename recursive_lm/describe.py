@@ -60,6 +60,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None:
     cli.fail(ValueError("--config FILE[:ARG] is required"))
+  cli.route_library_logs(None, "describe")
   try:
     cfg = config_lib.load(_CONFIG.value)  # a missing config file raises OSError here, on first access
     from recursive_lm.analysis import accounting  # imports jax: only once the config is known good

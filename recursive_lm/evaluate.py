@@ -156,8 +156,8 @@ def run(workdir: str, step: int | None = None, n_batches: int | None = None) -> 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cli.quiet_logging()
   f = flags.FLAGS
+  cli.route_library_logs(f.workdir, "evaluate", read_only=True)
   if not f.workdir:
     cli.fail("--workdir is required")
   try:

@@ -51,8 +51,8 @@ def sample(workdir: str, prompt: str, max_new_tokens: int, temperature: float = 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cli.quiet_logging()
   f = flags.FLAGS
+  cli.route_library_logs(f.workdir, "sample", read_only=True)
   for name, value in (("workdir", f.workdir), ("prompt", f.prompt)):
     if value is None:
       cli.fail(f"--{name} is required")

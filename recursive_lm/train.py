@@ -250,6 +250,7 @@ def main(argv):
   if _WORKDIR.value is None:
     print("error: --workdir is required", file=sys.stderr)
     sys.exit(2)
+  cli.route_library_logs(_WORKDIR.value, "train")
   try:
     cfg = config_lib.load(_CONFIG.value)
     run(cfg, _WORKDIR.value)

@@ -119,6 +119,9 @@ def test_train_then_evaluate_and_sample_clis(run_a):
   # Evaluate the latest checkpoint on one device: the same batches give the same loss.
   res = finish(evaluating)
   assert res.returncode == 0, res.stderr
+  # The console carries the result only; orbax's restore records went to the workdir's log.
+  assert res.stderr == ""
+  assert "checkpoint" in open(os.path.join(workdir, "logs", "evaluate.log")).read().lower()
   lines = res.stdout.strip().splitlines()
   assert len(lines) == 1, res.stdout
   out = json.loads(lines[0])
@@ -218,12 +221,52 @@ def test_train_cli_rejects_bad_overrides(tmp_path):
     assert not (tmp_path / "wd").exists()
 
 
+BROKEN_CONFIGS = {  # file body -> what the one error line must name
+    None: "no such file",
+    "def get_config(:\n": "line 1",
+    "SIZE = 3\n": "defines no get_config",
+    "def get_config(arg=None):\n  return undefined_name\n": "NameError",
+}
+
+
+def test_clis_reject_missing_or_broken_config_files(tmp_path):
+  """Every CLI that takes --config answers a bad file with one error line and exit 2, creating nothing."""
+  runs = []
+  for i, (body, needle) in enumerate(BROKEN_CONFIGS.items()):
+    path = tmp_path / f"config_{i}.py"
+    if body is not None:
+      path.write_text(body)
+    runs.append((start("recursive_lm.train", "--config", f"{path}:tiny", "--workdir", str(tmp_path / "wd")),
+                 path, needle))
+  missing = tmp_path / "does_not_exist.py"
+  runs += [(start("recursive_lm.describe", f"--config={missing}"), missing, "no such file"),
+           (start("recursive_lm.benchmark", "train", "--config", str(missing)), missing, "no such file")]
+  for proc, path, needle in runs:
+    res = finish(proc)
+    assert res.returncode == 2, (path, res.stdout, res.stderr)
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --config ") and str(path) in err[0] and needle in err[0], \
+        res.stderr
+  assert not (tmp_path / "wd").exists()
+  # A run directory whose config.json is damaged: the read-only CLIs say so in one line.
+  damaged = tmp_path / "damaged"
+  damaged.mkdir()
+  (damaged / "config.json").write_text("{not json")
+  res = cli("recursive_lm.evaluate", "--workdir", str(damaged))
+  assert res.returncode == 2 and res.stderr.count("\n") == 1 and "config.json: not a recursive_lm config" in res.stderr
+
+
 @pytest.mark.slow
 def test_train_cli_runs_and_resumes(tmp_path):
   wd = tmp_path / "wd"
   base = ("recursive_lm.train", "--config", TINY_FILE, "--workdir", str(wd), "--config.train.eval_every=2")
   res = cli(*base, "--config.train.steps=2")
   assert res.returncode == 0, res.stderr
+  # The console: the project's own lines only; library records (orbax, jax) are in logs/train.log.
+  assert res.stderr == ""
+  assert all(line.startswith(("step ", "eval step", "done:", "final eval:")) for line in res.stdout.splitlines()), \
+      res.stdout
+  assert "CheckpointManager" in (wd / "logs" / "train.log").read_text()
   res = cli(*base, "--config.train.steps=3")  # same model: resumes from step 2
   assert res.returncode == 0, res.stderr
   assert "resumed from step 2" in res.stdout

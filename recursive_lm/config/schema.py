@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import json
 
+from recursive_lm.config.errors import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class PlanConfig:
@@ -159,9 +161,16 @@ REMAT = ("none", "full", "dots", "dots_no_batch", "nested")
 MESH_RULES = ("replicated", "data", "fsdp", "fsdp_tensor", "fsdp_tensor_expert")
 
 
-def from_json(text: str) -> Config:
-  """Rebuild a Config from `Config.to_json()` (used by checkpoints)."""
-  raw = json.loads(text)
+def from_json(text: str, where: str = "config.json") -> Config:
+  """Rebuild a Config from `Config.to_json()` (used by checkpoints); a file
+  that is not such a config raises ConfigError naming `where`."""
+  try:
+    return _from_raw(json.loads(text))
+  except (ValueError, KeyError, TypeError, AttributeError) as e:
+    raise ConfigError(f"{where}: not a recursive_lm config ({type(e).__name__}: {e})") from None
+
+
+def _from_raw(raw: dict) -> Config:
   raw["model"]["plan"] = PlanConfig(**raw["model"]["plan"])
   if "moe" in raw["model"]:
     raw["model"]["moe"] = MoEConfig(**raw["model"]["moe"])

@@ -10,6 +10,7 @@ prints the conversion record as JSON. Options:
   --lora_alpha A           LoRA scale alpha / r (0: scale 1)
   --per_depth_norms        every effective layer keeps its source layer's norms
   --set KEY=VALUE          any other config value, e.g. --set train.steps=20 --set data.seq_len=64
+  --alsologtostderr        library log records (WORKDIR/logs/convert.log) on the console too
 
 Errors (unsupported source, depth not divisible, pickle files) print one line
 on stderr and exit 2.
@@ -36,11 +37,13 @@ def parse(argv):
   p.add_argument("--lora_alpha", type=float, default=0.0)
   p.add_argument("--per_depth_norms", action="store_true")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+  p.add_argument("--alsologtostderr", action="store_true", help="library log records on the console too")
   return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
   args = parse(sys.argv[1:] if argv is None else argv)
+  cli.route_library_logs(args.workdir, "convert", also_to_console=args.alsologtostderr)
   from recursive_lm.convert import readers, workdir as wd
   try:
     rank = args.lora_rank if args.lora_rank == "full" else int(args.lora_rank)
