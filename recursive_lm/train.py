@@ -145,7 +145,7 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None, devices=None) -> 
   def init():
     model = Transformer(cfg.model, nnx.Rngs(cfg.seed))
     tx, _ = optim.make(cfg.optim, cfg.train.steps, nnx.state(model, nnx.Param),
-                                 skip_nonfinite=cfg.train.on_nonfinite == "skip")
+                       skip_nonfinite=cfg.train.on_nonfinite == "skip")
     return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   writer = metrics.MetricsWriter(workdir, enabled=pi == 0)

@@ -90,8 +90,9 @@ def make_train_step(graphdef, state_shardings=None, batch_sharding=None, *, grad
   rounding. Metrics: loss (cross-entropy of the whole batch), total_loss,
   grad_norm (of the summed gradient), param_norm, update_norm (of the one
   update), learning_rate (of that update, from the optimiser state),
-  finite, the regulariser's metrics (means over the micro-batches) and
-  `depth/<name>` [L_eff] (see `_combine`).
+  finite, the regulariser's metrics (means over the micro-batches: exact for
+  the balance loss and expert shares; `moe/*_dead` then counts experts unused
+  in a micro-batch, on average) and `depth/<name>` [L_eff] (see `_combine`).
   """
   k = grad_accum
 
