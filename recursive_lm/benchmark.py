@@ -171,17 +171,17 @@ def run_train(cd: ml_collections.ConfigDict) -> dict:
   cfg = config_lib.load(cd)
   mesh = sharding.make_mesh(cfg.mesh)
   preset = cfg.mesh.rules
-  sharding.check_batch(cfg.data.batch_size, mesh, preset)
+  sharding.check_batch(cfg.data.batch_size, mesh, preset, cfg.optim.grad_accum)
 
   def init():
     model = Transformer(cfg.model, nnx.Rngs(cfg.seed))
-    tx, lr = optim.make(cfg.optim, cfg.train.steps, nnx.state(model, nnx.Param))
-    init.lr = lr
+    tx, _ = optim.make(cfg.optim, cfg.train.steps, nnx.state(model, nnx.Param))
     return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   graphdef, state = nnx.split(sharding.create_sharded(init, mesh, preset))
   shardings = jax.tree.map(lambda x: x.sharding, state)
-  step = make_train_step(graphdef, init.lr, shardings, sharding.batch_sharding(mesh, preset))
+  step = make_train_step(graphdef, shardings, sharding.batch_sharding(mesh, preset),
+                         grad_accum=cfg.optim.grad_accum)
   rng = np.random.default_rng(0)
   shape = (cfg.data.batch_size, cfg.data.seq_len)
   batch = sharding.global_batch({k: rng.integers(0, cfg.model.vocab_size, shape).astype(np.int32)

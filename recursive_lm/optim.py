@@ -1,5 +1,7 @@
-"""Optimiser: AdamW with a warmup schedule, global-norm clipping, weight-decay
-masks and gradient accumulation, all from optax.
+"""Optimiser: AdamW with a warmup schedule, global-norm clipping and
+weight-decay masks, all from optax. Gradient accumulation is not an optimiser
+wrapper: the train step sums the micro-batch gradients and makes one update
+per step (see train_step.py), so every optimiser count is a real step.
 
 Weight decay applies to ordinary weights only: norm scales/biases never, LoRA
 factors only with `optim.decay_lora` (decaying B pulls the relaxed model back
@@ -48,14 +50,25 @@ def decay_mask(params: nnx.State, decay_lora: bool):
 
 
 def make(cfg: OptimConfig, steps: int, params: nnx.State, skip_nonfinite: bool = False):
-  """optax transformation for `steps` optimiser steps over `params` (an nnx.State of Params)."""
+  """(optax transformation for `steps` optimiser steps over `params` (an nnx.State of Params), its schedule).
+
+  The learning rate is injected (optax.inject_hyperparams), so the optimiser
+  state holds the rate of the last update it applied: `learning_rate(state)`.
+  """
   lr = schedule(cfg, steps)
   mask = decay_mask(params, cfg.decay_lora)  # a prefix of both the Variable and the pure-array trees
   parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
-  parts.append(optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask))
+  adamw = optax.inject_hyperparams(optax.adamw, static_args=("b1", "b2", "eps", "weight_decay", "mask"))
+  parts.append(adamw(learning_rate=lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask))
   tx = optax.chain(*parts)
   if skip_nonfinite:
+    # A skipped update leaves the inner state, and so the schedule's count, where it was.
     tx = optax.apply_if_finite(tx, max_consecutive_errors=1_000_000)
-  if cfg.grad_accum > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum)
   return tx, lr
+
+
+def learning_rate(opt_state) -> jax.Array:
+  """The learning rate of the last update applied (schedule(0) before the first)
+  from the state of a `make` transformation (pure arrays or nnx Variables)."""
+  # The injected value, not the schedule's own state under the same key.
+  return optax.tree.get(nnx.as_pure(opt_state), "learning_rate", filtering=lambda _, v: isinstance(v, jax.Array))

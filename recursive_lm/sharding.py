@@ -87,11 +87,15 @@ def batch_sharding(mesh, preset: str) -> NamedSharding:
   return NamedSharding(mesh, P(None if preset == "replicated" else DATA_PARALLEL, None))
 
 
-def check_batch(batch_size: int, mesh, preset: str) -> None:
+def check_batch(batch_size: int, mesh, preset: str, grad_accum: int = 1) -> None:
+  """Every micro-batch (batch_size / grad_accum rows) must split evenly over the data-parallel devices."""
   dp = 1 if preset == "replicated" else data_parallel_size(mesh)
-  if batch_size % dp:
-    raise ConfigError(f"data.batch_size={batch_size} (per micro-step) is not divisible by the data-parallel "
-                      f"size {dp} = data*fsdp*expert of mesh {dict(mesh.shape)}")
+  micro = batch_size // grad_accum
+  if micro % dp:
+    rows = (f"data.batch_size={batch_size}" if grad_accum == 1 else
+            f"data.batch_size={batch_size} / optim.grad_accum={grad_accum} = {micro} rows per micro-batch")
+    raise ConfigError(f"{rows} is not divisible by the data-parallel size {dp} = data*fsdp*expert of mesh "
+                      f"{dict(mesh.shape)}")
 
 
 def _check_divisible(abs_state, mesh, rule_list) -> None:

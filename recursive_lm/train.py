@@ -9,7 +9,6 @@ the current step, save it and exit 0.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -129,27 +128,24 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None, devices=None) -> 
   pi, pc = jax.process_index(), jax.process_count()
   mesh = sharding.make_mesh(cfg.mesh, devices)
   preset = cfg.mesh.rules
-  micro = cfg.data.batch_size // cfg.optim.grad_accum
-  sharding.check_batch(micro, mesh, preset)
+  sharding.check_batch(cfg.data.batch_size, mesh, preset, cfg.optim.grad_accum)
 
   # 2. Data.
   tokenizer, _, _ = data.load_splits(cfg.data)
   if tokenizer.vocab_size > cfg.model.vocab_size:
     raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                       f"{tokenizer.vocab_size} (data.tokenizer={cfg.data.tokenizer!r})")
-  train_iter = data.train_iterator(dataclasses.replace(cfg.data, batch_size=micro), cfg.seed, pi, pc)
+  train_iter = data.train_iterator(cfg.data, cfg.seed, pi, pc)  # whole batches; the step splits micro-batches
   eval_set = data.eval_batches(cfg.data, cfg.train.eval_batches, pi, pc)
 
   # 3. Model and optimiser: fresh, or restored with the data position.
   checkpoint.check_or_write_config(workdir, cfg)
   ckpt = checkpoint.Checkpointer(workdir, cfg.train.keep_checkpoints)
-  lr_schedule = None
 
   def init():
-    nonlocal lr_schedule
     model = Transformer(cfg.model, nnx.Rngs(cfg.seed))
-    tx, lr_schedule = optim.make(cfg.optim, cfg.train.steps, nnx.state(model, nnx.Param),
-                                 skip_nonfinite=cfg.train.on_nonfinite == "skip")
+    tx, _ = optim.make(cfg.optim, cfg.train.steps, nnx.state(model, nnx.Param),
+                       skip_nonfinite=cfg.train.on_nonfinite == "skip")
     return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   writer = metrics.MetricsWriter(workdir, enabled=pi == 0)
@@ -173,7 +169,8 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None, devices=None) -> 
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   # Traced under the mesh and logical rules, so the model's activation constraints apply.
   train_step = sharding.under_mesh(
-      make_train_step(graphdef, lr_schedule, state_shardings, sharding.batch_sharding(mesh, preset)), mesh, preset)
+      make_train_step(graphdef, state_shardings, sharding.batch_sharding(mesh, preset),
+                      grad_accum=cfg.optim.grad_accum), mesh, preset)
   eval_step = sharding.under_mesh(make_eval_step(model_graphdef), mesh, preset)
   flops = flops_per_token(cfg, cfg.data.seq_len)
   peak_flops, peak_source = peak.total_peak(cfg.train.peak_flops)
@@ -184,13 +181,7 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None, devices=None) -> 
   started = time.time()
   window_start, window_steps, last_train, last_eval = time.time(), 0, {}, {}
   for step in range(start + 1, cfg.train.steps + 1):
-    micro_metrics = []
-    for _ in range(cfg.optim.grad_accum):
-      batch = sharding.global_batch(next(train_iter), mesh, preset)
-      state, m = train_step(state, batch)
-      micro_metrics.append(m)
-    m = jax.tree.map(lambda *xs: np.mean([np.asarray(x) for x in xs], axis=0), *micro_metrics)
-    m["learning_rate"] = np.asarray(micro_metrics[-1]["learning_rate"])
+    state, m = train_step(state, sharding.global_batch(next(train_iter), mesh, preset))
     if cfg.train.on_nonfinite == "stop":
       try:
         _check_finite(step, m)

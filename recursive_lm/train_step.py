@@ -2,10 +2,11 @@
 
 State is `nnx.state((model, optimizer))`; the step merges it with a fixed
 graphdef, so the jitted function is `(state, batch) -> (state, metrics)` with
-explicit shardings and the state donated. Every step returns diagnostics:
-loss, grad / param / update norms, learning rate, a finiteness flag and the
-per-depth statistics the blocks report (`depth/<name>`, one value per
-effective layer).
+explicit shardings and the state donated. A step is one optimiser update on
+one whole batch, accumulated over micro-batches when optim.grad_accum > 1.
+Every step returns diagnostics: loss, grad / param / update norms, learning
+rate, a finiteness flag and the per-depth statistics the blocks report
+(`depth/<name>`, one value per effective layer).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from recursive_lm import axes, optim, sharding
 from recursive_lm.model.transformer import Transformer
 
 
@@ -34,26 +36,84 @@ def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.
   return jnp.where(valid, losses, 0.0), valid
 
 
-def loss_fn(params: nnx.State, graphdef, rest: nnx.State, batch: dict):
+def loss_fn(params: nnx.State, graphdef, rest: nnx.State, batch: dict, n_targets: jax.Array, n_micro: int):
+  """The training objective of one micro-batch, scaled so that the k micro-batch
+  objectives of a step sum to the objective of the whole batch:
+
+    sum of its token losses / n_targets + regulariser / n_micro
+
+  n_targets counts the valid targets of the whole batch, so the summed
+  cross-entropy is the whole batch's masked mean (micro-batches with more valid
+  targets weigh more, as their tokens do in the unsplit batch). The MoE
+  regulariser is a mean over sequences, so the mean over equal micro-batches
+  is the whole batch's value. Returns (objective, (its cross-entropy part,
+  aux, regulariser metrics))."""
   model: Transformer = nnx.merge(graphdef, params, rest)
   logits, _, aux = model(batch["inputs"])
-  ce = cross_entropy(logits, batch["targets"])
+  losses, _ = token_losses(logits.astype(jnp.float32), batch["targets"])
+  ce = losses.sum() / n_targets
   reg, reg_metrics = model.regulariser(aux)
-  return ce + reg, (ce, aux, reg_metrics)
+  return ce + reg / n_micro, (ce, aux, reg_metrics)
 
 
 def _norm(tree) -> jax.Array:
   return optax.tree.norm(tree)
 
 
-def make_train_step(graphdef, lr_schedule: Callable, state_shardings=None, batch_sharding=None) -> Callable:
-  """Jitted `(state, batch) -> (state, metrics)`; `state` is donated."""
+def split_micro(x: jax.Array, k: int) -> jax.Array:
+  """[B, ...] -> [k, B/k, ...]: micro-batch j holds rows j, j + k, j + 2k, ...
+
+  Strided rather than contiguous because the rows are split over the
+  data-parallel devices in contiguous blocks: each device's block then holds
+  B/(k * dp) rows of every micro-batch, so the split moves no data (needs
+  B/k divisible by dp, see sharding.check_batch)."""
+  x = x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1)
+  return sharding.constrain(x, (None, axes.BATCH) + (None,) * (x.ndim - 2))
+
+
+def _combine(stats: dict) -> dict:
+  """Per-micro-batch statistics [k, ...] -> values for the whole batch: the
+  root mean square of RMS statistics (`*_rms`: exact, as micro-batches have
+  equal sizes), the mean of the others."""
+  return {name: jnp.sqrt(jnp.mean(jnp.square(v), 0)) if name.endswith("_rms") else v.mean(0)
+          for name, v in stats.items()}
+
+
+def make_train_step(graphdef, state_shardings=None, batch_sharding=None, *, grad_accum: int = 1) -> Callable:
+  """Jitted `(state, batch) -> (state, metrics)`; `state` is donated.
+
+  batch: {'inputs', 'targets'} int [B, T], the whole batch of one optimiser
+  step. With grad_accum = k > 1 it is split into k micro-batches of B/k rows
+  (`split_micro`) whose gradients a `lax.scan` sums (only one micro-batch's
+  activations are alive at a time); then one optimiser update. The weighting
+  (`loss_fn`) makes this the gradient of the unsplit batch, up to float
+  rounding. Metrics: loss (cross-entropy of the whole batch), total_loss,
+  grad_norm (of the summed gradient), param_norm, update_norm (of the one
+  update), learning_rate (of that update, from the optimiser state),
+  finite, the regulariser's metrics (means over the micro-batches: exact for
+  the balance loss and expert shares; `moe/*_dead` then counts experts unused
+  in a micro-batch, on average) and `depth/<name>` [L_eff] (see `_combine`).
+  """
+  k = grad_accum
 
   def step(state, batch):
     model, opt = nnx.merge(graphdef, state)
     m_def, params, rest = nnx.split(model, nnx.Param, ...)
-    (loss, (ce, aux, reg_metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, m_def, rest, batch)
-    count = opt.step[...]
+    n_targets = jnp.maximum((batch["targets"] >= 0).sum(), 1).astype(jnp.float32)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if k == 1:
+      (loss, (ce, aux, reg_metrics)), grads = grad_fn(params, m_def, rest, batch, n_targets, 1)
+    else:
+      def micro_step(acc, micro):
+        (obj, (ce, aux, reg_metrics)), g = grad_fn(params, m_def, rest, micro, n_targets, k)
+        aux = {name: v for name, v in aux.items() if v.ndim == 1}  # only the per-depth statistics are reported
+        return jax.tree.map(jnp.add, acc, g), (obj, ce, aux, reg_metrics)
+
+      micro_batches = jax.tree.map(lambda x: split_micro(x, k), batch)
+      grads, (objs, ces, aux, reg_metrics) = jax.lax.scan(
+          micro_step, jax.tree.map(jnp.zeros_like, params), micro_batches)
+      loss, ce = objs.sum(), ces.sum()
+      aux, reg_metrics = _combine(aux), jax.tree.map(lambda v: v.mean(0), reg_metrics)
     old_params = nnx.as_pure(params)  # plain arrays: the update rewrites the Variables in place
     opt.update(model, grads)
     new_params = nnx.as_pure(nnx.state(model, nnx.Param))
@@ -64,10 +124,10 @@ def make_train_step(graphdef, lr_schedule: Callable, state_shardings=None, batch
         "grad_norm": grad_norm,
         "param_norm": _norm(new_params),
         "update_norm": _norm(jax.tree.map(jnp.subtract, new_params, old_params)),
-        "learning_rate": lr_schedule(count),
+        "learning_rate": optim.learning_rate(opt.opt_state),
         "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
         **reg_metrics,
-        **{f"depth/{k}": v for k, v in aux.items() if v.ndim == 1},
+        **{f"depth/{name}": v for name, v in aux.items() if v.ndim == 1},
     }
     return nnx.state((model, opt)), metrics
 

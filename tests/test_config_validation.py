@@ -185,7 +185,7 @@ RUN_CASES = [
     ("mesh_fixed_axes_not_dividing_devices", {"mesh.fsdp": 3}, 8, ["mesh", "'fsdp': 3", "8 devices"]),
     ("batch_not_divisible_by_data_parallel", {}, 8, ["data.batch_size=4", "8"]),
     ("micro_batch_not_divisible_by_data_parallel", {"data.batch_size": 8, "optim.grad_accum": 2}, 8,
-     ["data.batch_size=4", "per micro-step", "8"]),
+     ["data.batch_size=8 / optim.grad_accum=2 = 4 rows per micro-batch", "data-parallel size 8"]),
     ("mlp_dim_not_dividing_tensor_axis", {"model.mlp_dim": 60, "data.batch_size": 8, "mesh.data": 1, "mesh.tensor": 8,
                                           "mesh.rules": "fsdp_tensor"}, 8, ["dim 60", "'mlp'", "'tensor'", "8"]),
     ("vocab_smaller_than_tokenizer", {"model.vocab_size": 100}, 1, ["model.vocab_size=100", "256"]),

@@ -242,7 +242,7 @@ def test_constrain_residual_shards_rows_only():
 def test_bfloat16_compute_float32_params_and_loss():
   cfg = small_model_config(**{"model.compute_dtype": "bfloat16"})
   model = Transformer(cfg.model, nnx.Rngs(0))
-  tx, lr = optim.make(cfg.optim, 10, nnx.state(model, nnx.Param))
+  tx, _ = optim.make(cfg.optim, 10, nnx.state(model, nnx.Param))
   opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
   graphdef, state = nnx.split((model, opt))
   rng = np.random.default_rng(0)
@@ -252,7 +252,7 @@ def test_bfloat16_compute_float32_params_and_loss():
   assert jaxpr.out_avals[0].dtype == jnp.float32  # logits
   text = str(jaxpr)
   assert "bf16[4,16,32] = dot_general" in text or "bf16[4,16,64] = dot_general" in text, "matmuls not in bfloat16"
-  step = make_train_step(graphdef, lr)
+  step = make_train_step(graphdef)
   losses = []
   for _ in range(2):
     state, m = step(state, batch)

@@ -103,7 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
   o.b2 = 0.95
   o.eps = 1e-8
   o.clip_norm = 1.0
-  o.grad_accum = 1
+  o.grad_accum = 1  # k > 1: the step runs data.batch_size rows as k micro-batches, then one update
 
   c.train = t = ml_collections.ConfigDict()
   t.steps = 200

@@ -18,7 +18,6 @@ the directory like any other run.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -140,8 +139,7 @@ def write_run(source: Source, cd: ml_collections.ConfigDict, workdir: str, init:
   nnx.update(model, param_state)
 
   checkpoint.check_or_write_config(workdir, cfg)
-  micro = cfg.data.batch_size // cfg.optim.grad_accum
-  train_iter = data.train_iterator(dataclasses.replace(cfg.data, batch_size=micro), cfg.seed, 0, 1)
+  train_iter = data.train_iterator(cfg.data, cfg.seed, 0, 1)  # whole batches, as train.py reads them
   ckpt = checkpoint.Checkpointer(workdir, cfg.train.keep_checkpoints, async_save=False)
   _, state = nnx.split((model, opt))
   ckpt.save(0, state, train_iter, {"step": 0, "tokens": 0, "seed": cfg.seed, "converted_from": source.origin})
