@@ -74,7 +74,7 @@ def pytest_collection_modifyitems(config, items):
     marker = item.get_closest_marker("devices")
     if marker is not None and have < marker.args[0]:
       item.add_marker(pytest.mark.skip(reason=f"needs {marker.args[0]} devices, {jax.default_backend()} has {have} "
-                                              "(8 are simulated only when jax runs on the CPU)"))
+                                              "(on the CPU the suite simulates 8 unless XLA_FLAGS sets a count)"))
 
 
 def tiny_config(**overrides):

@@ -193,7 +193,9 @@ RUN_CASES = [
 ]
 
 
-@pytest.mark.parametrize("overrides,n_devices,needles", [c[1:] for c in RUN_CASES], ids=[c[0] for c in RUN_CASES])
+@pytest.mark.parametrize("overrides,n_devices,needles",
+                         [pytest.param(*c[1:], marks=pytest.mark.devices(c[2])) for c in RUN_CASES],
+                         ids=[c[0] for c in RUN_CASES])
 def test_invalid_run_fails_before_compiling(overrides, n_devices, needles, tmp_path, compile_events):
   from recursive_lm import train
   cfg = config_lib.load(build(overrides))  # valid on its own; wrong for these devices or this data

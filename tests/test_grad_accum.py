@@ -61,6 +61,7 @@ def test_split_micro_takes_strided_rows():
   np.testing.assert_array_equal(split_micro(x, 3), [[[0, 1], [6, 7]], [[2, 3], [8, 9]], [[4, 5], [10, 11]]])
 
 
+@pytest.mark.devices(4)
 def test_micro_batches_stay_on_their_devices():
   """On a 4-device data mesh the compiled k=2 step has no collective but the gradient all-reduce
   (splitting contiguous rows instead would gather and permute the batch)."""

@@ -366,6 +366,7 @@ def test_bfloat16_compute_runs_and_tracks_float32():
   assert diff.mean() < 0.03 and diff.max() < 0.5, (diff.mean(), diff.max())
 
 
+@pytest.mark.devices(8)
 def test_data_parallel_dispatch_under_a_mesh_matches_plain():
   """Batch over an 8-device `data` axis: each shard routes its own tokens;
   outputs and the psum-ed usage equal the single-program result."""
@@ -381,6 +382,7 @@ def test_data_parallel_dispatch_under_a_mesh_matches_plain():
   np.testing.assert_allclose(aux_dp["mlp_probs"], aux["mlp_probs"], rtol=1e-6)
 
 
+@pytest.mark.devices(8)
 def test_model_on_a_data_fsdp_expert_mesh_matches_single_device():
   """8 devices as data 2 x fsdp 2 x expert 2 with experts sharded over `expert`: created in place
   by sharding.create_sharded, run under its mesh and rules."""

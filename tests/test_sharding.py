@@ -73,6 +73,7 @@ def test_config_rejects_two_rests_and_zero_sizes():
     config_lib.load(tiny_config(**{"mesh.tensor": 0}))
 
 
+@pytest.mark.devices(8)
 def test_make_mesh_is_auto_and_takes_devices():
   mesh = sharding.make_mesh(mesh_cfg(data=2, fsdp=2, tensor=2))
   assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1}
@@ -81,6 +82,7 @@ def test_make_mesh_is_auto_and_takes_devices():
   assert one.size == 1 and list(one.devices.flat) == jax.devices()[:1]
 
 
+@pytest.mark.devices(8)
 def test_batch_not_divisible_by_data_parallel_size():
   mesh = sharding.make_mesh(mesh_cfg(data=2, fsdp=2, tensor=2))
   sharding.check_batch(8, mesh, "fsdp_tensor")
@@ -91,6 +93,7 @@ def test_batch_not_divisible_by_data_parallel_size():
   assert "data.batch_size=6" in msg and "data-parallel size 4" in msg
 
 
+@pytest.mark.devices(8)
 def test_train_run_rejects_batch_before_any_work(tmp_path):
   from recursive_lm import train
   c = tiny_config(**{"data.batch_size": 6, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
@@ -99,6 +102,7 @@ def test_train_run_rejects_batch_before_any_work(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.devices(8)
 def test_weight_not_divisible_names_parameter_axis_and_numbers():
   cfg = config_lib.load(tiny_config())  # d_model 42
   mesh = sharding.make_mesh(mesh_cfg(data=2, fsdp=4))
@@ -153,6 +157,7 @@ def _norm_spec(spec: P, ndim: int) -> P:
   return P(*(tuple(spec) + (None,) * (ndim - len(spec))))
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("preset", ["replicated", "data", "fsdp", "fsdp_tensor", "fsdp_tensor_expert"])
 def test_abstract_specs_per_preset(preset):
   cfg = small_model_config()
@@ -174,6 +179,7 @@ def test_abstract_specs_per_preset(preset):
       assert all(a is None for a in leaf.sharding.spec), path
 
 
+@pytest.mark.devices(8)
 def test_create_sharded_places_shards_without_full_copies():
   cfg = small_model_config()
   mesh = sharding.make_mesh(mesh_cfg(data=2, fsdp=2, tensor=2))
@@ -205,6 +211,7 @@ def test_create_sharded_places_shards_without_full_copies():
 # Activation constraints: a no-op without a mesh; batch-sharded rows under one.
 
 
+@pytest.mark.devices(8)
 def test_constrain_residual_noop_without_mesh_or_rules():
   x = jnp.ones((8, 4, 6))
   assert sharding.constrain_residual(x) is x
@@ -213,6 +220,7 @@ def test_constrain_residual_noop_without_mesh_or_rules():
     assert sharding.constrain_residual(x) is x
 
 
+@pytest.mark.devices(8)
 def test_constrain_residual_shards_rows_only():
   mesh = sharding.make_mesh(mesh_cfg(data=2, fsdp=2, tensor=2))
 
@@ -323,6 +331,7 @@ def assert_same_run(train_a, eval_a, train_b, eval_b, rtol=1e-4):
   np.testing.assert_allclose([r["eval_loss"] for r in eval_a], [r["eval_loss"] for r in eval_b], rtol=rtol)
 
 
+@pytest.mark.devices(8)
 def test_sharded_training_matches_single_device(reference_run, tmp_path):
   from recursive_lm import train
   sharded_train, sharded_eval, _ = reference_run
