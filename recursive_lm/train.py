@@ -23,11 +23,11 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from recursive_lm import checkpoint, cli, data, metrics, optim, peak, sharding
+from recursive_lm import checkpoint, cli, data, metrics, peak, sharding
 from recursive_lm import config as config_lib
 from recursive_lm.analysis.accounting import flops_per_token
 from recursive_lm.config import Config, ConfigError
-from recursive_lm.model.transformer import Transformer
+from recursive_lm.state import make_state
 from recursive_lm.train_step import make_eval_step, make_train_step
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (FILE[:ARG]).", lock_config=True)
@@ -147,10 +147,8 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None, devices=None) -> 
 
   def init():
     nonlocal lr_schedule
-    model = Transformer(cfg.model, nnx.Rngs(cfg.seed))
-    tx, lr_schedule = optim.make(cfg.optim, cfg.train.steps, nnx.state(model, nnx.Param),
-                                 skip_nonfinite=cfg.train.on_nonfinite == "skip")
-    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+    model, optimizer, lr_schedule = make_state(cfg)
+    return model, optimizer
 
   writer = metrics.MetricsWriter(workdir, enabled=pi == 0)
   graphdef, abstract = sharding.abstract_sharded(init, mesh, preset)
