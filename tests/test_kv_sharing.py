@@ -166,3 +166,19 @@ def test_shared_kv_trains():
   grads = nnx.grad(loss)(model)
   g = grads.stages[0].kv.k.kernel[...]
   assert g.shape == (2, 42, 14) and bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).min(axis=(1, 2)).max()) > 0
+
+
+@pytest.mark.parametrize("sharing", ["cla:2", "recursion"])
+def test_probes_walk_the_shared_store(sharing):
+  """The per-layer walk of the probes reproduces the model's logits and its
+  per-depth aux under KV sharing too."""
+  from recursive_lm.analysis import probes
+  cfg = config_lib.load(tiny_config(preset="cycle", num_layers=4, repeats=2, lora_rank=2,
+                                    **{"model.kv_sharing": sharing}))
+  model = perturbed(cfg)
+  tokens = jnp.asarray(np.random.default_rng(4).integers(0, 61, (2, 6)), jnp.int32)
+  hidden, aux = probes.residual_stream(model, tokens)
+  logits, _, model_aux = model(tokens)
+  assert hidden.shape[0] == 5
+  np.testing.assert_allclose(probes.readout(model, hidden[-1]), logits, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(aux["resid_rms"], model_aux["resid_rms"], atol=1e-6, rtol=1e-6)

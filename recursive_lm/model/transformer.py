@@ -24,9 +24,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from recursive_lm import axes, sharding
+from recursive_lm import plan as plan_lib
 from recursive_lm.config import ModelConfig
 from recursive_lm.model import moe
-from recursive_lm import plan as plan_lib
 from recursive_lm.model.attention import Context, KVProjection, init_kv_cache
 from recursive_lm.model.block import Block, DepthSlot
 from recursive_lm.model.moeut_block import MoEUTBlock
