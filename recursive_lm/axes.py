@@ -16,6 +16,12 @@ logical sharding names and einsum strings throughout the package.
   L       layers        stacked unique blocks, or effective depth for per-depth params
   V       vocab         vocabulary
 
+Depth-plan letters (`recursive_lm.plan`; not array axes of their own, they
+split the `layers` axis): U unique blocks of a stage, C loops (repeats) of a
+stage; a stage runs U * C effective layers. K and R above stay kv heads and
+LoRA rank. "slot" alone means a per-depth slot (`Layer.slot`, `DepthSlot`);
+the KV store's entries are "KV slots" (`Layer.kv_slot`).
+
 Model code names logical axes only; `recursive_lm.sharding` maps them to mesh axes.
 """
 

@@ -69,21 +69,13 @@ def with_repeats(cd: ml_collections.ConfigDict, repeats: int) -> ml_collections.
   K comes from cd's own plan; num_layers becomes K * repeats (plus the unique
   first and last layers for middle_* and sandwich).
   """
+  from recursive_lm import plan as plan_lib
   cd = copy.deepcopy(cd)
   p = cd.model.plan
-  if p.preset in ("cycle", "sequence"):
-    k = p.num_layers // p.repeats
-    p.num_layers, p.repeats = k * repeats, repeats
-  elif p.preset == "looped":
-    p.num_layers = repeats
-  elif p.preset in ("middle_cycle", "middle_sequence"):
-    k = (p.num_layers - 2) // p.repeats
-    p.num_layers, p.repeats = k * repeats + 2, repeats
-  elif p.preset == "sandwich":
-    p.num_layers = repeats + 2
-  else:
-    raise ConfigError(f"model.plan.preset={p.preset!r} does not repeat blocks; benchmark compile needs one of "
-                      "cycle, sequence, looped, middle_cycle, middle_sequence, sandwich")
+  try:
+    p.num_layers, p.repeats = plan_lib.with_repeats(p.preset, p.num_layers, p.repeats, repeats)
+  except ConfigError as e:
+    raise ConfigError(f"benchmark compile: {e}") from None
   return cd
 
 
@@ -163,9 +155,9 @@ def run_train(cd: ml_collections.ConfigDict) -> dict:
   import numpy as np
   from flax import nnx
 
-  from recursive_lm import optim, peak, sharding
+  from recursive_lm import peak, sharding
   from recursive_lm.analysis.accounting import flops_per_token
-  from recursive_lm.model.transformer import Transformer
+  from recursive_lm.state import make_state
   from recursive_lm.train_step import make_train_step
 
   cfg = config_lib.load(cd)
@@ -173,12 +165,7 @@ def run_train(cd: ml_collections.ConfigDict) -> dict:
   preset = cfg.mesh.rules
   sharding.check_batch(cfg.data.batch_size, mesh, preset, cfg.optim.grad_accum)
 
-  def init():
-    model = Transformer(cfg.model, nnx.Rngs(cfg.seed))
-    tx, _ = optim.make(cfg.optim, cfg.train.steps, nnx.state(model, nnx.Param))
-    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-  graphdef, state = nnx.split(sharding.create_sharded(init, mesh, preset))
+  graphdef, state = nnx.split(sharding.create_sharded(lambda: make_state(cfg), mesh, preset))
   shardings = jax.tree.map(lambda x: x.sharding, state)
   step = make_train_step(graphdef, shardings, sharding.batch_sharding(mesh, preset),
                          grad_accum=cfg.optim.grad_accum)

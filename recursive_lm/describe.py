@@ -47,11 +47,13 @@ def table(d: dict) -> str:
       ("stored / untied", f"{d['total_params'] / d['untied_params']:.3f}"),
       ("train FLOPs / token", "not accounted for this block type" if d["flops_per_token"] is None else
        f"{d['flops_per_token']:,} ({_fmt(d['flops_per_token'])}) at seq_len {d['seq_len']}"),
+      ("kv sharing", f"{d['kv_sharing']} ({d['kv_slots']} KV slots)"),
+      ("KV cache bytes / token", f"{d['kv_cache_bytes_per_token']:,}"),
   ]
   width = max(len(k) for k, _ in rows)
   lines = [f"{k:<{width}}  {v}" for k, v in rows]
-  lines += ["", "depth  stage     block  repeat"]
-  lines += [f"{p['depth']:>5}  {p['stage']:<8}  {p['block']:>5}  {p['repeat']:>6}" for p in d["plan"]]
+  lines += ["", "depth  stage     block  repeat  kv_slot"]
+  lines += [f"{p['depth']:>5}  {p['stage']:<8}  {p['block']:>5}  {p['repeat']:>6}  {p['kv_slot']:>7}" for p in d["plan"]]
   return "\n".join(lines)
 
 

@@ -61,7 +61,7 @@ def with_loops(model, cfg, loops: int):
   """
   import dataclasses
   import jax
-  from recursive_lm.model.plan import from_config
+  from recursive_lm import plan as plan_lib
   from recursive_lm.model.transformer import Transformer
   p = cfg.model.plan
   if loops < 1:
@@ -69,17 +69,11 @@ def with_loops(model, cfg, loops: int):
   if cfg.model.lora.ranks or p.per_depth_norms:
     raise ConfigError("test-time loops need a plan without per-depth slots (model.lora.rank=0 and "
                       "model.plan.per_depth_norms=False): LoRA / norm slots exist only for the trained depths")
-  if p.preset == "vanilla":
-    raise ConfigError("test-time loops: plan 'vanilla' has no shared stage to loop")
-  if p.preset == "looped":
-    new = dataclasses.replace(p, num_layers=loops)
-  elif p.preset == "sandwich":
-    new = dataclasses.replace(p, num_layers=loops + 2)
-  elif p.preset in ("cycle", "sequence"):
-    new = dataclasses.replace(p, num_layers=p.num_layers // p.repeats * loops, repeats=loops)
-  else:  # middle_cycle / middle_sequence
-    new = dataclasses.replace(p, num_layers=(p.num_layers - 2) // p.repeats * loops + 2, repeats=loops)
-  from_config(new)
+  try:
+    num_layers, repeats = plan_lib.with_repeats(p.preset, p.num_layers, p.repeats, loops)
+  except ConfigError as e:
+    raise ConfigError(f"test-time loops: {e}") from None
+  new = dataclasses.replace(p, num_layers=num_layers, repeats=repeats)
   new_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, plan=new))
   with nnx.use_eager_sharding(False):  # built outside a mesh; the trained arrays are copied in below
     new_model = Transformer(new_cfg.model, nnx.Rngs(0))

@@ -22,11 +22,11 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from recursive_lm import checkpoint, cli, data, metrics, optim, peak, sharding
+from recursive_lm import checkpoint, cli, data, metrics, peak, sharding
 from recursive_lm import config as config_lib
 from recursive_lm.analysis.accounting import flops_per_token
 from recursive_lm.config import Config, ConfigError
-from recursive_lm.model.transformer import Transformer
+from recursive_lm.state import make_state
 from recursive_lm.train_step import make_eval_step, make_train_step
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (FILE[:ARG]).", lock_config=True)
@@ -141,14 +141,8 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None, devices=None) -> 
   # 3. Model and optimiser: fresh, or restored with the data position.
   checkpoint.check_or_write_config(workdir, cfg)
   ckpt = checkpoint.Checkpointer(workdir, cfg.train.keep_checkpoints)
-
-  def init():
-    model = Transformer(cfg.model, nnx.Rngs(cfg.seed))
-    tx, _ = optim.make(cfg.optim, cfg.train.steps, nnx.state(model, nnx.Param),
-                       skip_nonfinite=cfg.train.on_nonfinite == "skip")
-    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
-
   writer = metrics.MetricsWriter(workdir, enabled=pi == 0)
+  init = lambda: make_state(cfg)  # noqa: E731
   graphdef, abstract = sharding.abstract_sharded(init, mesh, preset)
   restored = ckpt.restore_latest_good(abstract, train_iter, log=metrics.console)
   if restored is None:

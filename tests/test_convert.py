@@ -22,7 +22,7 @@ from recursive_lm import config as config_lib
 from recursive_lm.config import ConfigError
 from recursive_lm.convert import build, readers, workdir as wd
 from recursive_lm.convert.readers import ConvertError
-from recursive_lm.model import plan as plan_lib
+from recursive_lm import plan as plan_lib
 from recursive_lm.model.transformer import Transformer
 
 gguf = pytest.importorskip("gguf")

@@ -143,3 +143,47 @@ def test_compiled_once_per_shape():
   generate(model, prompt(seed=5), N)
   generate(build(seed=2, **CASES["cycle"]), prompt(), N)  # same structure, other weights
   assert decode_lib._generate._cache_size() == before
+
+
+@pytest.mark.parametrize("sharing", ["none", "recursion"])
+def test_prompts_of_different_lengths_decode_as_alone(sharing):
+  """Right-padded prompts of lengths 1, 5 and 17 in one batch: each row gets
+  the greedy tokens (and logits) it gets alone; a tied plan with per-depth LoRA
+  and sliding windows (local and global layers)."""
+  model = build(preset="cycle", num_layers=4, repeats=2, lora_rank=2, **{
+      "model.sliding_window": 4, "model.global_every": 2, "model.rope_base_local": 100.0,
+      "model.kv_sharing": sharing})
+  lengths = [1, 5, 17]
+  rng = np.random.default_rng(5)
+  padded = np.full((3, 17), 7, np.int32)  # pad id 7: its value must not matter
+  for i, n in enumerate(lengths):
+    padded[i, :n] = rng.integers(0, V, n)
+  toks, logits = generate(model, padded, N, return_logits=True, prompt_lengths=lengths)
+  assert toks.shape == (3, 17 + N)
+  for i, n in enumerate(lengths):
+    alone, alone_logits = generate(model, padded[i:i + 1, :n], N, return_logits=True)
+    np.testing.assert_array_equal(toks[i, :n + N], alone[0], err_msg=f"row {i} (length {n})")
+    assert (np.asarray(toks[i, n + N:]) == 0).all()
+    np.testing.assert_allclose(logits[i], alone_logits[0], rtol=1e-5, atol=1e-5)
+
+
+def test_per_row_cache_index_equals_rows_alone():
+  """One forward call with rows at different cache positions equals each row's own call."""
+  model = build(preset="cycle", num_layers=4, repeats=2, lora_rank=2, **{"model.sliding_window": 3})
+  seq = jnp.asarray(np.random.default_rng(6).integers(0, V, (2, 9)), jnp.int32)
+  cache = model.init_cache(2, 12)
+  _, cache, _ = model(seq[:, :8], cache=cache, cache_index=jnp.zeros((2,), jnp.int32))
+  starts = jnp.asarray([3, 7], jnp.int32)  # row 0 rewinds to position 3, row 1 continues at 7
+  step = jnp.stack([seq[0, 3:5], seq[1, 7:9]])
+  logits, _, _ = model(step, cache=cache, cache_index=starts)
+  for r, s in enumerate([3, 7]):
+    row_cache = [jax.tree.map(lambda a: a[:, r:r + 1], c) for c in cache]
+    alone, _, _ = model(step[r:r + 1], cache=row_cache, cache_index=jnp.int32(s))
+    np.testing.assert_allclose(logits[r], alone[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(logits[1], full_forward(model, seq)[1, 7:9], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("lengths,needle", [([1, 0], r"\[1, 4\]"), ([1, 5], r"\[1, 4\]"), ([2], "2 ints")])
+def test_bad_prompt_lengths_are_rejected(lengths, needle):
+  with pytest.raises(ValueError, match=needle):
+    generate(build(), np.zeros((2, 4), np.int32), 2, prompt_lengths=lengths)

@@ -93,12 +93,22 @@ def test_describe_cli_prints_json():
               "flops_per_token", "seq_len", "plan"):
     assert key in d, key
   assert d["lora_params"] > 0 and d["total_params"] == d["unique_params"] + d["lora_params"]
-  assert set(d["plan"][0]) == {"depth", "stage", "block", "repeat"}
+  assert set(d["plan"][0]) == {"depth", "stage", "block", "repeat", "kv_slot"}
+  assert d["kv_slots"] == d["effective_depth"] and d["kv_cache_bytes_per_token"] > 0
+
+
+def test_describe_cli_reports_kv_sharing():
+  out = _describe("--config", "configs/relaxed.py:size=tiny", "--config.model.kv_sharing=recursion")
+  assert out.returncode == 0, out.stderr
+  d = json.loads(out.stdout)
+  assert d["kv_sharing"] == "recursion" and d["kv_slots"] == 1  # tiny: one block run twice
+  assert [p["kv_slot"] for p in d["plan"]] == [0, 0]
 
 
 @pytest.mark.parametrize("args,needle", [
     (("--config", "configs/recursive.py:size=tiny,repeats=3"), "model.plan"),  # 2 layers, 3 repeats
     (("--config", "configs/recursive.py:nope=1"), "'nope' is unknown"),
+    (("--config", "configs/relaxed.py:size=tiny", "--config.model.kv_sharing=cla:3"), "model.kv_sharing='cla:3'"),
 ])
 def test_describe_cli_config_error_is_one_line_exit_2(args, needle):
   out = _describe(*args)

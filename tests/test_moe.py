@@ -18,7 +18,7 @@ from conftest import tiny_config
 from recursive_lm import config as config_lib
 from recursive_lm.config import ConfigError
 from recursive_lm.model import dispatch, moe, moeut_block
-from recursive_lm.model import plan as plan_lib
+from recursive_lm import plan as plan_lib
 from recursive_lm.model.transformer import Transformer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

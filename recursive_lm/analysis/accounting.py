@@ -13,8 +13,11 @@ Names:
   lora_params       stored LoRA factors (all depth slots)
   total_params      unique_params + lora_params (everything in a checkpoint)
   embedding_params  the token embedding table [V, D] (part of unique_params)
+  kv_slots          distinct KV-cache entries (model.kv_sharing); the cache
+                    holds kv_cache_bytes_per_token bytes per token of context
   untied_params     unique_params of the same architecture with one block per
-                    effective layer and no LoRA (the vanilla model of equal depth)
+                    effective layer, no LoRA and no KV sharing (the vanilla model
+                    of equal depth)
 """
 
 from __future__ import annotations
@@ -67,13 +70,13 @@ def count_params(model: Transformer) -> dict[str, int]:
 
 def untied_params(cfg: Config | ModelConfig) -> int:
   """unique_params of the untied counterpart: vanilla plan with one block per
-  effective layer, no LoRA, everything else equal."""
+  effective layer, no LoRA, no KV sharing, everything else equal."""
   mcfg = _model_cfg(cfg)
   depth = abstract_model(mcfg).plan.depth
   untied = dataclasses.replace(
       mcfg,
       plan=config_lib.PlanConfig(preset="vanilla", num_layers=depth, repeats=1, per_depth_norms=False),
-      lora=dataclasses.replace(mcfg.lora, rank=0, ranks=()))
+      lora=dataclasses.replace(mcfg.lora, rank=0, ranks=()), kv_sharing="none")
   return count_params(abstract_model(untied))["unique_params"]
 
 
@@ -93,11 +96,12 @@ def matmul_params_per_token(cfg: Config | ModelConfig, model: Transformer | None
   """Matmul weights one token passes through on its way up the model.
 
   A shared block counts once per effective layer it runs at: stage blocks are
-  stored [K, ...] and each runs R times, so a stage contributes R * (all its
-  block kernels). LoRA factors are stored per depth slot [K*R, ...] and each
+  stored [U, ...] and each runs C times, so a stage contributes C * (all its
+  block kernels). LoRA factors are stored per depth slot [U*C, ...] and each
   slot runs once, so they count as stored. The LM head (D x V, tied or not)
   counts once; the embedding lookup is a gather and norms are elementwise, so
-  neither counts.
+  neither counts. With model.kv_sharing, K/V projections count once per layer
+  that writes a KV slot; the layers that read one run none.
   """
   mcfg = _model_cfg(cfg)
   if mcfg.block not in ACTIVE_MATMUL_PARAMS:
@@ -106,11 +110,36 @@ def matmul_params_per_token(cfg: Config | ModelConfig, model: Transformer | None
   active = ACTIVE_MATMUL_PARAMS[mcfg.block]
   model = model if model is not None else abstract_model(mcfg)
   n = mcfg.d_model * mcfg.vocab_size
-  for spec, stage in zip(model.plan.stages, model.stages):
+  for i, (spec, stage) in enumerate(zip(model.plan.stages, model.stages)):
     n += spec.repeats * active(stage.blocks, mcfg)
     if stage.slots is not None:
       n += _dense_matmul_params(stage.slots, mcfg)
+    if stage.shared_kv:
+      n += _shared_kv_params(model.plan.stage_layers(i), stage, spec.depth)
   return n
+
+
+def _shared_kv_params(layers, stage, depth: int) -> int:
+  """Per-token K/V weights of a stage under model.kv_sharing: the K/V
+  projections (stored [W, ...] for the W writing blocks) run once per layer
+  that writes; the k/v adapters of the depths that only read never run (they
+  are stored with the depth's other adapters and counted above)."""
+  writes = sum(l.kv_write for l in layers)
+  n = _sum(nnx.state(stage.kv)) // len(stage.kv_blocks) * writes if stage.kv is not None else 0
+  if stage.slots is not None:
+    lora = dict(stage.slots.lora)
+    per_depth = sum(_sum(nnx.state(lora[t])) for t in ("k", "v") if t in lora) // depth
+    n -= per_depth * (len(layers) - writes)
+  return n
+
+
+def kv_cache_bytes_per_token(cfg: Config | ModelConfig, model: Transformer | None = None) -> int:
+  """Bytes the KV cache holds per token of context: one K and one V of
+  [Kv, Hd] in the compute dtype per distinct KV slot (`plan.kv_slots`)."""
+  import numpy as np
+  mcfg = _model_cfg(cfg)
+  model = model if model is not None else abstract_model(mcfg)
+  return model.plan.kv_slots * 2 * mcfg.num_kv_heads * mcfg.head_dim * np.dtype(mcfg.compute_dtype).itemsize
 
 
 def flops_per_token(cfg: Config | ModelConfig, seq_len: int, model: Transformer | None = None) -> int:
@@ -138,7 +167,8 @@ def describe(cfg: Config) -> dict:
 
   Keys: unique_params, untied_params, lora_params, total_params,
   embedding_params, effective_depth, unique_blocks, flops_per_token (training,
-  at seq_len; None for a block type not in ACTIVE_MATMUL_PARAMS), seq_len, plan (list of {depth, stage, block, repeat}).
+  at seq_len; None for a block type not in ACTIVE_MATMUL_PARAMS), seq_len, kv_sharing, kv_slots (distinct
+  KV-cache entries), kv_cache_bytes_per_token, plan (list of {depth, stage, block, repeat, kv_slot}).
   """
   model = abstract_model(cfg)
   counts = count_params(model)
@@ -156,5 +186,8 @@ def describe(cfg: Config) -> dict:
       "unique_blocks": model.plan.unique_blocks,
       "flops_per_token": flops,
       "seq_len": cfg.data.seq_len,
+      "kv_sharing": cfg.model.kv_sharing,
+      "kv_slots": model.plan.kv_slots,
+      "kv_cache_bytes_per_token": kv_cache_bytes_per_token(cfg, model),
       "plan": model.plan.describe(),
   }

@@ -10,13 +10,10 @@ Depth 0 is the embedding output; depth l >= 1 is the residual stream after
 effective layer l - 1 (`plan.layers()[l - 1]`). Every function takes a `Run`
 (from `load_run`) or, where no data is needed, a bare model.
 
-The model exposes only its final output, so `hidden_states` walks the depth
-plan itself: each effective layer is the stage's unique block `k` (taken from
-the stacked blocks [K, ...]) with the depth's own slot (LoRA, norms: taken
-from the stacked slots [K*R, ...]), exactly as `recursion.run_unrolled` runs
-it, with the per-layer context `Transformer.__call__` builds. The tests check
-that this walk reproduces the model's logits and its per-depth `resid_rms`,
-so a change to the model's forward that the walk misses fails loudly.
+The model exposes only its final output, so `hidden_states` walks the plan's
+layer records through `recursion.apply_layer`, the per-layer entry point the
+unrolled reference runs too. The tests check that this walk reproduces the
+model's logits and its per-depth `resid_rms`.
 """
 
 from __future__ import annotations
@@ -30,45 +27,33 @@ import numpy as np
 import optax
 from flax import nnx
 
+from recursive_lm.model import recursion
+
 
 
 def _model(run_or_model):
   return getattr(run_or_model, "model", run_or_model)
 
 
-def _take(tree, i):
-  return jax.tree.map(lambda a: a[i], tree)
-
-
 # ----------------------------------------------------------------------------
 # The residual stream, layer by layer.
-
-
-def _layer_contexts(model, t: int):
-  """-> f(stage index, slot index) -> the Context that effective layer runs with
-  (a cache-free forward from position 0, as in `Transformer.__call__`)."""
-  ctx, data = model.context(t)
-  return lambda stage_i, slot_i: ctx.for_layer(**{k: v[slot_i] for k, v in data[stage_i].items()})
 
 
 def residual_stream(model, tokens: jax.Array) -> tuple[jax.Array, dict]:
   """Traceable: tokens int [B, T] -> (hidden [L_eff+1, B, T, D] in the compute
   dtype, aux {name: [L_eff, ...]}) with hidden[0] the embedding output and
   hidden[l] the residual stream after effective layer l - 1."""
-  cfg = model.cfg
-  context = _layer_contexts(model, tokens.shape[1])
-  x = model.embed(tokens, jnp.dtype(cfg.compute_dtype))
-  hidden, auxes = [x], []
-  for stage_i, (spec, stage) in enumerate(zip(model.plan.stages, model.stages)):
-    block_def, block_state = nnx.split(stage.blocks)
-    slot_def, slot_state = nnx.split(stage.slots) if stage.slots is not None else (None, None)
-    for slot_i in range(spec.depth):
-      k, _ = spec.block_and_repeat(slot_i)  # the unique block this depth runs
-      block = nnx.merge(block_def, _take(block_state, k))
-      slot = nnx.merge(slot_def, _take(slot_state, slot_i)) if slot_def is not None else None
-      x, _, aux = block(x, slot, context(stage_i, slot_i), None)
-      hidden.append(x)
-      auxes.append(aux)
+  ctx, _ = model.context(tokens.shape[1])
+  x = model.embed(tokens, jnp.dtype(model.cfg.compute_dtype))
+  hidden = [x]
+  if model.plan.kv_sharing != "none":  # layers read each other's K/V: one walk with the shared store
+    _, _, aux = recursion.run_shared(model.stages, model.plan, x, ctx, None, "none", hidden)
+    return jnp.stack(hidden), aux
+  auxes = []
+  for layer in model.plan.layers():
+    x, _, aux = recursion.apply_layer(model.stages[layer.stage], layer, x, ctx)
+    hidden.append(x)
+    auxes.append(aux)
   return jnp.stack(hidden), jax.tree.map(lambda *a: jnp.stack(a), *auxes)
 
 
@@ -191,7 +176,7 @@ _SHARED_KERNEL = {"q": "attn", "k": "attn", "v": "attn", "o": "attn", "gate": "m
 
 
 def _shared_kernel(blocks, target: str):
-  """The stacked shared kernel [K, d_in, d_out] a LoRA target adapts, or None
+  """The stacked shared kernel [U, d_in, d_out] a LoRA target adapts, or None
   for block types that store it another way."""
   try:
     return np.asarray(getattr(getattr(blocks, _SHARED_KERNEL[target]), target).kernel[...], np.float64)
@@ -209,7 +194,7 @@ def lora_delta(lora) -> np.ndarray:
 def lora_spectra(run_or_model) -> dict[str, dict]:
   """Per-depth LoRA deltas of every stage with slots, per target module.
 
-  Keys '<stage>/<target>' (e.g. 'main/q'); each value has, for the S = K*R
+  Keys '<stage>/<target>' (e.g. 'main/q'); each value has, for the S = U*C
   slots of the stage in effective-layer order:
     stage, target, rank, scale
     depths          [S] effective-layer index of each slot
@@ -253,7 +238,7 @@ class MoEUsage:
   usage:    {aux key: [L_eff, ..., E]} mean over batches of the share of
             tokens that selected each expert ('mlp_usage' [L_eff, E] sums to
             top_k per layer; 'att_v_usage' / 'att_o_usage' [L_eff, H, Ea])
-  by_block: {'<stage>/b<k>': {aux key: [R, ..., E]}} the same per unique
+  by_block: {'<stage>/b<k>': {aux key: [C, ..., E]}} the same per unique
             block, one row per repeat (how one shared layer's routing changes
             across loops)
   dead:     {aux key: [L_eff]} experts no token selected at that layer

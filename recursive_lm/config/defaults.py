@@ -35,6 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.sliding_window = 0  # >0: local layers attend to this many past positions
   m.global_every = 0  # with sliding_window: every Nth effective layer is global (0: none)
   m.rope_base_local = 0.0  # rotary base of the local layers (0: model.rope_base)
+  # Which layers share K/V (one KV-cache entry per distinct slot): none | cla:<s> (groups of s adjacent
+  # layers) | mlkv:<n> (n KV layers over the depth) | recursion (later repeats read the first repeat's).
+  m.kv_sharing = "none"
   # Architecture options of the dense block (off by default: no effect, no parameters).
   m.post_norms = False  # sandwich norms: normalise the attention and MLP outputs before the residual add (Gemma 2/3)
   m.qk_norm = False  # per-head RMS/LayerNorm of queries and keys before rotary (Gemma 3, Qwen 3)

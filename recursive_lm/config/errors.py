@@ -1,5 +1,5 @@
-"""The one exception type of configuration errors."""
+"""The one exception type of configuration errors (defined in `recursive_lm.errors`)."""
 
+from recursive_lm.errors import ConfigError
 
-class ConfigError(ValueError):
-  """A config value is invalid; the message names the field and the values."""
+__all__ = ["ConfigError"]

@@ -8,6 +8,7 @@ import dataclasses
 import json
 
 from recursive_lm.config.errors import ConfigError
+from recursive_lm import plan as plan_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +84,7 @@ class ModelConfig:
   rope_low_freq_factor: float = 1.0
   rope_high_freq_factor: float = 4.0
   rope_original_max_len: int = 8192
+  kv_sharing: str = "none"  # see recursive_lm.plan.kv_sources
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +157,7 @@ class Config:
 
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-PLAN_PRESETS = ("vanilla", "looped", "cycle", "sequence", "middle_cycle", "middle_sequence", "sandwich")
+PLAN_PRESETS = plan_lib.PRESET_NAMES
 MLP_TYPES = ("swiglu", "geglu", "gelu", "relu")
 REMAT = ("none", "full", "dots", "dots_no_batch", "nested")
 MESH_RULES = ("replicated", "data", "fsdp", "fsdp_tensor", "fsdp_tensor_expert")

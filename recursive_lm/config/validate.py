@@ -8,6 +8,8 @@ from typing import Any
 
 import ml_collections
 
+from recursive_lm import plan as plan_lib
+from recursive_lm.config import tasks as synthetic
 from recursive_lm.config.defaults import base_config
 from recursive_lm.config.errors import ConfigError
 from recursive_lm.config.schema import (LORA_TARGETS, MESH_RULES, MLP_TYPES, PLAN_PRESETS, REMAT, Config, DataConfig,
@@ -148,7 +150,6 @@ def _check_schema(cd, ref, prefix: str = "") -> None:
 
 
 def _synthetic(d) -> None:
-  from recursive_lm.data import synthetic
   _choice("data.task", d.task, synthetic.TASKS)
   _positive("data.hops", d.hops)
   if d.tokenizer != "byte":
@@ -190,8 +191,12 @@ def load(cd: ml_collections.ConfigDict) -> Config:
   _positive("model.plan.repeats", p.repeats)
   plan = PlanConfig(preset=p.preset, num_layers=p.num_layers, repeats=p.repeats,
                     per_depth_norms=bool(p.per_depth_norms))
-  from recursive_lm.model import plan as plan_lib  # validates divisibility with a named error
-  plan_lib.from_config(plan)
+  if m.kv_sharing != "none" and m.block != "dense":
+    raise ConfigError(f"model.kv_sharing={m.kv_sharing!r} is only supported with model.block='dense' "
+                      f"(model.block={m.block!r})")
+  # The whole depth plan is checked here (divisibility, KV sharing, layer kinds), one named error each.
+  plan_lib.build(plan.preset, plan.num_layers, plan.repeats, plan.per_depth_norms, m.kv_sharing,
+                 m.sliding_window, m.global_every)
 
   d_q, d_kv = m.num_heads * head_dim, m.num_kv_heads * head_dim
   dims = {"q": (m.d_model, d_q), "k": (m.d_model, d_kv), "v": (m.d_model, d_kv), "o": (d_q, m.d_model),
@@ -207,6 +212,7 @@ def load(cd: ml_collections.ConfigDict) -> Config:
       sliding_window=_positive("model.sliding_window", m.sliding_window, allow_zero=True),
       global_every=_positive("model.global_every", m.global_every, allow_zero=True),
       rope_base_local=float(_positive("model.rope_base_local", m.rope_base_local, allow_zero=True)),
+      kv_sharing=m.kv_sharing,
       **_arch_options(m))
 
   d = cd.data

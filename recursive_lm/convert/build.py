@@ -34,7 +34,7 @@ import numpy as np
 
 from recursive_lm.config import ConfigError, ModelConfig
 from recursive_lm.convert.readers import KERNELS, NORMS, Source
-from recursive_lm.model import plan as plan_lib
+from recursive_lm import plan as plan_lib
 from recursive_lm.model.block import lora_shapes
 
 INITS = ("stepwise", "average", "lower", "upper", "random")
@@ -99,7 +99,10 @@ def convert_params(source: Source, cfg: ModelConfig, params: dict, init: str = "
   """Fill `params` (nnx.to_pure_dict of the model's nnx.Param state, numpy or
   jax leaves) with the source's weights under cfg's plan; returns the new
   pure dict (numpy float32 leaves). Blocks of repeated stages follow `init`."""
-  plan = plan_lib.from_config(cfg.plan)
+  if cfg.kv_sharing != "none":
+    raise ConfigError(f"model.kv_sharing={cfg.kv_sharing!r}: a converted model keeps every layer's own K/V "
+                      "projections (use model.kv_sharing='none')")
+  plan = plan_lib.from_config(cfg)
   check_depth(source, plan)
   params = _to_numpy(params)
   _set(params, ("embed", "table"), source.embed)
@@ -192,7 +195,7 @@ def _to_numpy(tree):
 def relative_residuals(source: Source, cfg: ModelConfig, params: dict) -> dict[str, float]:
   """||W_l - W_shared - s A B|| / ||W_l|| averaged over depths, per target: how
   much of each layer the tied weights plus its adapter miss (0 at full rank)."""
-  plan = plan_lib.from_config(cfg.plan)
+  plan = plan_lib.from_config(cfg)
   out = {t: [] for t in KERNELS if t in source.layers[0]}
   for i, spec in enumerate(plan.stages):
     first = sum(s.depth for s in plan.stages[:i])

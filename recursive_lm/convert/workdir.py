@@ -28,12 +28,12 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from recursive_lm import checkpoint, data, optim, sharding
+from recursive_lm import checkpoint, data, sharding
 from recursive_lm import config as config_lib
 from recursive_lm.config import Config, ConfigError
 from recursive_lm.convert import build
 from recursive_lm.convert.readers import KERNELS, Source
-from recursive_lm.model.transformer import Transformer
+from recursive_lm.state import make_state
 
 # Uptraining defaults: small enough for a CPU (override with --set KEY=VALUE).
 UPTRAIN = {"data.seq_len": 128, "data.batch_size": 4, "data.max_bytes": 2_000_000, "optim.lr": 1e-4,
@@ -91,12 +91,7 @@ def make_config(source: Source, plan: str = "vanilla", repeats: int = 1, lora_ra
 
 
 def _init_fn(cfg: Config):
-  def init():
-    model = Transformer(cfg.model, nnx.Rngs(cfg.seed))
-    tx, _ = optim.make(cfg.optim, cfg.train.steps, nnx.state(model, nnx.Param),
-                       skip_nonfinite=cfg.train.on_nonfinite == "skip")
-    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
-  return init
+  return lambda: make_state(cfg)
 
 
 def write_tokenizer(source: Source, workdir: str, log=print) -> str:
@@ -148,7 +143,7 @@ def write_run(source: Source, cd: ml_collections.ConfigDict, workdir: str, init:
   record = {"source": source.origin, "family": source.family, "source_layers": source.num_layers,
             "plan": cfg.model.plan.preset, "repeats": cfg.model.plan.repeats, "init": init,
             "per_depth_norms": cfg.model.plan.per_depth_norms, "lora_ranks": dict(cfg.model.lora.ranks),
-            "blocks_from_source_layers": build.source_layers(build.plan_lib.from_config(cfg.model.plan),
+            "blocks_from_source_layers": build.source_layers(build.plan_lib.from_config(cfg.model),
                                                              source.num_layers, init),
             "relative_residual": residuals, "tokenizer": cfg.data.tokenizer,
             "seconds": round(time.time() - started, 1)}

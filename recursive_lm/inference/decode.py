@@ -4,12 +4,14 @@
 
   1. prefill: the whole prompt [B, P] in one forward call writes cache slots
      [0, P) and gives the logits that choose token P;
-  2. decode: a `jax.lax.fori_loop` feeds one token at a time at cache index
-     P + i, each call reading the whole cache and writing one slot.
+  2. decode: a `jax.lax.fori_loop` feeds each row's next token at its own
+     cache index P_row + i, each call reading the whole cache and writing one slot.
 
 The model's state enters the jitted function as arrays (nnx.split outside,
 nnx.merge inside), so repeated calls with the same model structure and shapes
-reuse the compiled program. All prompts in a batch share one length P.
+reuse the compiled program. Prompts of different lengths are right-padded
+to one length P; every row then runs at its own positions (the model takes
+one cache index per row), so a row gets the same tokens as it would alone.
 """
 
 from __future__ import annotations
@@ -41,30 +43,33 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature, top_k: int, gr
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k", "greedy", "return_logits"))
-def _generate(graphdef, state, prompt, key, temperature, *, max_new_tokens: int, top_k: int, greedy: bool,
+def _generate(graphdef, state, prompt, lengths, key, temperature, *, max_new_tokens: int, top_k: int, greedy: bool,
               return_logits: bool):
   model = nnx.merge(graphdef, state)
   b, p = prompt.shape
   n = max_new_tokens
+  rows = jnp.arange(b)
   cache = model.init_cache(b, p + n)
   tokens = jnp.concatenate([prompt, jnp.zeros((b, n), jnp.int32)], axis=1)
+  tokens = jnp.where(jnp.arange(p + n) < lengths[:, None], tokens, 0)  # after a prompt: only what is generated
 
-  # Prefill: the prompt in one call; its last position predicts token P.
-  logits, cache, _ = model(prompt, cache=cache, cache_index=jnp.int32(0))
-  last = logits[:, -1]
+  # Prefill: the right-padded prompts in one call; row i's position lengths[i] - 1 predicts its first token.
+  # The padding fills cache slots that a row overwrites (at its own position) before its queries can see them.
+  logits, cache, _ = model(prompt, cache=cache, cache_index=jnp.zeros((b,), jnp.int32))
+  last = logits[rows, lengths - 1]
   first = sample_logits(last, jax.random.fold_in(key, 0), temperature, top_k, greedy)
-  tokens = tokens.at[:, p].set(first)
+  tokens = tokens.at[rows, lengths].set(first)
   seen = jnp.zeros((b, n, last.shape[-1]), jnp.float32) if return_logits else None
   if return_logits:
     seen = seen.at[:, 0].set(last)
 
   def body(i, carry):
     tokens, cache, seen = carry
-    pos = p + i  # the token at `pos` goes in; it predicts pos + 1
-    tok = jax.lax.dynamic_slice_in_dim(tokens, pos, 1, axis=1)
-    logits, cache, _ = model(tok, cache=cache, cache_index=pos.astype(jnp.int32))
+    pos = lengths + i  # [B]: each row's token at `pos` goes in; it predicts pos + 1
+    tok = tokens[rows, pos][:, None]
+    logits, cache, _ = model(tok, cache=cache, cache_index=pos)
     nxt = sample_logits(logits[:, -1], jax.random.fold_in(key, i + 1), temperature, top_k, greedy)
-    tokens = jax.lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], pos + 1, axis=1)
+    tokens = tokens.at[rows, pos + 1].set(nxt)
     if return_logits:
       seen = jax.lax.dynamic_update_slice_in_dim(seen, logits[:, -1:], i + 1, axis=1)
     return tokens, cache, seen
@@ -74,21 +79,25 @@ def _generate(graphdef, state, prompt, key, temperature, *, max_new_tokens: int,
 
 
 def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, seed: int = 0,
-             return_logits: bool = False):
+             return_logits: bool = False, prompt_lengths=None):
   """Continue each prompt by `max_new_tokens` tokens.
 
   model: a `Transformer`; prompt_ids: int [B, P] with P >= 1.
+  prompt_lengths: int [B] for prompts of different lengths, right-padded in
+  prompt_ids (row i's prompt is prompt_ids[i, :prompt_lengths[i]]; the pad
+  values are ignored); default: every row is P long. Each row runs at its own
+  positions (one cache index per row), so it gets the tokens it would get alone.
   temperature 0 is greedy decoding (argmax); otherwise tokens are drawn from
   softmax(logits / temperature), restricted to the top_k most likely tokens
   when top_k > 0, with randomness from `seed` only.
 
-  Returns int32 [B, P + N] (the prompt followed by the new tokens); with
-  return_logits=True, (tokens, logits float32 [B, N, V]) where logits[:, i]
-  are the logits that chose token P + i.
+  Returns int32 [B, P + N]: row i holds its prompt, its N new tokens, then
+  zeros; with return_logits=True, (tokens, logits float32 [B, N, V]) where
+  logits[i, j] are the logits that chose row i's new token j.
 
   Raises ValueError when P + N exceeds model.cfg.max_seq_len (the cache
-  length), for ids outside the vocabulary, an empty prompt, a negative count
-  or a negative temperature / top_k.
+  length), for ids outside the vocabulary, an empty prompt, prompt lengths
+  outside [1, P], a negative count or a negative temperature / top_k.
   """
   prompt = jnp.asarray(prompt_ids)
   if prompt.ndim != 2:
@@ -106,19 +115,31 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, t
     raise ValueError(f"temperature={temperature} must be >= 0 (0: greedy)")
   if top_k < 0:
     raise ValueError(f"top_k={top_k} must be >= 0 (0: no restriction)")
+  if prompt_lengths is None:
+    lengths = np.full((b,), p, np.int32)
+  else:
+    lengths = np.asarray(prompt_lengths)
+    if lengths.shape != (b,) or not np.issubdtype(lengths.dtype, np.integer):
+      raise ValueError(f"prompt_lengths must be {b} ints (one per row of prompt_ids), got {lengths.dtype} "
+                       f"{lengths.shape}")
+    if lengths.min() < 1 or lengths.max() > p:
+      raise ValueError(f"prompt_lengths must lie in [1, {p}] (the padded prompt length), got "
+                       f"[{lengths.min()}, {lengths.max()}]")
   vocab = model.cfg.vocab_size
-  host = np.asarray(prompt)
+  host = np.where(np.arange(p) < lengths[:, None], np.asarray(prompt), 0)  # pad values are not checked
   if host.min() < 0 or host.max() >= vocab:
     raise ValueError(f"prompt_ids must lie in [0, model.vocab_size={vocab}), got [{host.min()}, {host.max()}]")
   max_len = model.cfg.max_seq_len
   if p + n > max_len:
     raise ValueError(f"prompt length {p} + max_new_tokens {n} = {p + n} exceeds model.max_seq_len={max_len} "
                      "(the KV cache length)")
+  if prompt_lengths is not None:
+    prompt = jnp.where(jnp.arange(p) < jnp.asarray(lengths)[:, None], prompt, 0)
   if n == 0:
     return (prompt, jnp.zeros((b, 0, model.cfg.vocab_size), jnp.float32)) if return_logits else prompt
   graphdef, state = nnx.split(model)
   greedy = float(temperature) == 0.0
-  return _generate(graphdef, state, prompt, jax.random.key(int(seed)),
+  return _generate(graphdef, state, prompt, jnp.asarray(lengths, jnp.int32), jax.random.key(int(seed)),
                    jnp.asarray(1.0 if greedy else temperature, jnp.float32), max_new_tokens=n,
                    top_k=int(top_k), greedy=greedy, return_logits=return_logits)
 

@@ -21,12 +21,14 @@ from recursive_lm.model.layers import Dense, LoRA, Norm, apply_rope
 class Context(NamedTuple):
   """What every layer needs to know about the positions being processed.
 
-  cos, sin: [T, rot/2] rotary tables of this layer; positions: [T] absolute
-  query positions; cache_index: scalar int32 where this chunk is written in
-  the KV cache (None without a cache); window: this layer's sliding-window
+  cos, sin: [T, rot/2] or [B, T, rot/2] rotary tables of this layer;
+  positions: absolute query positions, [T] when every row sits at the same
+  positions (no cache, or a scalar cache index) or [B, T] per row;
+  cache_index: where this chunk is written in the KV cache, a scalar int32 or
+  one per row [B] (None without a cache); window: this layer's sliding-window
   length (0: unlimited; None: the model has no windowed layers).
 
-  The Transformer builds it with tables for every rotary kind [kinds, T, rot/2];
+  The Transformer builds it with tables for every rotary kind [kinds, ...];
   the recursion code calls `for_layer` with the layer's per-depth data.
   """
 
@@ -48,60 +50,106 @@ def init_kv_cache(cfg: ModelConfig, n_layers: int, batch: int, max_len: int, dty
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
+class KVProjection(nnx.Module):
+  """The K and V projections of the layers that write a shared KV slot
+  (model.kv_sharing): stacked per stage for the unique blocks that write, so a
+  block that only reads K/V has no projections at all."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d, kv, pd = cfg.d_model, cfg.num_kv_heads * cfg.head_dim, jnp.dtype(cfg.param_dtype)
+    self.k = Dense(d, kv, axes.EMBED, axes.KV_HEADS, d**-0.5, rngs, pd)
+    self.v = Dense(d, kv, axes.EMBED, axes.KV_HEADS, d**-0.5, rngs, pd)
+
+
 class Attention(nnx.Module):
-  def __init__(self, cfg: ModelConfig, out_std: float, rngs: nnx.Rngs):
+  """own_kv=False (KV sharing): no K/V projections here; a writing layer is
+  handed its `KVProjection`, a reading layer its slot's K/V."""
+
+  def __init__(self, cfg: ModelConfig, out_std: float, rngs: nnx.Rngs, own_kv: bool = True):
     d, h, k, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     pd = jnp.dtype(cfg.param_dtype)
     self.num_heads, self.num_kv_heads, self.head_dim = h, k, hd
     self.query_scale = (cfg.query_pre_attn_scalar or hd) ** -0.5
     self.q = Dense(d, h * hd, axes.EMBED, axes.HEADS, d**-0.5, rngs, pd)
-    self.k = Dense(d, k * hd, axes.EMBED, axes.KV_HEADS, d**-0.5, rngs, pd)
-    self.v = Dense(d, k * hd, axes.EMBED, axes.KV_HEADS, d**-0.5, rngs, pd)
+    self.k = Dense(d, k * hd, axes.EMBED, axes.KV_HEADS, d**-0.5, rngs, pd) if own_kv else None
+    self.v = Dense(d, k * hd, axes.EMBED, axes.KV_HEADS, d**-0.5, rngs, pd) if own_kv else None
     self.o = Dense(h * hd, d, axes.HEADS, axes.EMBED, out_std, rngs, pd)
 
   def __call__(self, x: jax.Array, ctx: Context, lora: dict[str, LoRA], cache: dict | None,
-               q_norm: Norm | None = None, k_norm: Norm | None = None):
+               q_norm: Norm | None = None, k_norm: Norm | None = None, kv_proj: KVProjection | None = None,
+               shared: bool = False):
     """x [B, T, D] -> ([B, T, D], updated cache or None). q_norm / k_norm: per-head
-    norms over Hd (model.qk_norm), applied before rotary; None when off."""
+    norms over Hd (model.qk_norm), applied before rotary; None when off.
+
+    shared (KV sharing): `cache` is this layer's KV-slot entry. A writer
+    (kv_proj given) computes K/V and returns the entry it wrote (without a
+    cache: the K/V of the T tokens); a reader (no kv_proj) attends to the
+    entry it is given and returns it unchanged.
+    """
     b, t, _ = x.shape
     hd, kh = self.head_dim, self.num_kv_heads
     g = self.num_heads // kh
     q = self.q(x, lora.get("q")).reshape(b, t, self.num_heads, hd)
-    k = self.k(x, lora.get("k")).reshape(b, t, kh, hd)
-    v = self.v(x, lora.get("v")).reshape(b, t, kh, hd)
+    proj = self if self.k is not None else kv_proj
+    k = v = None
+    if proj is not None:
+      k = proj.k(x, lora.get("k")).reshape(b, t, kh, hd)
+      v = proj.v(x, lora.get("v")).reshape(b, t, kh, hd)
     q = q if q_norm is None else q_norm(q)
-    k = k if k_norm is None else k_norm(k)
     q = apply_rope(q, ctx.cos, ctx.sin)
-    k = apply_rope(k, ctx.cos, ctx.sin)
-    out, cache = cached_causal_attention(q.reshape(b, t, kh, g, hd), k, v, ctx, cache, self.query_scale)
+    if k is not None:
+      k = k if k_norm is None else k_norm(k)
+      k = apply_rope(k, ctx.cos, ctx.sin)
+    out, cache = cached_causal_attention(q.reshape(b, t, kh, g, hd), k, v, ctx, cache, self.query_scale, shared)
     return self.o(out.reshape(b, t, self.num_heads * hd), lora.get("o")), cache
 
 
-def cached_causal_attention(q, k, v, ctx: Context, cache: dict | None, scale: float | None = None):
+def cached_causal_attention(q, k, v, ctx: Context, cache: dict | None, scale: float | None = None,
+                            keep: bool = False):
   """The attention core shared by every attention layer.
 
   q [B, T, K, G, Hd] (rotated, not yet scaled), k/v [B, T, K, Hd] of the new
   tokens; queries are multiplied by `scale` (default Hd^-1/2). With a cache,
   k/v are written at ctx.cache_index and the queries read the whole cache
   [B, S, K, Hd]. Returns ([B, T, K, G, Hd], cache).
+
+  k = v = None: a layer reading a shared KV slot; `cache` is that slot's
+  entry, the K/V of the same T tokens without a cache (ctx.cache_index None)
+  or the cache [B, S, K, Hd], returned unchanged. keep: without a cache,
+  return the new tokens' {'k','v'} (the entry a shared slot's writer makes).
   """
   q = q * jnp.asarray(q.shape[-1] ** -0.5 if scale is None else scale, q.dtype)
+  if k is None:
+    if ctx.cache_index is None:
+      return causal_attend_blocked(q, cache["k"], cache["v"], ctx.positions, ctx.window), cache
+    key_pos = jnp.arange(cache["k"].shape[1])
+    return attend(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), ctx.positions, key_pos,
+                  ctx.window), cache
   if cache is None:
-    return causal_attend_blocked(q, k, v, ctx.positions, ctx.window), None
-  idx = (0, ctx.cache_index, 0, 0)
-  cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), idx),
-           "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), idx)}
+    return causal_attend_blocked(q, k, v, ctx.positions, ctx.window), ({"k": k, "v": v} if keep else None)
+  cache = {"k": write_cache(cache["k"], k, ctx.cache_index), "v": write_cache(cache["v"], v, ctx.cache_index)}
   key_pos = jnp.arange(cache["k"].shape[1])
   return attend(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), ctx.positions, key_pos, ctx.window), cache
 
 
+def write_cache(cache: jax.Array, x: jax.Array, index: jax.Array) -> jax.Array:
+  """cache [B, S, ...] with x [B, T, ...] written at positions index + [0, T):
+  one index for every row (scalar) or one per row [B]."""
+  x = x.astype(cache.dtype)
+  if jnp.ndim(index) == 0:
+    return jax.lax.dynamic_update_slice(cache, x, (0, index) + (0,) * (cache.ndim - 2))
+  row = lambda c, v, i: jax.lax.dynamic_update_slice(c, v, (i,) + (0,) * (c.ndim - 1))
+  return jax.vmap(row)(cache, x, index)
+
+
 def _visible(q_pos, k_pos, window):
-  """[Tq, S] bool: key j is visible to query i when k_pos[j] <= q_pos[i] and,
-  for a nonzero window, q_pos[i] - k_pos[j] < window."""
-  visible = k_pos[None, :] <= q_pos[:, None]
+  """[Tq, S] bool ([B, 1, 1, Tq, S] for per-row q_pos [B, Tq], to broadcast over
+  [B, K, G, Tq, S] scores): key j is visible to query i when k_pos[j] <= q_pos[i]
+  and, for a nonzero window, q_pos[i] - k_pos[j] < window."""
+  visible = k_pos <= q_pos[..., None]
   if window is not None:
-    visible &= (window == 0) | (q_pos[:, None] - k_pos[None, :] < window)
-  return visible
+    visible &= (window == 0) | (q_pos[..., None] - k_pos < window)
+  return visible if q_pos.ndim == 1 else visible[:, None, None]
 
 
 def attend(q, k, v, q_pos, k_pos, window=None):

@@ -14,7 +14,7 @@ from flax import nnx
 
 from recursive_lm import axes
 from recursive_lm.config import ModelConfig
-from recursive_lm.model.attention import Attention, Context
+from recursive_lm.model.attention import Attention, Context, KVProjection
 from recursive_lm.model.layers import LoRA, Norm
 from recursive_lm.model.mlp import MLP
 
@@ -73,19 +73,21 @@ class Block(nnx.Module):
   `own_norms=False` leaves all norms to the depth slot (per-depth norms).
   """
 
-  def __init__(self, cfg: ModelConfig, own_norms: bool, total_depth: int, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, own_norms: bool, total_depth: int, rngs: nnx.Rngs, own_kv: bool = True):
     # Output projections start smaller so the residual stream's variance stays
     # about constant with depth (GPT-2 style 1/sqrt(2 L) on top of fan-in).
     out_std = (cfg.num_heads * cfg.head_dim) ** -0.5 / (2 * total_depth) ** 0.5
     _add_norms(self, cfg, own_norms)
-    self.attn = Attention(cfg, out_std, rngs)
+    self.attn = Attention(cfg, out_std, rngs, own_kv)
     self.mlp = MLP(cfg, cfg.mlp_dim**-0.5 / (2 * total_depth) ** 0.5, rngs)
 
-  def __call__(self, x: jax.Array, slot: DepthSlot | None, ctx: Context, cache: dict | None):
-    """x [B, T, D] -> (x [B, T, D], cache, aux {name: scalar})."""
+  def __call__(self, x: jax.Array, slot: DepthSlot | None, ctx: Context, cache: dict | None,
+               kv_proj: KVProjection | None = None, shared: bool = False):
+    """x [B, T, D] -> (x [B, T, D], cache, aux {name: scalar}). kv_proj, shared:
+    KV sharing (see `Attention.__call__`)."""
     lora = {} if slot is None else dict(slot.lora)
     n = self if self.attn_norm is not None else slot  # where this depth's norms live
-    h, cache = self.attn(n.attn_norm(x), ctx, lora, cache, n.q_norm, n.k_norm)
+    h, cache = self.attn(n.attn_norm(x), ctx, lora, cache, n.q_norm, n.k_norm, kv_proj, shared)
     x = x + _maybe(n.post_attn_norm, h)
     x = x + _maybe(n.post_mlp_norm, self.mlp(n.mlp_norm(x), lora))
     # Per-depth diagnostic: RMS of the residual stream after this layer.

@@ -138,7 +138,8 @@ class Embed(nnx.Module):
 
 def rope_tables(positions: jax.Array, rot_dims: int, base: float | jax.Array,
                 scaling: tuple | None = None) -> tuple[jax.Array, jax.Array]:
-  """cos, sin of shape [T, rot_dims // 2] for integer positions [T].
+  """cos, sin of shape [..., T, rot_dims // 2] for integer positions [..., T]
+  ([T], or [B, T] when rows sit at different positions).
 
   scaling: None, ("linear", factor) (positions / factor) or ("llama3", factor,
   low_freq_factor, high_freq_factor, original_max_len) (Llama 3.1: long
@@ -147,7 +148,7 @@ def rope_tables(positions: jax.Array, rot_dims: int, base: float | jax.Array,
   inv_freq = 1.0 / (base ** (jnp.arange(0, rot_dims, 2, dtype=jnp.float32) / rot_dims))
   if scaling is not None:
     inv_freq = scaled_inv_freq(inv_freq, scaling)
-  angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq
   return jnp.cos(angles), jnp.sin(angles)
 
 
@@ -170,10 +171,11 @@ def scaled_inv_freq(inv_freq: jax.Array, scaling: tuple) -> jax.Array:
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """Rotate the first 2 * cos.shape[-1] dims of x [B, T, N, Hd] (half-split pairs i, i + r/2)."""
+  """Rotate the first 2 * cos.shape[-1] dims of x [B, T, N, Hd] (half-split pairs
+  i, i + r/2); cos, sin: [T, r/2] (all rows at the same positions) or [B, T, r/2]."""
   r = 2 * cos.shape[-1]
   rot, rest = x[..., :r].astype(jnp.float32), x[..., r:]
   x1, x2 = rot[..., : r // 2], rot[..., r // 2 :]
-  c, s = cos[None, :, None, :], sin[None, :, None, :]
+  c, s = cos[..., None, :], sin[..., None, :]  # [(B,) T, 1, r/2]: broadcast over heads
   out = jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
   return out if rest.shape[-1] == 0 else jnp.concatenate([out, rest], axis=-1)

@@ -185,17 +185,8 @@ _REGULARISED = {"mlp_probs": ("mlp_usage", "mlp"), "att_v_probs": ("att_v_usage"
 
 
 def _per_block(a: jax.Array, plan) -> list[jax.Array]:
-  """[L_eff, ...] per-depth values -> per stage [K, R, ...] (unique block, repeat), by static reshapes."""
-  out, offset = [], 0
-  for st in plan.stages:
-    x = a[offset:offset + st.depth]
-    offset += st.depth
-    if st.order == "cycle":  # depth = r * K + k
-      x = jnp.swapaxes(x.reshape((st.repeats, st.unique_blocks) + x.shape[1:]), 0, 1)
-    else:  # depth = k * R + r
-      x = x.reshape((st.unique_blocks, st.repeats) + x.shape[1:])
-    out.append(x)
-  return out
+  """[L_eff, ...] per-depth values -> per stage [U, C, ...] (unique block, repeat)."""
+  return [st.per_block(x) for st, x in zip(plan.stages, plan.split(a))]
 
 
 def balance_loss(aux: dict, plan, cfg) -> tuple[jax.Array, dict]:
@@ -223,10 +214,10 @@ def balance_loss(aux: dict, plan, cfg) -> tuple[jax.Array, dict]:
   metrics = {}
   for key in present:
     usage_key, kind = _REGULARISED[key]
-    for p in _per_block(aux[key].astype(jnp.float32), plan):  # [K, R, (B, H,) E]
-      ne = neg_entropy(p.mean(1))  # [K, (B, H)]
+    for p in _per_block(aux[key].astype(jnp.float32), plan):  # [U, C, (B, H,) E]
+      ne = neg_entropy(p.mean(1))  # [U, (B, H)]
       raw[kind] = raw[kind] + ne.reshape(ne.shape[0], -1).mean(1).sum()
-    usage = _per_block(aux[usage_key].astype(jnp.float32), plan)  # [K, R, (H,) E]
+    usage = _per_block(aux[usage_key].astype(jnp.float32), plan)  # [U, C, (H,) E]
     dead[kind] = dead[kind] + sum(jnp.sum(u.sum(1) == 0).astype(jnp.int32) for u in usage)
     if key == "mlp_probs":
       metrics["moe/mlp_frac"] = jnp.concatenate([u.mean(1) for u in usage])

@@ -1,21 +1,22 @@
 """Running a stage of the depth plan: the only file that knows scan, remat and
 per-depth slicing.
 
-A stage stores its K unique blocks stacked on a leading axis [K, ...] and its
-per-depth things (slots: LoRA / norms; KV cache) stacked on [K * R, ...] in
+A stage stores its U unique blocks stacked on a leading axis [U, ...] and its
+per-depth things (slots: LoRA / norms; KV cache) stacked on [U * C, ...] in
 effective-layer order. Execution is two nested `jax.lax.scan`s, so the traced
-program holds one block body whatever K and R are:
+program holds one block body whatever U and C are:
 
-  cycle    (1-2-3 1-2-3): outer scan over R repeats, inner scan over the K
+  cycle    (1-2-3 1-2-3): outer scan over C repeats, inner scan over the U
            blocks (block weights are the inner xs); per-depth arrays are
-           reshaped [R, K, ...].
-  sequence (1-1 2-2 3-3): outer scan over K blocks (block weights are the
-           outer xs), inner scan over R repeats with that block closed over;
-           per-depth arrays are reshaped [K, R, ...].
+           reshaped [C, U, ...].
+  sequence (1-1 2-2 3-3): outer scan over U blocks (block weights are the
+           outer xs), inner scan over C repeats with that block closed over;
+           per-depth arrays are reshaped [U, C, ...].
 
 The inner body is wrapped in `jax.checkpoint` with the configured policy.
-`run_unrolled` walks the same plan layer by layer in Python: the reference
-the scanned path is tested against.
+`apply_layer` runs one effective layer; `run_unrolled` walks the same plan
+layer by layer through it in Python: the reference the scanned path is tested
+against.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from recursive_lm import axes
-from recursive_lm.model import plan as plan_lib
+from recursive_lm import plan as plan_lib
 from recursive_lm.model.attention import Context
 
 REMAT_POLICIES: dict[str, Callable | None] = {
@@ -36,7 +37,7 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     # Two levels: the outer scan keeps only the residual stream between outer
     # steps (repeats for cycle order, blocks for sequence order) and recomputes
     # each outer step, whose layers are rematerialised in turn. Activation
-    # memory then grows with R (or K) instead of K * R, for a third forward pass.
+    # memory then grows with C (or U) instead of U * C, for a third forward pass.
     "nested": None,
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -55,12 +56,18 @@ def stacked(n: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> n
 
 
 class StageModule(nnx.Module):
-  """Parameters of one stage: blocks [K, ...] and slots [K * R, ...] (or None)."""
+  """Parameters of one stage: blocks [U, ...], slots [U * C, ...] (or None) and,
+  with KV sharing, the K/V projections [W, ...] of the W unique blocks that
+  write a KV slot (`kv_blocks`, in block order; None without sharing)."""
 
-  def __init__(self, spec: plan_lib.Stage, make_block, make_slot, rngs: nnx.Rngs):
+  def __init__(self, spec: plan_lib.Stage, make_block, make_slot, rngs: nnx.Rngs, make_kv=None,
+               kv_blocks: tuple[int, ...] = ()):
     self.spec = spec
     self.blocks = stacked(spec.unique_blocks, make_block, rngs)
     self.slots = stacked(spec.depth, make_slot, rngs) if make_slot is not None else None
+    self.kv_blocks = tuple(kv_blocks)
+    self.kv = stacked(len(kv_blocks), make_kv, rngs) if make_kv is not None and kv_blocks else None
+    self.shared_kv = make_kv is not None
 
 
 def _wrap(body, remat: str):
@@ -71,21 +78,21 @@ def _wrap_outer(body, remat: str):
   return jax.checkpoint(body) if remat == "nested" else body
 
 
-def _fold(tree, a: int, b: int):
-  return jax.tree.map(lambda x: x.reshape((a, b) + x.shape[1:]), tree)
+def _fold(spec: plan_lib.Stage, tree):
+  return jax.tree.map(spec.fold, tree)
 
 
 def _unfold(tree):
-  return jax.tree.map(lambda x: x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:]), tree)
+  return jax.tree.map(plan_lib.Stage.unfold, tree)
 
 
 def run_stage(stage: StageModule, x: jax.Array, ctx: Context, cache: dict | None, depth_data: dict, remat: str):
   """Run every effective layer of `stage` on x [B, T, D] with nested scans.
 
-  cache: per-depth {'k','v'} [K*R, B, S, Kv, Hd] or None. depth_data: per-depth
-  non-parameter values {name: [K*R]} passed to `Context.for_layer` (rotary
+  cache: per-depth {'k','v'} [U*C, B, S, Kv, Hd] or None. depth_data: per-depth
+  non-parameter values {name: [U*C]} passed to `Context.for_layer` (rotary
   kind, sliding window), so layers that share weights may still differ there.
-  Returns (x, cache, aux) with aux values stacked per effective layer [K*R].
+  Returns (x, cache, aux) with aux values stacked per effective layer [U*C].
   """
   spec = stage.spec
   k_n, r_n = spec.unique_blocks, spec.repeats
@@ -104,36 +111,89 @@ def run_stage(stage: StageModule, x: jax.Array, ctx: Context, cache: dict | None
 
   if spec.order == "cycle":
     @functools.partial(_wrap_outer, remat=remat)
-    def outer(x, depth_r):  # depth_r: [K, ...]
+    def outer(x, depth_r):  # depth_r: [U, ...]
       return jax.lax.scan(lambda x, xs: layer(x, xs[0], xs[1]), x, (block_state, depth_r), length=k_n)
-    x, (cache_out, aux) = jax.lax.scan(outer, x, _fold(per_depth, r_n, k_n), length=r_n)
+    x, (cache_out, aux) = jax.lax.scan(outer, x, _fold(spec, per_depth), length=r_n)
   else:
     @functools.partial(_wrap_outer, remat=remat)
-    def outer(x, xs):  # xs: (block k, per-depth [R, ...])
+    def outer(x, xs):  # xs: (block k, per-depth [C, ...])
       b_state, depth_k = xs
       return jax.lax.scan(lambda x, d: layer(x, b_state, d), x, depth_k, length=r_n)
-    x, (cache_out, aux) = jax.lax.scan(outer, x, (block_state, _fold(per_depth, k_n, r_n)), length=k_n)
+    x, (cache_out, aux) = jax.lax.scan(outer, x, (block_state, _fold(spec, per_depth)), length=k_n)
   return x, _unfold(cache_out), _unfold(aux)
 
 
-def run_unrolled(stage: StageModule, x: jax.Array, ctx: Context, cache: dict | None, depth_data: dict,
-                 remat: str):
-  """Reference: the same stage as a Python loop over effective layers."""
-  spec = stage.spec
+def apply_layer(stage: StageModule, layer: plan_lib.Layer, x: jax.Array, ctx: Context, cache: dict | None = None):
+  """Run one effective layer of `stage` (a record from `plan.stage_layers`) on x [B, T, D].
+
+  The layer is the stage's unique block `layer.block` with the depth's own slot
+  `layer.slot` (LoRA, per-depth norms), with its rotary kind and window. ctx is
+  the model's Context (tables of every kind, as `Transformer.context` builds
+  it). cache: this layer's {'k','v'} [B, S, Kv, Hd] or None. Returns
+  (x, cache, aux) like a block. The one per-layer entry point: the unrolled
+  reference and the analysis probes run the depth through it.
+  """
   block_def, block_state = nnx.split(stage.blocks)
-  slot_def, slot_state = nnx.split(stage.slots) if stage.slots is not None else (None, None)
-  take = lambda tree, i: jax.tree.map(lambda a: a[i], tree)
+  block = nnx.merge(block_def, _take(block_state, layer.block))
+  slot = None
+  if stage.slots is not None:
+    slot_def, slot_state = nnx.split(stage.slots)
+    slot = nnx.merge(slot_def, _take(slot_state, layer.slot))
+  lctx = ctx.for_layer(rope=layer.rope, window=layer.window)
+  if not stage.shared_kv:
+    return block(x, slot, lctx, cache)
+  kv_proj = None
+  if layer.kv_write:
+    kv_def, kv_state = nnx.split(stage.kv)
+    kv_proj = nnx.merge(kv_def, _take(kv_state, stage.kv_blocks.index(layer.block)))
+  return block(x, slot, lctx, cache, kv_proj, shared=True)
+
+
+def _take(tree, i: int):
+  return jax.tree.map(lambda a: a[i], tree)
+
+
+def run_unrolled(stage: StageModule, x: jax.Array, ctx: Context, cache: dict | None, layers: list[plan_lib.Layer],
+                 remat: str):
+  """Reference: the same stage as a Python loop over its effective layers (`apply_layer`)."""
   caches, auxes = [], []
-  for slot_i in range(spec.depth):
-    k, _ = spec.block_and_repeat(slot_i)
-
-    def layer(x, b_state, s_state, c, data):
-      slot = nnx.merge(slot_def, s_state) if slot_def is not None else None
-      return nnx.merge(block_def, b_state)(x, slot, ctx.for_layer(**data), c)
-
-    x, c, aux = _wrap(layer, remat)(x, take(block_state, k), take(slot_state, slot_i),
-                                    take(cache, slot_i) if cache is not None else None, take(depth_data, slot_i))
+  for layer in layers:
+    run = _wrap(lambda x, c, layer=layer: apply_layer(stage, layer, x, ctx, c), remat)
+    x, c, aux = run(x, _take(cache, layer.slot) if cache is not None else None)
     caches.append(c)
     auxes.append(aux)
   stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)
   return x, (stack(caches) if cache is not None else None), stack(auxes)
+
+
+def run_shared(stages, plan: plan_lib.Plan, x: jax.Array, ctx: Context, cache: dict | None, remat: str,
+               hidden: list | None = None):
+  """Every effective layer of a plan with KV sharing (plan.kv_sharing != 'none'),
+  in order through `apply_layer`, with one KV store for the whole depth.
+
+  cache: {'k','v'} [kv_slots, B, S, Kv, Hd] or None. A layer that writes its
+  KV slot computes K/V and stores them (into the cache at ctx.cache_index, or,
+  without a cache, as the K/V of the T tokens); the layers that read the slot
+  attend to what is stored there. Unrolled: the layers of a stage are no
+  longer alike (some write, some read), so this path does not scan. hidden: a
+  list that receives x after every layer (probes). Returns (x, cache, aux
+  stacked per effective layer [L_eff]).
+  """
+  store, auxes = {}, []
+  for layer in plan.layers():
+    stage = stages[layer.stage]
+    if cache is not None:
+      entry = _take(cache, layer.kv_slot)
+    else:
+      entry = None if layer.kv_write else store[layer.kv_slot]
+    run = _wrap(lambda x, e, stage=stage, layer=layer: apply_layer(stage, layer, x, ctx, e), remat)
+    x, entry, aux = run(x, entry)
+    if layer.kv_write:
+      if cache is not None:
+        cache = {n: cache[n].at[layer.kv_slot].set(entry[n]) for n in cache}
+      else:
+        store[layer.kv_slot] = entry
+    auxes.append(aux)
+    if hidden is not None:
+      hidden.append(x)
+  return x, cache, jax.tree.map(lambda *a: jnp.stack(a), *auxes)

@@ -21,24 +21,23 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from recursive_lm import axes, sharding
+from recursive_lm import plan as plan_lib
 from recursive_lm.config import ModelConfig
 from recursive_lm.model import moe
-from recursive_lm.model import plan as plan_lib
-from recursive_lm.model.attention import Context, init_kv_cache
+from recursive_lm.model.attention import Context, KVProjection, init_kv_cache
 from recursive_lm.model.block import Block, DepthSlot
 from recursive_lm.model.moeut_block import MoEUTBlock
 from recursive_lm.model.layers import Dense, Embed, Norm, rope_tables
-from recursive_lm.model.recursion import StageModule, run_stage, run_unrolled
+from recursive_lm.model.recursion import StageModule, run_shared, run_stage, run_unrolled
 
 
 class Transformer(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.plan = plan_lib.from_config(cfg.plan)
+    self.plan = plan_lib.from_config(cfg)
     pd = jnp.dtype(cfg.param_dtype)
     total = self.plan.depth
     self.embed = Embed(cfg.vocab_size, cfg.d_model, cfg.d_model**-0.5, rngs, pd,
@@ -51,7 +50,13 @@ class Transformer(nnx.Module):
       with_slots = spec.repeats > 1 and DepthSlot.needed(cfg, not shared_norms)
       make_slot = (lambda r: DepthSlot(cfg, not shared_norms, r)) if with_slots else None
       block_cls = MoEUTBlock if cfg.block == "moeut" else Block  # chosen at build time
-      stages.append(StageModule(spec, lambda r: block_cls(cfg, shared_norms, total, r), make_slot, rngs))
+      if self.plan.kv_sharing == "none":
+        stages.append(StageModule(spec, lambda r: block_cls(cfg, shared_norms, total, r), make_slot, rngs))
+      else:  # K/V projections only for the unique blocks that write a KV slot (validation: dense blocks)
+        i = len(stages)
+        writers = tuple(k for k in range(spec.unique_blocks) if self.plan.block_writes_kv(i, k))
+        stages.append(StageModule(spec, lambda r: Block(cfg, shared_norms, total, r, own_kv=False), make_slot,
+                                  rngs, make_kv=lambda r: KVProjection(cfg, r), kv_blocks=writers))
     self.stages = nnx.List(stages)
     self.rope_bases, self.depth_data = layer_kinds(cfg, self.plan)
     self.rope_scalings = rope_scalings(cfg, len(self.rope_bases))
@@ -65,8 +70,12 @@ class Transformer(nnx.Module):
     return moe.balance_loss(aux, self.plan, self.cfg)
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> list[dict]:
-    """Per-stage KV caches {'k','v'}: [K*R, B, S, Kv, Hd], zeroed."""
+    """Zeroed KV caches, one entry per distinct KV slot of the plan: per stage
+    {'k','v'} [U*C, B, S, Kv, Hd] without sharing; with model.kv_sharing one
+    [{'k','v'} [kv_slots, B, S, Kv, Hd]] for the whole depth."""
     dtype = dtype or jnp.dtype(self.cfg.compute_dtype)
+    if self.plan.kv_sharing != "none":
+      return [init_kv_cache(self.cfg, self.plan.kv_slots, batch, max_len, dtype)]
     return [init_kv_cache(self.cfg, s.depth, batch, max_len, dtype) for s in self.plan.stages]
 
   def __call__(self, tokens: jax.Array, cache: list[dict] | None = None, cache_index: jax.Array | None = None,
@@ -74,16 +83,23 @@ class Transformer(nnx.Module):
     """tokens [B, T] int -> (logits [B, T, V] float32, cache, aux).
 
     With a cache, the tokens sit at positions cache_index + [0, T) and their
-    keys/values are written there. aux maps diagnostic names to [L_eff] arrays.
+    keys/values are written there; cache_index is a scalar or one per row [B]
+    (rows at different positions). aux maps diagnostic names to [L_eff] arrays.
     """
     cfg = self.cfg
     ctx, depth_arrays = self.context(tokens.shape[1], cache_index)
     # Stage boundaries pin x [B, T, D] to batch-sharded rows (no-op without a mesh).
     x = sharding.constrain_residual(self.embed(tokens, jnp.dtype(cfg.compute_dtype)))
-    run = run_unrolled if (unrolled or not cfg.scan) else run_stage
+    if self.plan.kv_sharing != "none":
+      x, c, aux = run_shared(self.stages, self.plan, x, ctx, None if cache is None else cache[0], cfg.remat)
+      return self.readout(sharding.constrain_residual(x)), (None if cache is None else [c]), aux
     new_cache, auxes = [], []
     for i, stage in enumerate(self.stages):
-      x, c, aux = run(stage, x, ctx, None if cache is None else cache[i], depth_arrays[i], cfg.remat)
+      c = None if cache is None else cache[i]
+      if unrolled or not cfg.scan:
+        x, c, aux = run_unrolled(stage, x, ctx, c, self.plan.stage_layers(i), cfg.remat)
+      else:
+        x, c, aux = run_stage(stage, x, ctx, c, depth_arrays[i], cfg.remat)
       x = sharding.constrain_residual(x)
       new_cache.append(c)
       auxes.append(aux)
@@ -91,10 +107,12 @@ class Transformer(nnx.Module):
     return self.readout(x), (new_cache if cache is not None else None), aux
 
   def context(self, t: int, cache_index: jax.Array | None = None) -> tuple[Context, list[dict]]:
-    """The Context of T tokens starting at cache_index (0 without a cache), with
-    rotary tables for every kind, and per stage its per-depth data {name: [K*R]}."""
+    """The Context of T tokens starting at cache_index (0 without a cache; a
+    scalar, or one start per row [B] giving per-row positions [B, T]), with
+    rotary tables for every kind, and per stage its per-depth data {name: [U*C]}."""
     start = 0 if cache_index is None else cache_index
-    positions = start + jnp.arange(t, dtype=jnp.int32)
+    positions = jnp.asarray(start, jnp.int32)[..., None] + jnp.arange(t, dtype=jnp.int32)
+    positions = positions if positions.ndim == 2 else positions.reshape(t)
     rot = int(self.cfg.head_dim * self.cfg.rope_fraction)
     tables = [rope_tables(positions, rot, base, scaling) for base, scaling in zip(self.rope_bases, self.rope_scalings)]
     ctx = Context(jnp.stack([c for c, _ in tables]), jnp.stack([s for _, s in tables]), positions, cache_index)
@@ -122,22 +140,13 @@ def rope_scalings(cfg: ModelConfig, kinds: int) -> tuple:
 
 
 def layer_kinds(cfg: ModelConfig, plan: plan_lib.Plan) -> tuple[tuple[float, ...], tuple]:
-  """Rotary bases, and per stage the per-depth data ((name, K*R ints), ...):
-  hashable Python, so it stays static module metadata, not model state.
-
-  With `sliding_window`, effective layer l is global when (l + 1) % global_every
-  == 0 and local (windowed, rotary base `rope_base_local`) otherwise; the kind
-  follows the depth, not the unique block, so a block shared by a local and a
-  global depth runs as both. Models without windows carry no per-depth data.
-  """
+  """Rotary bases, and per stage the per-depth data ((name, U*C ints), ...)
+  read from the plan's layer records (rotary kind, window): hashable Python, so
+  it stays static module metadata, not model state. Models without windows
+  carry no per-depth data."""
   if not cfg.sliding_window:
     return (cfg.rope_base,), tuple(() for _ in plan.stages)
   bases = (cfg.rope_base, cfg.rope_base_local or cfg.rope_base)
-  is_global = np.array([cfg.global_every > 0 and (l.depth + 1) % cfg.global_every == 0 for l in plan.layers()])
-  data, start = [], 0
-  for spec in plan.stages:
-    g = is_global[start:start + spec.depth]
-    data.append((("rope", tuple(int(v) for v in np.where(g, 0, 1))),
-                 ("window", tuple(int(v) for v in np.where(g, 0, cfg.sliding_window)))))
-    start += spec.depth
-  return bases, tuple(data)
+  data = tuple((("rope", tuple(l.rope for l in layers)), ("window", tuple(l.window for l in layers)))
+               for layers in (plan.stage_layers(i) for i in range(len(plan.stages))))
+  return bases, data
