@@ -23,7 +23,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from recursive_lm import checkpoint, cli, data, metrics, optim, peak, sharding
+from recursive_lm import checkpoint, cli, data, metrics, optim, peak, sharding, workdir_lock
 from recursive_lm import config as config_lib
 from recursive_lm.analysis.accounting import flops_per_token
 from recursive_lm.config import Config, ConfigError
@@ -123,9 +123,16 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None, devices=None) -> 
   still spans cfg.train.steps), as a preemption would: tests and notebooks
   use it to split one run into pieces. `devices` (default: all of jax.devices())
   restricts the mesh, e.g. to one device for a single-device reference run.
+  A workdir that another live process is training in is refused
+  (workdir_lock.WorkdirInUse) before anything in it changes.
   """
-  # 1. Devices.
+  # 1. Devices, and the workdir to ourselves.
   maybe_initialize_distributed(cfg)
+  with workdir_lock.hold(workdir, log=metrics.console):
+    return _run(cfg, workdir, stop_at, devices)
+
+
+def _run(cfg: Config, workdir: str, stop_at: int | None, devices) -> dict:
   pi, pc = jax.process_index(), jax.process_count()
   mesh = sharding.make_mesh(cfg.mesh, devices)
   preset = cfg.mesh.rules
@@ -142,7 +149,8 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None, devices=None) -> 
 
   # 3. Model and optimiser: fresh, or restored with the data position.
   checkpoint.check_or_write_config(workdir, cfg)
-  ckpt = checkpoint.Checkpointer(workdir, cfg.train.keep_checkpoints)
+  # Holding the lock, any orbax temporary directory is a dead run's partial write: remove it.
+  ckpt = checkpoint.Checkpointer(workdir, cfg.train.keep_checkpoints, cleanup_tmp=True)
   lr_schedule = None
 
   def init():
@@ -256,6 +264,9 @@ def main(argv):
   except (ConfigError, NonFiniteError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2 if isinstance(e, ConfigError) else 3)
+  except checkpoint.CheckpointWriteError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(5)
   except jax.errors.JaxRuntimeError as e:
     if jax.process_count() == 1:
       raise
