@@ -16,14 +16,28 @@ temporary directory once all the data is there, just before orbax's rename,
 and checked before every restore: a step restores only when its commit
 marker, metadata and manifest are present and every listed file has its
 recorded size and checksum.
+
+A save that fails for lack of space (or a file size limit, a quota, ...)
+fails in orbax's background threads; the error surfaces at the next save()
+or wait() and is raised there as one CheckpointWriteError naming the step,
+its directory and the cause. Orbax's and asyncio's own reports of it
+(screens of tracebacks from the writer threads) are filtered from the logs.
+The partial write stays in `<step>.orbax-checkpoint-tmp`, is never
+restored (orbax lists only renamed, complete steps) and is removed by the
+next trainer (`cleanup_tmp`), which holds the workdir lock, so no save is in
+flight there.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
+import logging
 import os
+import re
+import sys
 
 import grain
 import jax
@@ -125,13 +139,94 @@ def verify(step_dir: str, step: int) -> None:
       raise DamagedCheckpoint(f"{rel} differs from the saved file (sha256 mismatch)")
 
 
-class Checkpointer:
-  """Thin wrapper over an orbax CheckpointManager with our three items."""
+class CheckpointWriteError(RuntimeError):
+  """A checkpoint could not be written: disk full, file size limit, quota, I/O error."""
 
-  def __init__(self, workdir: str, keep: int, async_save: bool = True):
+
+# errno -> how the error line says it. Tensorstore (orbax's array writer) reports
+# these inside a ValueError as "... [os_error_code='28']".
+_WRITE_CAUSES = {errno.ENOSPC: "no space left on device", errno.EFBIG: "file too large (over the file size limit)",
+                 errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
+                 errno.EACCES: "permission denied", errno.EIO: "input/output error"}
+
+
+def _write_cause(e: BaseException) -> str | None:
+  """The cause of a failed write, from anywhere in e's cause/context chain; None when it is no I/O error."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    code = e.errno if isinstance(e, OSError) else None
+    found = re.search(r"os_error_code='(\d+)'", str(e))
+    code = int(found.group(1)) if code is None and found else code
+    if code in _WRITE_CAUSES:
+      return _WRITE_CAUSES[code]
+    if isinstance(e, OSError):
+      return e.strerror or type(e).__name__
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def _free_space(path: str) -> str:
+  while path and not os.path.isdir(path):
+    path = os.path.dirname(path)
+  try:
+    st = os.statvfs(path)
+  except OSError:
+    return "unknown"
+  free = st.f_bavail * st.f_frsize
+  return f"{free / 2**20:.1f} MiB" if free >= 2**20 else f"{free} bytes"
+
+
+class _QuietFailedSaves(logging.Filter):
+  """Drops orbax's and asyncio's error reports from orbax's writer threads.
+  Every such failure is raised again at the next save() / wait(), where it
+  becomes one CheckpointWriteError line (or the original exception when it
+  is no I/O error)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR:
+      return True
+    orbax = os.sep + "orbax" + os.sep
+    return orbax not in record.pathname and orbax not in record.getMessage()
+
+
+_QUIET = _QuietFailedSaves()
+
+
+def _quiet_unraisable(previous):
+  """sys.unraisablehook minus the echoes of a failed save: after a write
+  error ends orbax's event loop, tensorstore still completes the other writes
+  of that save and each completion finds the loop closed ("Event loop is
+  closed", with a traceback and no context); at exit, the abandoned writer
+  coroutines fail to finalise. The write error itself is raised at the next
+  save() / wait()."""
+
+  def hook(u):
+    if u.object is None and isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed":
+      return
+    if sys.is_finalizing() and "orbax" in repr(u.object):
+      return
+    previous(u)
+
+  hook.recursive_lm_quiet = True
+  return hook
+
+
+class Checkpointer:
+  """Thin wrapper over an orbax CheckpointManager with our three items.
+
+  cleanup_tmp: remove orbax temporary directories (partial writes of a dead
+  run) on opening; only for a process holding the workdir lock, since for
+  anyone else they may be a live trainer's save in progress."""
+
+  def __init__(self, workdir: str, keep: int, async_save: bool = True, cleanup_tmp: bool = False):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    self.keep, self.async_save = keep, async_save
+    self.keep, self.async_save, self.cleanup_tmp = keep, async_save, cleanup_tmp
     self._saving = None  # the step whose (async) save is in flight
+    for name in ("absl", "asyncio"):  # orbax logs through absl; asyncio reports its failed tasks
+      logging.getLogger(name).addFilter(_QUIET)  # (a set: adding it again is a no-op)
+    if not getattr(sys.unraisablehook, "recursive_lm_quiet", False):
+      sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
     self._open()
 
   def _open(self) -> None:
@@ -139,7 +234,7 @@ class Checkpointer:
     # only) after every process's data is complete and before the rename.
     extra = dict(async_options=ocp.AsyncOptions(post_finalization_callback=self._seal)) if self.async_save else {}
     options = ocp.CheckpointManagerOptions(max_to_keep=self.keep, enable_async_checkpointing=self.async_save,
-                                           create=True, **extra)
+                                           create=True, cleanup_tmp_directories=self.cleanup_tmp, **extra)
     self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "data_iter", "loop"),
                                          options=options)
 
@@ -156,11 +251,26 @@ class Checkpointer:
     args = {"state": ocp.args.StandardSave(state), "loop": ocp.args.JsonSave(loop)}
     if data_iter is not None:
       args["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
-    self.manager.wait_until_finished()  # orbax would wait too; the previous _seal reads self._saving
+    self.wait()  # orbax would wait too; the previous _seal reads self._saving
     self._saving = step
-    self.manager.save(step, args=ocp.args.Composite(**args), force=True)
-    if not self.async_save and jax.process_index() == 0:
-      write_manifest(os.path.join(self.directory, str(step)), step)
+    try:
+      self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+      if not self.async_save and jax.process_index() == 0:
+        write_manifest(os.path.join(self.directory, str(step)), step)
+    except Exception as e:
+      self._raise_write_error(e)
+      raise
+
+  def _raise_write_error(self, e: Exception) -> None:
+    """Raise CheckpointWriteError for the step being saved when `e` is an I/O error; else return."""
+    cause = _write_cause(e)
+    if cause is None:
+      return
+    step, path = self._saving, os.path.join(self.directory, str(self._saving))
+    done = [int(n) for n in os.listdir(self.directory) if n.isdigit() and int(n) != step]
+    earlier = f"step {max(done)} is the newest complete checkpoint" if done else "there is no earlier checkpoint"
+    raise CheckpointWriteError(f"could not write the checkpoint of step {step} to {path}: {cause} "
+                               f"({_free_space(path)} free there); {earlier}") from e
 
   def restore(self, step: int, abstract_state: nnx.State, data_iter=None) -> tuple[nnx.State, dict]:
     """Restore arrays onto the shardings carried by `abstract_state` and, when
@@ -216,7 +326,12 @@ class Checkpointer:
     self._open()
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Wait for the save in flight; raises CheckpointWriteError when it failed to write."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      self._raise_write_error(e)
+      raise
 
   def close(self) -> None:
     self.manager.close()
