@@ -24,8 +24,8 @@ its directory and the cause. Orbax's and asyncio's own reports of it
 (screens of tracebacks from the writer threads) are filtered from the logs.
 The partial write stays in `<step>.orbax-checkpoint-tmp`, is never
 restored (orbax lists only renamed, complete steps) and is removed by the
-next trainer (`cleanup_tmp`), which holds the workdir lock, so no save is in
-flight there.
+next trainer (`cleanup_tmp`) before it writes anything else: it holds the
+workdir lock, so no save can be in flight there.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 
 import grain
@@ -58,7 +59,10 @@ def check_or_write_config(workdir: str, cfg: Config) -> None:
   path = config_path(workdir)
   if os.path.exists(path):
     with open(path) as f:
-      old = config_lib.from_json(f.read())
+      text = f.read()
+    if text == cfg.to_json():
+      return  # unchanged: no write (which a full disk would refuse before the trainer frees space)
+    old = config_lib.from_json(text)
     if old.model != cfg.model:
       a, b = dataclasses.asdict(old.model), dataclasses.asdict(cfg.model)
       diff = sorted(k for k in a if a[k] != b[k])
@@ -67,8 +71,13 @@ def check_or_write_config(workdir: str, cfg: Config) -> None:
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      f.write(cfg.to_json())
+    try:
+      with open(tmp, "w") as f:
+        f.write(cfg.to_json())
+    except OSError as e:  # a full disk: leave no partial file, and name the file (a failed write does not)
+      if os.path.exists(tmp):
+        os.remove(tmp)
+      raise OSError(e.errno, e.strerror, path) from e
     os.replace(tmp, path)
 
 
@@ -145,12 +154,12 @@ class CheckpointWriteError(RuntimeError):
 
 # errno -> how the error line says it. Tensorstore (orbax's array writer) reports
 # these inside a ValueError as "... [os_error_code='28']".
-_WRITE_CAUSES = {errno.ENOSPC: "no space left on device", errno.EFBIG: "file too large (over the file size limit)",
-                 errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
-                 errno.EACCES: "permission denied", errno.EIO: "input/output error"}
+WRITE_CAUSES = {errno.ENOSPC: "no space left on device", errno.EFBIG: "file too large (over the file size limit)",
+                errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
+                errno.EACCES: "permission denied", errno.EIO: "input/output error"}
 
 
-def _write_cause(e: BaseException) -> str | None:
+def write_cause(e: BaseException) -> str | None:
   """The cause of a failed write, from anywhere in e's cause/context chain; None when it is no I/O error."""
   seen = set()
   while e is not None and id(e) not in seen:
@@ -158,15 +167,16 @@ def _write_cause(e: BaseException) -> str | None:
     code = e.errno if isinstance(e, OSError) else None
     found = re.search(r"os_error_code='(\d+)'", str(e))
     code = int(found.group(1)) if code is None and found else code
-    if code in _WRITE_CAUSES:
-      return _WRITE_CAUSES[code]
+    if code in WRITE_CAUSES:
+      return WRITE_CAUSES[code]
     if isinstance(e, OSError):
       return e.strerror or type(e).__name__
     e = e.__cause__ or e.__context__
   return None
 
 
-def _free_space(path: str) -> str:
+def free_space(path: str) -> str:
+  """Free space for unprivileged users on the filesystem holding `path` (or its nearest existing parent)."""
   while path and not os.path.isdir(path):
     path = os.path.dirname(path)
   try:
@@ -186,8 +196,12 @@ class _QuietFailedSaves(logging.Filter):
   def filter(self, record: logging.LogRecord) -> bool:
     if record.levelno < logging.ERROR:
       return True
-    orbax = os.sep + "orbax" + os.sep
-    return orbax not in record.pathname and orbax not in record.getMessage()
+    places = [record.pathname, record.getMessage()]
+    tb = record.exc_info[2] if record.exc_info else None
+    while tb is not None:  # asyncio's "exception was never retrieved": orbax shows only in the traceback
+      places.append(tb.tb_frame.f_code.co_filename)
+      tb = tb.tb_next
+    return not any(os.sep + "orbax" + os.sep in p for p in places)
 
 
 _QUIET = _QuietFailedSaves()
@@ -221,20 +235,32 @@ class Checkpointer:
 
   def __init__(self, workdir: str, keep: int, async_save: bool = True, cleanup_tmp: bool = False):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    self.keep, self.async_save, self.cleanup_tmp = keep, async_save, cleanup_tmp
+    self.keep, self.async_save = keep, async_save
     self._saving = None  # the step whose (async) save is in flight
     for name in ("absl", "asyncio"):  # orbax logs through absl; asyncio reports its failed tasks
       logging.getLogger(name).addFilter(_QUIET)  # (a set: adding it again is a no-op)
     if not getattr(sys.unraisablehook, "recursive_lm_quiet", False):
       sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
+    if cleanup_tmp:
+      self._remove_partial_writes()
     self._open()
+
+  def _remove_partial_writes(self) -> None:
+    """Delete orbax's temporary step directories, now (orbax's own cleanup_tmp_directories
+    option runs in the background until the first save; a full disk needs the space first)."""
+    if jax.process_index() == 0 and os.path.isdir(self.directory):
+      for tmp in ocp.utils.tmp_checkpoints(self.directory):
+        shutil.rmtree(tmp.get(), ignore_errors=True)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("recursive_lm checkpoint cleanup")
 
   def _open(self) -> None:
     # The manifest is written by orbax's background thread (primary process
     # only) after every process's data is complete and before the rename.
     extra = dict(async_options=ocp.AsyncOptions(post_finalization_callback=self._seal)) if self.async_save else {}
     options = ocp.CheckpointManagerOptions(max_to_keep=self.keep, enable_async_checkpointing=self.async_save,
-                                           create=True, cleanup_tmp_directories=self.cleanup_tmp, **extra)
+                                           create=True, **extra)
     self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "data_iter", "loop"),
                                          options=options)
 
@@ -263,14 +289,14 @@ class Checkpointer:
 
   def _raise_write_error(self, e: Exception) -> None:
     """Raise CheckpointWriteError for the step being saved when `e` is an I/O error; else return."""
-    cause = _write_cause(e)
+    cause = write_cause(e)
     if cause is None:
       return
     step, path = self._saving, os.path.join(self.directory, str(self._saving))
     done = [int(n) for n in os.listdir(self.directory) if n.isdigit() and int(n) != step]
     earlier = f"step {max(done)} is the newest complete checkpoint" if done else "there is no earlier checkpoint"
     raise CheckpointWriteError(f"could not write the checkpoint of step {step} to {path}: {cause} "
-                               f"({_free_space(path)} free there); {earlier}") from e
+                               f"({free_space(path)} free there); {earlier}") from e
 
   def restore(self, step: int, abstract_state: nnx.State, data_iter=None) -> tuple[nnx.State, dict]:
     """Restore arrays onto the shardings carried by `abstract_state` and, when

@@ -10,6 +10,7 @@ the current step, save it and exit 0.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -266,6 +267,14 @@ def main(argv):
     sys.exit(2 if isinstance(e, ConfigError) else 3)
   except checkpoint.CheckpointWriteError as e:
     print(f"error: {e}", file=sys.stderr)
+    sys.exit(5)
+  except OSError as e:
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+      raise
+    # The same trouble outside a checkpoint (config.json, metrics, TensorBoard events).
+    where = e.filename or _WORKDIR.value
+    print(f"error: could not write {where}: {checkpoint.WRITE_CAUSES[e.errno]} ({checkpoint.free_space(where)} free "
+          f"there)", file=sys.stderr)
     sys.exit(5)
   except jax.errors.JaxRuntimeError as e:
     if jax.process_count() == 1:

@@ -756,25 +756,32 @@ def _write_failure(wd, text: str, cause: str) -> tuple[int, str]:
 KEEP_ALL = ("--config.train.checkpoint_every=1", "--config.train.keep_checkpoints=10")
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_earlier_checkpoints_survive(tmp_path):
   fs = tmp_path / "fs"
   # 700 kB: config, metrics and the first checkpoint (about 500 kB) fit, a second checkpoint does not.
   with small_filesystem(fs, "700k"):
     wd = fs / "wd"
     args = train_args(TINY_FILE, wd, "--config.train.steps=4", *KEEP_ALL)
-    full = Launch(tmp_path, "full", args)
-    assert full.finish() == 5, full.tail()
-    failed, rest = _write_failure(wd, full.err(), "no space left on device")
-    assert failed >= 2 and rest == f"step {failed - 1} is the newest complete checkpoint", rest
-    assert finalized_steps(wd) == list(range(1, failed))
-    assert os.path.isdir(_tmp_dir(wd, failed))  # the partial write
     cfg = tiny(**{"train.steps": 4, "train.checkpoint_every": 1, "train.keep_checkpoints": 10})
-    assert sorted(restore_every_checkpoint(wd, cfg)) == list(range(1, failed))  # each verified and restored
-    assert os.path.isdir(_tmp_dir(wd, failed))  # a reader leaves it alone
+    for attempt in ("full", "still_full"):
+      # still_full: the same command on the same full disk first removes the partial write, resumes,
+      # and fails the same way at the same step (no garbage accumulates, no other write fails first).
+      run = Launch(tmp_path, attempt, args)
+      assert run.finish() == 5, run.tail()
+      failed, rest = _write_failure(wd, run.err(), "no space left on device")
+      assert failed >= 2 and rest == f"step {failed - 1} is the newest complete checkpoint", rest
+      assert finalized_steps(wd) == list(range(1, failed))
+      assert [n for n in os.listdir(wd / "checkpoints") if "tmp" in n] == [os.path.basename(_tmp_dir(wd, failed))]
+      assert sorted(restore_every_checkpoint(wd, cfg)) == list(range(1, failed))  # each verified and restored
+      assert os.path.isdir(_tmp_dir(wd, failed))  # a reader leaves the partial write alone
+      if attempt == "still_full":
+        assert f"resumed from step {failed - 1} in" in run.out() and failed == first_failed, run.tail()
+      first_failed = failed
 
     # Space again; the same command removes the partial write and resumes.
     subprocess.run(["mount", "-o", "remount,size=8m", str(fs)], check=True, timeout=30)
-    again = Launch(tmp_path, "again", args)
+    again = Launch(tmp_path, "space_again", args)
     assert again.finish() == 0, again.tail()
     assert f"resumed from step {failed - 1} in" in again.out(), again.tail()
     assert finalized_steps(wd) == [1, 2, 3, 4]
@@ -804,6 +811,19 @@ def test_a_file_size_limit_during_the_first_checkpoint_is_one_line(tmp_path):
   assert finalized_steps(wd) == [] and os.path.isdir(_tmp_dir(wd, 1))
 
 
+def test_a_file_size_limit_outside_a_checkpoint_is_one_line(tmp_path):
+  """config.json (about 3 kB) over a 1.5 kB limit: the first write of a run."""
+  wd = tmp_path / "wd"
+  run = Launch(tmp_path, "fsize", train_args(TINY_FILE, wd), python_args=_file_size_limit(1500))
+  assert run.finish() == 5, run.tail()
+  errors = _errors(run.err())
+  assert len(errors) == 1 and re.fullmatch(rf"error: could not write {re.escape(str(wd))}/config\.json: file too large "
+                                           r"\(over the file size limit\) \([0-9.]+ (MiB|bytes) free there\)",
+                                           errors[0]), run.tail()
+  assert "Traceback" not in run.err()
+  assert sorted(os.listdir(wd)) == [".lock.process_0"]  # no partial config.json(.tmp)
+
+
 def test_stale_temporary_directories_are_removed_by_the_trainer_only(three_steps, tmp_path):
   src, cfg, leaves = three_steps
   wd = tmp_path / "wd"
@@ -818,9 +838,6 @@ def test_stale_temporary_directories_are_removed_by_the_trainer_only(three_steps
   reader.close()
   assert all(os.path.isdir(p) for p in stale)
   trainer = checkpoint.Checkpointer(str(wd), keep=3, cleanup_tmp=True)  # holds the workdir lock
-  deadline = time.time() + 30  # orbax removes them in the background, before the trainer's first save
-  while any(os.path.exists(p) for p in stale) and time.time() < deadline:
-    time.sleep(0.01)
   trainer.close()
   assert not any(os.path.exists(p) for p in stale)
   assert finalized_steps(wd) == [1, 2, 3]
