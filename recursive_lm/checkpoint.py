@@ -54,20 +54,31 @@ def config_path(workdir: str) -> str:
   return os.path.join(workdir, "config.json")
 
 
+def check_config(workdir: str, cfg: Config) -> bool:
+  """Refuse (ConfigError) a workdir holding a different model; True when its
+  config.json equals cfg's. Reads only: callers check before taking the
+  workdir lock, so that a refused launch changes nothing."""
+  path = config_path(workdir)
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    text = f.read()
+  if text == cfg.to_json():
+    return True
+  old = config_lib.from_json(text)
+  if old.model != cfg.model:
+    a, b = dataclasses.asdict(old.model), dataclasses.asdict(cfg.model)
+    diff = sorted(k for k in a if a[k] != b[k])
+    raise ConfigError(f"workdir {workdir} holds a checkpoint of a different model: model.{diff[0]} is "
+                      f"{a[diff[0]]!r} there and {b[diff[0]]!r} now (differing: {', '.join(diff)})")
+  return False
+
+
 def check_or_write_config(workdir: str, cfg: Config) -> None:
   """Write config.json, or refuse a workdir holding a different model."""
   path = config_path(workdir)
-  if os.path.exists(path):
-    with open(path) as f:
-      text = f.read()
-    if text == cfg.to_json():
-      return  # unchanged: no write (which a full disk would refuse before the trainer frees space)
-    old = config_lib.from_json(text)
-    if old.model != cfg.model:
-      a, b = dataclasses.asdict(old.model), dataclasses.asdict(cfg.model)
-      diff = sorted(k for k in a if a[k] != b[k])
-      raise ConfigError(f"workdir {workdir} holds a checkpoint of a different model: model.{diff[0]} is "
-                        f"{a[diff[0]]!r} there and {b[diff[0]]!r} now (differing: {', '.join(diff)})")
+  if check_config(workdir, cfg):
+    return  # unchanged: no write (which a full disk would refuse before the trainer frees space)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     tmp = path + ".tmp"

@@ -127,8 +127,9 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None, devices=None) -> 
   A workdir that another live process is training in is refused
   (workdir_lock.WorkdirInUse) before anything in it changes.
   """
-  # 1. Devices, and the workdir to ourselves.
+  # 1. Devices, and the workdir to ourselves (a workdir of another model is refused untouched).
   maybe_initialize_distributed(cfg)
+  checkpoint.check_config(workdir, cfg)
   with workdir_lock.hold(workdir, log=metrics.console):
     return _run(cfg, workdir, stop_at, devices)
 
