@@ -102,9 +102,10 @@ def _stderr(line: str) -> None:
 
 @contextlib.contextmanager
 def hold(workdir: str, log=None):
-  """Hold this process's lock on `workdir` for the block; every process of a
-  multi-process run must enter it (it ends with a collective). Raises
-  WorkdirInUse on every process when any one of them found its lock taken."""
+  """Hold this process's lock on `workdir` for the block. Every process of a
+  multi-process run must enter it: they agree through a collective, and
+  WorkdirInUse is raised on every process when any one found its lock taken.
+  `log` receives the warning line when the filesystem cannot lock."""
   import jax
 
   pi, pc = jax.process_index(), jax.process_count()

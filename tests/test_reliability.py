@@ -651,6 +651,21 @@ def test_workdir_lock_is_exclusive_per_process_index_and_released(tmp_path):
   workdir_lock.WorkdirLock(wd).release()
 
 
+def test_a_filesystem_without_locks_gets_a_warning_not_a_refusal(tmp_path, monkeypatch):
+  import errno
+  import fcntl
+
+  def no_locks(fd, op):
+    raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+  monkeypatch.setattr(fcntl, "flock", no_locks)
+  lines = []
+  lock = workdir_lock.WorkdirLock(str(tmp_path / "wd"), log=lines.append)
+  lock.release()
+  assert lines == [f"warning: cannot lock {workdir_lock.lock_path(str(tmp_path / 'wd'))} "
+                   f"({os.strerror(errno.ENOLCK)}); a second launch on this workdir would not be detected"]
+
+
 def test_a_second_trainer_on_a_workdir_is_refused_and_a_killed_one_needs_no_cleanup(tmp_path):
   wd = tmp_path / "wd"
   args = train_args(TINY_FILE, wd, "--config.train.steps=1000")
