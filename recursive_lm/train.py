@@ -127,14 +127,13 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None, devices=None) -> 
   A workdir that another live process is training in is refused
   (workdir_lock.WorkdirInUse) before anything in it changes.
   """
-  # 1. Devices, and the workdir to ourselves (a workdir of another model is refused untouched).
+  # 1. Devices.
   maybe_initialize_distributed(cfg)
-  checkpoint.check_config(workdir, cfg)
-  with workdir_lock.hold(workdir, log=metrics.console):
-    return _run(cfg, workdir, stop_at, devices)
+  with workdir_lock.Holder(workdir, log=metrics.console) as lock:  # released however the run ends
+    return _run(cfg, workdir, lock, stop_at, devices)
 
 
-def _run(cfg: Config, workdir: str, stop_at: int | None, devices) -> dict:
+def _run(cfg: Config, workdir: str, lock: workdir_lock.Holder, stop_at: int | None, devices) -> dict:
   pi, pc = jax.process_index(), jax.process_count()
   mesh = sharding.make_mesh(cfg.mesh, devices)
   preset = cfg.mesh.rules
@@ -149,7 +148,10 @@ def _run(cfg: Config, workdir: str, stop_at: int | None, devices) -> dict:
   train_iter = data.train_iterator(dataclasses.replace(cfg.data, batch_size=micro), cfg.seed, pi, pc)
   eval_set = data.eval_batches(cfg.data, cfg.train.eval_batches, pi, pc)
 
-  # 3. Model and optimiser: fresh, or restored with the data position.
+  # 3. Model and optimiser: fresh, or restored with the data position. The workdir to
+  # ourselves before the first write (a workdir of another model is refused untouched).
+  checkpoint.check_config(workdir, cfg)
+  lock.take()
   checkpoint.check_or_write_config(workdir, cfg)
   # Holding the lock, any orbax temporary directory is a dead run's partial write: remove it.
   ckpt = checkpoint.Checkpointer(workdir, cfg.train.keep_checkpoints, cleanup_tmp=True)

@@ -4,8 +4,8 @@
 index) with fcntl.flock for as long as they write there. The kernel drops the
 lock when its holder ends in any way (kill -9 included), so a dead run never
 needs manual cleanup. The file holds the holder's host, pid and program as
-JSON for the refusal message; it stays behind after a run (a stale text is
-never read while the file is unlocked).
+JSON for the refusal message; it stays behind after a run, emptied (the
+record a killed holder leaves is never read: nobody holds the lock).
 
 Why a lock per process index rather than one for process 0 alone: the
 processes of one multi-host run share the workdir and each writes its own
@@ -100,32 +100,53 @@ def _stderr(line: str) -> None:
   print(line, file=sys.stderr, flush=True)
 
 
+class Holder:
+  """`with Holder(workdir) as lock:` ... `lock.take()` ... : the lock is taken
+  where the caller is about to write (so that a launch failing earlier, on a
+  bad config, say, leaves no trace) and released at the end of the block, an
+  exception included."""
+
+  def __init__(self, workdir: str, log=None):
+    self.workdir, self.log, self.lock = workdir, log, None
+
+  def __enter__(self) -> "Holder":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self.lock is not None:
+      self.lock.release()
+      self.lock = None
+
+  def take(self) -> None:
+    """Take this process's lock. Every process of a multi-process run must
+    call it: they agree through a collective, and WorkdirInUse is raised on
+    every process when any one found its lock taken. `log` receives the
+    warning line when the filesystem cannot lock."""
+    import jax
+
+    pi, pc = jax.process_index(), jax.process_count()
+    lock, error = None, None
+    try:
+      lock = WorkdirLock(self.workdir, pi, self.log)
+    except WorkdirInUse as e:
+      error = e
+    if pc > 1:
+      import numpy as np
+      from jax.experimental import multihost_utils
+      refused = np.asarray(multihost_utils.process_allgather(np.asarray(error is not None)))
+      if error is None and refused.any():
+        lock.release()
+        first = int(np.flatnonzero(refused)[0])
+        error = WorkdirInUse(f"workdir {self.workdir} is in use: process {first} of this run found it locked "
+                             f"(see its error for by whom)")
+    if error is not None:
+      raise error
+    self.lock = lock
+
+
 @contextlib.contextmanager
 def hold(workdir: str, log=None):
-  """Hold this process's lock on `workdir` for the block. Every process of a
-  multi-process run must enter it: they agree through a collective, and
-  WorkdirInUse is raised on every process when any one found its lock taken.
-  `log` receives the warning line when the filesystem cannot lock."""
-  import jax
-
-  pi, pc = jax.process_index(), jax.process_count()
-  lock, error = None, None
-  try:
-    lock = WorkdirLock(workdir, pi, log)
-  except WorkdirInUse as e:
-    error = e
-  if pc > 1:
-    import numpy as np
-    from jax.experimental import multihost_utils
-    refused = np.asarray(multihost_utils.process_allgather(np.asarray(error is not None)))
-    if error is None and refused.any():
-      lock.release()
-      others = [int(i) for i in np.flatnonzero(refused)]
-      error = WorkdirInUse(f"workdir {workdir} is in use: process {others[0]} of this run found it locked "
-                           f"(see its error for by whom)")
-  if error is not None:
-    raise error
-  try:
-    yield lock
-  finally:
-    lock.release()
+  """Holder(workdir) taken at once, for the block."""
+  with Holder(workdir, log) as holder:
+    holder.take()
+    yield holder
