@@ -16,14 +16,29 @@ temporary directory once all the data is there, just before orbax's rename,
 and checked before every restore: a step restores only when its commit
 marker, metadata and manifest are present and every listed file has its
 recorded size and checksum.
+
+A save that fails for lack of space (or a file size limit, a quota, ...)
+fails in orbax's background threads; the error surfaces at the next save()
+or wait() and is raised there as one CheckpointWriteError naming the step,
+its directory and the cause. Orbax's and asyncio's own reports of it
+(screens of tracebacks from the writer threads) are filtered from the logs.
+The partial write stays in `<step>.orbax-checkpoint-tmp`, is never
+restored (orbax lists only renamed, complete steps) and is removed by the
+next trainer (`cleanup_tmp`) before it writes anything else: it holds the
+workdir lock, so no save can be in flight there.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
+import logging
 import os
+import re
+import shutil
+import sys
 
 import grain
 import jax
@@ -39,22 +54,41 @@ def config_path(workdir: str) -> str:
   return os.path.join(workdir, "config.json")
 
 
+def check_config(workdir: str, cfg: Config) -> bool:
+  """Refuse (ConfigError) a workdir holding a different model; True when its
+  config.json equals cfg's. Reads only: callers check before taking the
+  workdir lock, so that a refused launch changes nothing."""
+  path = config_path(workdir)
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    text = f.read()
+  if text == cfg.to_json():
+    return True
+  old = config_lib.from_json(text, path)
+  if old.model != cfg.model:
+    a, b = dataclasses.asdict(old.model), dataclasses.asdict(cfg.model)
+    diff = sorted(k for k in a if a[k] != b[k])
+    raise ConfigError(f"workdir {workdir} holds a checkpoint of a different model: model.{diff[0]} is "
+                      f"{a[diff[0]]!r} there and {b[diff[0]]!r} now (differing: {', '.join(diff)})")
+  return False
+
+
 def check_or_write_config(workdir: str, cfg: Config) -> None:
   """Write config.json, or refuse a workdir holding a different model."""
   path = config_path(workdir)
-  if os.path.exists(path):
-    with open(path) as f:
-      old = config_lib.from_json(f.read(), path)
-    if old.model != cfg.model:
-      a, b = dataclasses.asdict(old.model), dataclasses.asdict(cfg.model)
-      diff = sorted(k for k in a if a[k] != b[k])
-      raise ConfigError(f"workdir {workdir} holds a checkpoint of a different model: model.{diff[0]} is "
-                        f"{a[diff[0]]!r} there and {b[diff[0]]!r} now (differing: {', '.join(diff)})")
+  if check_config(workdir, cfg):
+    return  # unchanged: no write (which a full disk would refuse before the trainer frees space)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      f.write(cfg.to_json())
+    try:
+      with open(tmp, "w") as f:
+        f.write(cfg.to_json())
+    except OSError as e:  # a full disk: leave no partial file, and name the file (a failed write does not)
+      if os.path.exists(tmp):
+        os.remove(tmp)
+      raise OSError(e.errno, e.strerror, path) from e
     os.replace(tmp, path)
 
 
@@ -125,14 +159,112 @@ def verify(step_dir: str, step: int) -> None:
       raise DamagedCheckpoint(f"{rel} differs from the saved file (sha256 mismatch)")
 
 
-class Checkpointer:
-  """Thin wrapper over an orbax CheckpointManager with our three items."""
+class CheckpointWriteError(RuntimeError):
+  """A checkpoint could not be written: disk full, file size limit, quota, I/O error."""
 
-  def __init__(self, workdir: str, keep: int, async_save: bool = True):
+
+# errno -> how the error line says it. Tensorstore (orbax's array writer) reports
+# these inside a ValueError as "... [os_error_code='28']".
+WRITE_CAUSES = {errno.ENOSPC: "no space left on device", errno.EFBIG: "file too large (over the file size limit)",
+                errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
+                errno.EACCES: "permission denied", errno.EIO: "input/output error"}
+
+
+def write_cause(e: BaseException) -> str | None:
+  """The cause of a failed write, from anywhere in e's cause/context chain; None when it is no I/O error."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    code = e.errno if isinstance(e, OSError) else None
+    found = re.search(r"os_error_code='(\d+)'", str(e))
+    code = int(found.group(1)) if code is None and found else code
+    if code in WRITE_CAUSES:
+      return WRITE_CAUSES[code]
+    if isinstance(e, OSError):
+      return e.strerror or type(e).__name__
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def free_space(path: str) -> str:
+  """Free space for unprivileged users on the filesystem holding `path` (or its nearest existing parent)."""
+  while path and not os.path.isdir(path):
+    path = os.path.dirname(path)
+  try:
+    st = os.statvfs(path)
+  except OSError:
+    return "unknown"
+  free = st.f_bavail * st.f_frsize
+  return f"{free / 2**20:.1f} MiB" if free >= 2**20 else f"{free} bytes"
+
+
+class _QuietFailedSaves(logging.Filter):
+  """Drops orbax's and asyncio's error reports from orbax's writer threads.
+  Every such failure is raised again at the next save() / wait(), where it
+  becomes one CheckpointWriteError line (or the original exception when it
+  is no I/O error)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR:
+      return True
+    places = [record.pathname, record.getMessage()]
+    tb = record.exc_info[2] if record.exc_info else None
+    while tb is not None:  # asyncio's "exception was never retrieved": orbax shows only in the traceback
+      places.append(tb.tb_frame.f_code.co_filename)
+      tb = tb.tb_next
+    return not any(os.sep + "orbax" + os.sep in p for p in places)
+
+
+_QUIET = _QuietFailedSaves()
+
+
+def _quiet_unraisable(previous):
+  """sys.unraisablehook minus the echoes of a failed save: after a write
+  error ends orbax's event loop, tensorstore still completes the other writes
+  of that save and each completion finds the loop closed ("Event loop is
+  closed", with a traceback and no context); at exit, the abandoned writer
+  coroutines fail to finalise. The write error itself is raised at the next
+  save() / wait()."""
+
+  def hook(u):
+    if u.object is None and isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed":
+      return
+    if sys.is_finalizing() and "orbax" in repr(u.object):
+      return
+    previous(u)
+
+  hook.recursive_lm_quiet = True
+  return hook
+
+
+class Checkpointer:
+  """Thin wrapper over an orbax CheckpointManager with our three items.
+
+  cleanup_tmp: remove orbax temporary directories (partial writes of a dead
+  run) on opening; only for a process holding the workdir lock, since for
+  anyone else they may be a live trainer's save in progress."""
+
+  def __init__(self, workdir: str, keep: int, async_save: bool = True, cleanup_tmp: bool = False):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self.keep, self.async_save = keep, async_save
     self._saving = None  # the step whose (async) save is in flight
+    for name in ("absl", "asyncio"):  # orbax logs through absl; asyncio reports its failed tasks
+      logging.getLogger(name).addFilter(_QUIET)  # (a set: adding it again is a no-op)
+    if not getattr(sys.unraisablehook, "recursive_lm_quiet", False):
+      sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
+    if cleanup_tmp:
+      self._remove_partial_writes()
     self._open()
+
+  def _remove_partial_writes(self) -> None:
+    """Delete orbax's temporary step directories, now (orbax's own cleanup_tmp_directories
+    option runs in the background until the first save; a full disk needs the space first)."""
+    if jax.process_index() == 0 and os.path.isdir(self.directory):
+      for tmp in ocp.utils.tmp_checkpoints(self.directory):
+        shutil.rmtree(tmp.get(), ignore_errors=True)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("recursive_lm checkpoint cleanup")
 
   def _open(self) -> None:
     # The manifest is written by orbax's background thread (primary process
@@ -156,11 +288,26 @@ class Checkpointer:
     args = {"state": ocp.args.StandardSave(state), "loop": ocp.args.JsonSave(loop)}
     if data_iter is not None:
       args["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
-    self.manager.wait_until_finished()  # orbax would wait too; the previous _seal reads self._saving
+    self.wait()  # orbax would wait too; the previous _seal reads self._saving
     self._saving = step
-    self.manager.save(step, args=ocp.args.Composite(**args), force=True)
-    if not self.async_save and jax.process_index() == 0:
-      write_manifest(os.path.join(self.directory, str(step)), step)
+    try:
+      self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+      if not self.async_save and jax.process_index() == 0:
+        write_manifest(os.path.join(self.directory, str(step)), step)
+    except Exception as e:
+      self._raise_write_error(e)
+      raise
+
+  def _raise_write_error(self, e: Exception) -> None:
+    """Raise CheckpointWriteError for the step being saved when `e` is an I/O error; else return."""
+    cause = write_cause(e)
+    if cause is None:
+      return
+    step, path = self._saving, os.path.join(self.directory, str(self._saving))
+    done = [int(n) for n in os.listdir(self.directory) if n.isdigit() and int(n) != step]
+    earlier = f"step {max(done)} is the newest complete checkpoint" if done else "there is no earlier checkpoint"
+    raise CheckpointWriteError(f"could not write the checkpoint of step {step} to {path}: {cause} "
+                               f"({free_space(path)} free there); {earlier}") from e
 
   def restore(self, step: int, abstract_state: nnx.State, data_iter=None) -> tuple[nnx.State, dict]:
     """Restore arrays onto the shardings carried by `abstract_state` and, when
@@ -216,7 +363,12 @@ class Checkpointer:
     self._open()
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Wait for the save in flight; raises CheckpointWriteError when it failed to write."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      self._raise_write_error(e)
+      raise
 
   def close(self) -> None:
     self.manager.close()
@@ -225,8 +377,7 @@ class Checkpointer:
 def load_model(workdir: str, step: int | None = None, mesh=None):
   """(config, model, step) of a run directory, for evaluation, sampling and
   notebooks. Restores only the model half of the saved state."""
-  from recursive_lm.model.transformer import Transformer
-  from recursive_lm import optim
+  from recursive_lm.state import make_state
 
   cfg = load_config(workdir)
   # Analysis and sampling default to one device; pass a mesh to spread a big model.
@@ -238,13 +389,7 @@ def load_model(workdir: str, step: int | None = None, mesh=None):
   if step is None:
     raise ConfigError(f"--workdir {workdir}: no checkpoint found under {workdir}/checkpoints")
 
-  def init():
-    model = Transformer(cfg.model, nnx.Rngs(cfg.seed))
-    tx, _ = optim.make(cfg.optim, cfg.train.steps, nnx.state(model, nnx.Param),
-                       skip_nonfinite=cfg.train.on_nonfinite == "skip")
-    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-  graphdef, abstract = sharding.abstract_sharded(init, mesh, preset)
+  graphdef, abstract = sharding.abstract_sharded(lambda: make_state(cfg), mesh, preset)
   state, _ = ckpt.restore(step, abstract)
   ckpt.close()
   model, _ = nnx.merge(graphdef, state)

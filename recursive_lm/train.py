@@ -9,6 +9,7 @@ the current step, save it and exit 0.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -22,7 +23,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from recursive_lm import checkpoint, cli, data, metrics, peak, sharding
+from recursive_lm import checkpoint, cli, data, metrics, peak, sharding, workdir_lock
 from recursive_lm import config as config_lib
 from recursive_lm.analysis.accounting import flops_per_token
 from recursive_lm.config import Config, ConfigError
@@ -122,9 +123,16 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None, devices=None) -> 
   still spans cfg.train.steps), as a preemption would: tests and notebooks
   use it to split one run into pieces. `devices` (default: all of jax.devices())
   restricts the mesh, e.g. to one device for a single-device reference run.
+  A workdir that another live process is training in is refused
+  (workdir_lock.WorkdirInUse) before anything in it changes.
   """
   # 1. Devices.
   maybe_initialize_distributed(cfg)
+  with workdir_lock.Holder(workdir, log=metrics.console) as lock:  # released however the run ends
+    return _run(cfg, workdir, lock, stop_at, devices)
+
+
+def _run(cfg: Config, workdir: str, lock: workdir_lock.Holder, stop_at: int | None, devices) -> dict:
   pi, pc = jax.process_index(), jax.process_count()
   mesh = sharding.make_mesh(cfg.mesh, devices)
   preset = cfg.mesh.rules
@@ -138,9 +146,13 @@ def run(cfg: Config, workdir: str, stop_at: int | None = None, devices=None) -> 
   train_iter = data.train_iterator(cfg.data, cfg.seed, pi, pc)  # whole batches; the step splits micro-batches
   eval_set = data.eval_batches(cfg.data, cfg.train.eval_batches, pi, pc)
 
-  # 3. Model and optimiser: fresh, or restored with the data position.
+  # 3. Model and optimiser: fresh, or restored with the data position. The workdir to
+  # ourselves before the first write (a workdir of another model is refused untouched).
+  checkpoint.check_config(workdir, cfg)
+  lock.take()
   checkpoint.check_or_write_config(workdir, cfg)
-  ckpt = checkpoint.Checkpointer(workdir, cfg.train.keep_checkpoints)
+  # Holding the lock, any orbax temporary directory is a dead run's partial write: remove it.
+  ckpt = checkpoint.Checkpointer(workdir, cfg.train.keep_checkpoints, cleanup_tmp=True)
   writer = metrics.MetricsWriter(workdir, enabled=pi == 0)
   init = lambda: make_state(cfg)  # noqa: E731
   graphdef, abstract = sharding.abstract_sharded(init, mesh, preset)
@@ -242,6 +254,17 @@ def main(argv):
   except (ConfigError, NonFiniteError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2 if isinstance(e, ConfigError) else 3)
+  except checkpoint.CheckpointWriteError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(5)
+  except OSError as e:
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+      raise
+    # The same trouble outside a checkpoint (config.json, metrics, TensorBoard events).
+    where = e.filename or _WORKDIR.value
+    print(f"error: could not write {where}: {checkpoint.WRITE_CAUSES[e.errno]} ({checkpoint.free_space(where)} free "
+          f"there)", file=sys.stderr)
+    sys.exit(5)
   except jax.errors.JaxRuntimeError as e:
     if jax.process_count() == 1:
       raise

@@ -28,14 +28,25 @@ subprocesses with one CPU device each, on a tiny relaxed recursive model
 - Two processes (jax.distributed, 4 simulated devices each): kill -9 either
   one, or stop it (SIGSTOP: hung, still connected), and the other exits
   non-zero with a clear message within 60 s (slow).
+- One writer per workdir: a second launch of the same command while the
+  first runs (or a convert into it) exits 2 with one line naming the
+  holder's pid and host and changes nothing; kill -9 of the holder frees the
+  workdir without cleanup. Every process of a multi-process launch refuses
+  when any one of them finds its lock taken.
+- A full disk (a small tmpfs, where mount is permitted) or a file size limit
+  (RLIMIT_FSIZE) during a checkpoint: exit 5 with one line naming the step,
+  its directory and the cause; every earlier checkpoint verifies and
+  restores; the next launch removes the partial write and resumes.
 """
 
+import contextlib
 import json
 import math
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -44,7 +55,7 @@ import jax
 import numpy as np
 import pytest
 
-from recursive_lm import checkpoint, metrics
+from recursive_lm import checkpoint, metrics, workdir_lock
 from recursive_lm import config as config_lib
 
 import tiny_run
@@ -79,13 +90,13 @@ def child_env(devices: int = 1, **extra) -> dict:
 class Launch:
   """`python -m recursive_lm.train ...` in the background, stdout and stderr to files we can poll."""
 
-  def __init__(self, log_dir, name: str, args, env=None):
+  def __init__(self, log_dir, name: str, args, env=None, module="recursive_lm.train", python_args=()):
     os.makedirs(log_dir, exist_ok=True)
     self.out_path, self.err_path = (os.path.join(str(log_dir), f"{name}.{s}") for s in ("out", "err"))
     self._out, self._err = open(self.out_path, "w"), open(self.err_path, "w")
     self.started = time.time()
-    self.proc = subprocess.Popen([sys.executable, "-m", "recursive_lm.train", *args], cwd=REPO, stdout=self._out,
-                                 stderr=self._err, env=env or child_env())
+    self.proc = subprocess.Popen([sys.executable, *(python_args or ("-m", module)), *args], cwd=REPO,
+                                 stdout=self._out, stderr=self._err, env=env or child_env())
 
   def out(self) -> str:
     with open(self.out_path) as f:
@@ -560,6 +571,7 @@ def test_an_update_that_makes_params_nonfinite_stops_before_saving(tmp_path):
   wd = tmp_path / "wd"
   with pytest.raises(train.NonFiniteError, match=r"^step 2: non-finite param_norm \(param_norm=inf\)"):
     train.run(cfg, str(wd), devices=jax.devices()[:1])
+  workdir_lock.WorkdirLock(str(wd)).release()  # the failed run let go of the workdir
   assert finalized_steps(wd) == [1]
   saved = restore_every_checkpoint(wd, cfg)
   assert all(np.all(np.isfinite(x)) for x in saved[1] if x.dtype.kind == "f")
@@ -608,3 +620,243 @@ def test_losing_one_of_two_processes_ends_the_other_quickly(victim, how, tmp_pat
   # aborts the process once the peer misses its heartbeats (SIGABRT), whichever comes first.
   assert (code == 4 and ours in text) or (code == -signal.SIGABRT and jaxs in text), survivor.tail()
   print(f"{how} process {victim}: the other exited {code} after {elapsed:.1f} s")
+
+
+# ---------------------------------------------------------------------------
+# 8. One writer per workdir.
+
+
+def _errors(text: str) -> list[str]:
+  return [l for l in text.splitlines() if l.startswith("error:")]
+
+
+def _in_use(wd, pid: int, program: str = r"[^,]+") -> str:
+  """The refusal line's pattern for a workdir held by `pid` on this host."""
+  return (rf"error: workdir {re.escape(str(wd))} is in use by process {pid} on host {re.escape(socket.gethostname())} "
+          rf"\({program}, started \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d UTC\); wait for it to end or stop it "
+          rf"\(lock file {re.escape(workdir_lock.lock_path(str(wd)))}\)")
+
+
+def test_workdir_lock_is_exclusive_per_process_index_and_released(tmp_path):
+  wd = str(tmp_path / "wd")
+  first = workdir_lock.WorkdirLock(wd)
+  with pytest.raises(workdir_lock.WorkdirInUse) as info:  # flock: a second open file description conflicts
+    workdir_lock.WorkdirLock(wd)
+  assert re.fullmatch(_in_use(wd, os.getpid())[len("error: "):], str(info.value)), str(info.value)
+  other = workdir_lock.WorkdirLock(wd, process_index=1)  # another process of the same run
+  other.release()
+  first.release()
+  with open(workdir_lock.lock_path(wd)) as f:
+    assert f.read() == ""  # no stale holder record once released
+  workdir_lock.WorkdirLock(wd).release()
+
+
+def test_a_filesystem_without_locks_gets_a_warning_not_a_refusal(tmp_path, monkeypatch):
+  import errno
+  import fcntl
+
+  def no_locks(fd, op):
+    raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+  monkeypatch.setattr(fcntl, "flock", no_locks)
+  lines = []
+  lock = workdir_lock.WorkdirLock(str(tmp_path / "wd"), log=lines.append)
+  lock.release()
+  assert lines == [f"warning: cannot lock {workdir_lock.lock_path(str(tmp_path / 'wd'))} "
+                   f"({os.strerror(errno.ENOLCK)}); a second launch on this workdir would not be detected"]
+
+
+def test_a_second_trainer_on_a_workdir_is_refused_and_a_killed_one_needs_no_cleanup(tmp_path):
+  wd = tmp_path / "wd"
+  args = train_args(TINY_FILE, wd, "--config.train.steps=1000")
+  a = Launch(tmp_path, "a", args)
+  try:
+    a.wait_for(lambda: "step      4/" in a.out() and finalized_steps(wd) == [3], what="step 4 after checkpoint 3")
+    a.proc.send_signal(signal.SIGSTOP)  # still holds the lock; writes nothing while we compare
+    before = snapshot(wd)
+    b = Launch(tmp_path, "b", args)  # the same command again
+    assert b.finish(120) == 2, b.tail()
+    errors = _errors(b.err())
+    assert len(errors) == 1 and re.fullmatch(_in_use(wd, a.proc.pid, r"recursive_lm\.train"), errors[0]), b.tail()
+    assert "Traceback" not in b.err() and b.out() == "", b.tail()
+    assert snapshot(wd) == before
+  finally:
+    a.proc.send_signal(signal.SIGKILL)  # kill -9 (a stopped process dies too)
+    a.finish(30)
+  # The kernel dropped A's lock with A: the same command resumes where A's checkpoints end, no cleanup needed.
+  last = finalized_steps(wd)[-1]
+  c = Launch(tmp_path, "c", train_args(TINY_FILE, wd, f"--config.train.steps={last + 2}"))
+  assert c.finish() == 0, c.tail()
+  assert f"resumed from step {last} in" in c.out(), c.tail()
+  assert [r["step"] for r in metrics.read(str(wd)) if "loss" in r] == list(range(1, last + 3))
+
+
+def test_every_process_of_a_multi_process_launch_refuses_a_workdir_in_use(tmp_path):
+  """Held at process index 1 only, as by a worker of an older run that outlived its process 0: the new
+  run's process 1 finds it taken, and process 0 (whose own lock was free) refuses with it."""
+  import portpicker
+  wd = tmp_path / "wd"
+  held = workdir_lock.WorkdirLock(str(wd), process_index=1)
+  port = portpicker.pick_unused_port()
+  try:
+    before = snapshot(wd)
+    runs = [Launch(tmp_path, f"process_{pid}", train_args(TINY_FILE, wd, *MULTIHOST_OVERRIDES),
+                   env=child_env(devices=4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                                 JAX_PROCESS_ID=str(pid)))
+            for pid in range(2)]
+    codes = [run.finish(180) for run in runs]
+    after = snapshot(wd)
+    # Process 0 took and let go of its own (free) lock: an empty lock file is all that is new.
+    assert after == {**before, ".lock.process_0": b""}, after
+  finally:
+    held.release()
+  assert codes == [2, 2], [run.tail() for run in runs]
+  first, second = (_errors(run.err()) for run in runs)
+  assert first == [f"error: workdir {wd} is in use: process 1 of this run found it locked (see its error for by whom)"]
+  pattern = _in_use(wd, os.getpid()).replace(re.escape(workdir_lock.lock_path(str(wd))),
+                                             re.escape(workdir_lock.lock_path(str(wd), 1)))
+  assert len(second) == 1 and re.fullmatch(pattern, second[0]), second
+
+
+def test_convert_into_a_workdir_in_use_is_refused_and_changes_nothing(tmp_path):
+  from test_convert import LLAMA, hf_weights, write_hf  # (skips when gguf is missing, as test_convert does)
+  source = write_hf(tmp_path / "llama", LLAMA, hf_weights(LLAMA))
+  wd = tmp_path / "wd"
+  held = workdir_lock.WorkdirLock(str(wd))  # as a trainer holds it
+  try:
+    before = snapshot(wd)
+    run = Launch(tmp_path, "convert", ["--source", f"hf:{source}", "--workdir", str(wd)],
+                 module="recursive_lm.convert")
+    assert run.finish(300) == 2, run.tail()
+    assert snapshot(wd) == before
+  finally:
+    held.release()
+  errors = _errors(run.err())
+  assert len(errors) == 1 and re.fullmatch(_in_use(wd, os.getpid()), errors[0]), run.tail()
+
+
+# ---------------------------------------------------------------------------
+# 9. A full disk during a checkpoint.
+
+
+@contextlib.contextmanager
+def small_filesystem(path, size: str):
+  """A tmpfs of `size` mounted at `path` (root only); skips the test where mounting is not permitted."""
+  os.makedirs(path)
+  try:
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                             text=True, timeout=30)
+  except FileNotFoundError:
+    pytest.skip("no mount command")
+  if mounted.returncode != 0:
+    pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+  try:
+    yield
+  finally:
+    subprocess.run(["umount", "-l", str(path)], check=False, timeout=30)
+
+
+def _write_failure(wd, text: str, cause: str) -> tuple[int, str]:
+  """(failed step, rest of the line) from the run's one error line; checks that nothing else was reported."""
+  errors = _errors(text)
+  assert len(errors) == 1, text[-3000:]
+  match = re.fullmatch(rf"error: could not write the checkpoint of step (\d+) to {re.escape(str(wd))}/checkpoints/"
+                       rf"(\d+): {re.escape(cause)} \(([^)]+) free there\); (.*)", errors[0])
+  assert match and match.group(1) == match.group(2), errors[0]
+  # No tracebacks, and no error records of orbax's writer threads (absl's "E...." lines) or asyncio's.
+  assert "Traceback" not in text and not re.search(r"^E\d{4} ", text, re.M), text[-3000:]
+  return int(match.group(1)), match.group(4)
+
+
+KEEP_ALL = ("--config.train.checkpoint_every=1", "--config.train.keep_checkpoints=10")
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_earlier_checkpoints_survive(tmp_path):
+  fs = tmp_path / "fs"
+  # 700 kB: config, metrics and the first checkpoint (about 500 kB) fit, a second checkpoint does not.
+  with small_filesystem(fs, "700k"):
+    wd = fs / "wd"
+    args = train_args(TINY_FILE, wd, "--config.train.steps=4", *KEEP_ALL)
+    cfg = tiny(**{"train.steps": 4, "train.checkpoint_every": 1, "train.keep_checkpoints": 10})
+    for attempt in ("full", "still_full"):
+      # still_full: the same command on the same full disk first removes the partial write, resumes,
+      # and fails the same way at the same step (no garbage accumulates, no other write fails first).
+      run = Launch(tmp_path, attempt, args)
+      assert run.finish() == 5, run.tail()
+      failed, rest = _write_failure(wd, run.err(), "no space left on device")
+      assert failed >= 2 and rest == f"step {failed - 1} is the newest complete checkpoint", rest
+      assert finalized_steps(wd) == list(range(1, failed))
+      assert [n for n in os.listdir(wd / "checkpoints") if "tmp" in n] == [os.path.basename(_tmp_dir(wd, failed))]
+      assert sorted(restore_every_checkpoint(wd, cfg)) == list(range(1, failed))  # each verified and restored
+      assert os.path.isdir(_tmp_dir(wd, failed))  # a reader leaves the partial write alone
+      if attempt == "still_full":
+        assert f"resumed from step {failed - 1} in" in run.out() and failed == first_failed, run.tail()
+      first_failed = failed
+
+    # Space again; the same command removes the partial write and resumes.
+    subprocess.run(["mount", "-o", "remount,size=8m", str(fs)], check=True, timeout=30)
+    again = Launch(tmp_path, "space_again", args)
+    assert again.finish() == 0, again.tail()
+    assert f"resumed from step {failed - 1} in" in again.out(), again.tail()
+    assert finalized_steps(wd) == [1, 2, 3, 4]
+    assert not [n for n in os.listdir(wd / "checkpoints") if "tmp" in n]
+    assert [r["step"] for r in metrics.read(str(wd)) if "loss" in r] == [1, 2, 3, 4]
+
+
+def _file_size_limit(limit: int) -> tuple[str, str]:
+  """Python arguments that run recursive_lm.train with files limited to `limit` bytes (set in the child
+  itself: a preexec_fn would run Python after fork in this multithreaded process)."""
+  return ("-c", "import resource, runpy, signal, sys\n"
+                # Ignored, SIGXFSZ no longer kills the writer: the write fails with EFBIG.
+                "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+                f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
+                "sys.argv[0] = 'recursive_lm/train.py'\n"
+                "runpy.run_module('recursive_lm.train', run_name='__main__', alter_sys=True)\n")
+
+
+def test_a_file_size_limit_during_the_first_checkpoint_is_one_line(tmp_path):
+  """No mount needed: the largest array file of a checkpoint (about 200 kB) exceeds a 100 kB limit."""
+  wd = tmp_path / "wd"
+  run = Launch(tmp_path, "fsize", train_args(TINY_FILE, wd, "--config.train.steps=3", *KEEP_ALL),
+               python_args=_file_size_limit(100_000))
+  assert run.finish() == 5, run.tail()
+  failed, rest = _write_failure(wd, run.err(), "file too large (over the file size limit)")
+  assert failed == 1 and rest == "there is no earlier checkpoint", rest
+  assert finalized_steps(wd) == [] and os.path.isdir(_tmp_dir(wd, 1))
+
+
+def test_a_file_size_limit_outside_a_checkpoint_is_one_line(tmp_path):
+  """config.json (about 3 kB) over a 1.5 kB limit: the first write of a run."""
+  wd = tmp_path / "wd"
+  run = Launch(tmp_path, "fsize", train_args(TINY_FILE, wd), python_args=_file_size_limit(1500))
+  assert run.finish() == 5, run.tail()
+  errors = _errors(run.err())
+  assert len(errors) == 1 and re.fullmatch(rf"error: could not write {re.escape(str(wd))}/config\.json: file too large "
+                                           r"\(over the file size limit\) \([0-9.]+ (MiB|bytes) free there\)",
+                                           errors[0]), run.tail()
+  assert "Traceback" not in run.err()
+  assert sorted(os.listdir(wd)) == [".lock.process_0"]  # no partial config.json(.tmp)
+
+
+def test_stale_temporary_directories_are_removed_by_the_trainer_only(three_steps, tmp_path):
+  src, cfg, leaves = three_steps
+  wd = tmp_path / "wd"
+  shutil.copytree(src, wd)
+  stale = [_tmp_dir(wd, 4), _tmp_dir(wd, 2)]  # a dead run's partial writes: a new step and a re-save
+  for path in stale:
+    os.makedirs(os.path.join(path, "state"))
+    with open(os.path.join(path, "state", "partial"), "wb") as f:
+      f.write(b"\0" * 1000)
+  reader = checkpoint.Checkpointer(str(wd), keep=3)  # evaluate / sample: may run beside a live trainer
+  assert reader.latest_step() == 3
+  reader.close()
+  assert all(os.path.isdir(p) for p in stale)
+  trainer = checkpoint.Checkpointer(str(wd), keep=3, cleanup_tmp=True)  # holds the workdir lock
+  trainer.close()
+  assert not any(os.path.exists(p) for p in stale)
+  assert finalized_steps(wd) == [1, 2, 3]
+  got = restore_every_checkpoint(wd, cfg)
+  for step in (1, 2, 3):
+    for a, b in zip(got[step], leaves[step]):
+      np.testing.assert_array_equal(a, b)

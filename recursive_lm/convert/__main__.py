@@ -12,8 +12,8 @@ prints the conversion record as JSON. Options:
   --set KEY=VALUE          any other config value, e.g. --set train.steps=20 --set data.seq_len=64
   --alsologtostderr        library log records (WORKDIR/logs/convert.log) on the console too
 
-Errors (unsupported source, depth not divisible, pickle files) print one line
-on stderr and exit 2.
+Errors (unsupported source, depth not divisible, pickle files, a workdir that
+a trainer is using) print one line on stderr and exit 2.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import argparse
 import json
 import sys
 
-from recursive_lm import cli
+from recursive_lm import cli, workdir_lock
 from recursive_lm.config import ConfigError, PLAN_PRESETS
 
 
@@ -44,6 +44,7 @@ def parse(argv):
 def main(argv=None) -> int:
   args = parse(sys.argv[1:] if argv is None else argv)
   cli.route_library_logs(args.workdir, "convert", also_to_console=args.alsologtostderr)
+  from recursive_lm.checkpoint import CheckpointWriteError
   from recursive_lm.convert import readers, workdir as wd
   try:
     rank = args.lora_rank if args.lora_rank == "full" else int(args.lora_rank)
@@ -60,11 +61,12 @@ def main(argv=None) -> int:
     source = readers.read(args.source)
     print(f"read {source.origin}: {source.family}, {source.num_layers} layers, d_model {source.model['d_model']}",
           file=sys.stderr)
-    tokenizer = wd.write_tokenizer(source, args.workdir, log=lambda s: print(s, file=sys.stderr))
-    cd = wd.make_config(source, args.plan, repeats, rank, args.lora_alpha, args.per_depth_norms, tokenizer,
-                        overrides)
-    record = wd.write_run(source, cd, args.workdir, args.init, log=lambda s: print(s, file=sys.stderr))
-  except ConfigError as e:
+    with workdir_lock.hold(args.workdir, log=lambda s: print(s, file=sys.stderr)):  # not into a live run
+      tokenizer = wd.write_tokenizer(source, args.workdir, log=lambda s: print(s, file=sys.stderr))
+      cd = wd.make_config(source, args.plan, repeats, rank, args.lora_alpha, args.per_depth_norms, tokenizer,
+                          overrides)
+      record = wd.write_run(source, cd, args.workdir, args.init, log=lambda s: print(s, file=sys.stderr))
+  except (ConfigError, CheckpointWriteError) as e:  # the latter: a full disk, say
     cli.fail(e)
   print(json.dumps(record))
   print(f"continue with: python -m recursive_lm.train --config configs/converted.py:workdir={args.workdir} "
