@@ -96,17 +96,27 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 class _LogFile:
-  """Append-mode file opened on the first write: a launch that logs nothing
-  (or is refused before it starts) creates nothing in the workdir."""
+  """An append-mode file that holds what is written in memory until `start()`:
+  a launch refused before it may write to the workdir (a lock held by another
+  run, a different model there) leaves nothing behind."""
 
-  def __init__(self, path: str):
-    self.path, self._f = path, None
+  def __init__(self, path: str, started: bool):
+    self.path, self._f, self._held = path, None, []
+    if started:
+      self.start()
 
-  def write(self, text: str) -> None:
+  def start(self) -> None:
     if self._f is None:
       os.makedirs(os.path.dirname(self.path), exist_ok=True)
       self._f = open(self.path, "a", encoding="utf-8")
-    self._f.write(text)
+      self._f.writelines(self._held)
+      self._held = []
+
+  def write(self, text: str) -> None:
+    if self._f is None:
+      self._held.append(text)
+    else:
+      self._f.write(text)
 
   def flush(self) -> None:
     if self._f is not None:
@@ -117,8 +127,11 @@ class _LogFile:
       self._f.close()
 
 
+_log_file: _LogFile | None = None
+
+
 def route_library_logs(workdir: str | None, program: str, read_only: bool = False,
-                       also_to_console: bool | None = None) -> str | None:
+                       also_to_console: bool | None = None, deferred: bool = False) -> str | None:
   """Library log records (absl: orbax, jax) go to WORKDIR/logs/PROGRAM.log; the
   console keeps the project's own lines plus warnings and errors.
 
@@ -129,7 +142,9 @@ def route_library_logs(workdir: str | None, program: str, read_only: bool = Fals
   local workdir (none given, one that does not exist for a read-only tool, or
   a remote path) records below WARNING are dropped. `read_only` tools (evaluate,
   sample) never create the workdir; `also_to_console` sets --alsologtostderr for
-  CLIs that parse their own arguments. Returns the log path or None.
+  CLIs that parse their own arguments. Writers of a workdir (train, convert)
+  pass `deferred` and call `start_library_log()` once they hold its lock.
+  Returns the log path or None.
   """
   f = flags.FLAGS
   if not f.is_parsed():  # argparse CLIs (convert): absl sends everything to stderr until flags are parsed
@@ -149,5 +164,13 @@ def route_library_logs(workdir: str | None, program: str, read_only: bool = Fals
   # Several processes of one run write their own files (JAX_PROCESS_ID is set by multi-process launchers).
   process = os.environ.get("JAX_PROCESS_ID")
   path = os.path.join(workdir, "logs", f"{program}.log" if process in (None, "0") else f"{program}.p{process}.log")
-  logging.get_absl_handler().python_handler.stream = _LogFile(path)
+  global _log_file
+  _log_file = _LogFile(path, started=not deferred)
+  logging.get_absl_handler().python_handler.stream = _log_file
   return path
+
+
+def start_library_log() -> None:
+  """Write the held library records to the workdir's log file from now on (no-op when not routed)."""
+  if _log_file is not None:
+    _log_file.start()

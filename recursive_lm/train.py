@@ -150,6 +150,7 @@ def _run(cfg: Config, workdir: str, lock: workdir_lock.Holder, stop_at: int | No
   # ourselves before the first write (a workdir of another model is refused untouched).
   checkpoint.check_config(workdir, cfg)
   lock.take()
+  cli.start_library_log()
   checkpoint.check_or_write_config(workdir, cfg)
   # Holding the lock, any orbax temporary directory is a dead run's partial write: remove it.
   ckpt = checkpoint.Checkpointer(workdir, cfg.train.keep_checkpoints, cleanup_tmp=True)
@@ -247,7 +248,7 @@ def main(argv):
   if _WORKDIR.value is None:
     print("error: --workdir is required", file=sys.stderr)
     sys.exit(2)
-  cli.route_library_logs(_WORKDIR.value, "train")
+  cli.route_library_logs(_WORKDIR.value, "train", deferred=True)
   try:
     cfg = config_lib.load(_CONFIG.value)
     run(cfg, _WORKDIR.value)

@@ -43,7 +43,7 @@ def parse(argv):
 
 def main(argv=None) -> int:
   args = parse(sys.argv[1:] if argv is None else argv)
-  cli.route_library_logs(args.workdir, "convert", also_to_console=args.alsologtostderr)
+  cli.route_library_logs(args.workdir, "convert", also_to_console=args.alsologtostderr, deferred=True)
   from recursive_lm.checkpoint import CheckpointWriteError
   from recursive_lm.convert import readers, workdir as wd
   try:
@@ -62,6 +62,7 @@ def main(argv=None) -> int:
     print(f"read {source.origin}: {source.family}, {source.num_layers} layers, d_model {source.model['d_model']}",
           file=sys.stderr)
     with workdir_lock.hold(args.workdir, log=lambda s: print(s, file=sys.stderr)):  # not into a live run
+      cli.start_library_log()
       tokenizer = wd.write_tokenizer(source, args.workdir, log=lambda s: print(s, file=sys.stderr))
       cd = wd.make_config(source, args.plan, repeats, rank, args.lora_alpha, args.per_depth_norms, tokenizer,
                           overrides)
