@@ -38,6 +38,7 @@ from absl import logging
 
 from recursive_lm.config import ATTENTION_KERNELS, ConfigError, ModelConfig
 from recursive_lm.model import layers
+from recursive_lm.model.moe import data_parallel
 
 BACKENDS = ("cpu", "gpu", "tpu")
 # Which explicit choices each backend can run ('xla' and 'blocked' are plain jax: every backend).
@@ -236,7 +237,8 @@ def _splash_kernel(t: int, g: int, window: int, interpret: bool):
 def splash_attend(q, k, v, positions, window=None, *, sliding_window: int = 0, interpret: bool = False):
   """Causal (optionally sliding-window) self-attention with the Pallas TPU
   splash kernel: one MQA call (G query heads on one K/V head) per batch row
-  and K/V head, mapped with vmap. Scores in float32 inside the kernel."""
+  and K/V head, mapped with vmap; per batch shard under a mesh (shard_map).
+  Scores in float32 inside the kernel."""
   del positions  # consecutive (see dot_product_attend)
   b, t, kh, g, hd = q.shape
   qh = jnp.transpose(q, (0, 2, 3, 1, 4))  # [B, K, G, T, Hd]
@@ -244,6 +246,8 @@ def splash_attend(q, k, v, positions, window=None, *, sliding_window: int = 0, i
 
   def run(w: int):
     kernel = _splash_kernel(t, g, w, interpret)
-    return jax.vmap(jax.vmap(kernel))(qh, kt, vt)  # [B, K, G, T, Hd]
+    # A Pallas call has no SPMD partitioning rule: under a mesh, each batch shard runs it locally.
+    local = lambda q, k, v: (jax.vmap(jax.vmap(kernel))(q, k, v),)  # [B, K, G, T, Hd]
+    return data_parallel(local, 3, (True,))(qh, kt, vt)[0]
 
   return jnp.transpose(_by_window(run, window, sliding_window), (0, 3, 1, 2, 4))
