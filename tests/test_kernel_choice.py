@@ -6,6 +6,7 @@ against the plain masked `attend`: values and q/k/v gradients, causal and
 windowed (static and traced windows), GQA, bfloat16 against float32."""
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -95,6 +96,16 @@ def test_unknown_kernel_name_fails_at_config_load():
     model_cfg("flash")
   with pytest.raises(ConfigError, match=r"model.kernels.dense='triton' is not one of"):
     model_cfg(dense="triton")
+
+
+def test_run_directory_from_before_the_kernel_keys_loads_with_auto():
+  """A config.json written without model.kernels reads back as auto (the same model as today's default)."""
+  cfg = config_lib.load(config_lib.base_config())
+  raw = json.loads(cfg.to_json())
+  del raw["model"]["kernels"]
+  old = config_lib.from_json(json.dumps(raw))
+  assert old.model.kernels == KernelsConfig("auto", "auto") and old == cfg
+  assert config_lib.from_json(cfg.to_json()) == cfg
 
 
 def test_model_build_raises_for_a_kernel_this_backend_cannot_run():
