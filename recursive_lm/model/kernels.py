@@ -7,8 +7,10 @@ custom-VJP `layers.linear`) and takes the vendor kernels elsewhere:
 
   key                        auto on cpu   auto on gpu                 auto on tpu
   -------------------------  ------------  --------------------------  -------------------------
-  model.kernels.attention    blocked       cudnn (else xla, see below)  splash (else xla)
-  model.kernels.dense        custom_vjp    xla                          xla
+  model.kernels.attention    blocked       cudnn, or xla where cuDNN   splash, or xla where the
+                                           cannot take the dtype /     installed jax lacks it
+                                           head size (`cudnn_problem`)
+  model.kernels.dense        custom_vjp    xla                         xla
 
 The choice is made once when a module is built (`choose`, `attention_kernel`,
 `dense_kernel`), so the modules' `__call__` stays straight-line; a kernel the
