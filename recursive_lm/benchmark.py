@@ -32,6 +32,7 @@ A config error prints one line on stderr and exits with status 2.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import platform
 import time
@@ -157,6 +158,7 @@ def run_train(cd: ml_collections.ConfigDict) -> dict:
 
   from recursive_lm import peak, sharding
   from recursive_lm.analysis.accounting import flops_per_token
+  from recursive_lm.model import kernels
   from recursive_lm.state import make_state
   from recursive_lm.train_step import make_train_step
 
@@ -205,7 +207,8 @@ def run_train(cd: ml_collections.ConfigDict) -> dict:
       "mode": "train",
       "config": {"preset": cfg.model.plan.preset, "d_model": cfg.model.d_model, "effective_depth":
                  cfg.model.plan.num_layers, "batch": list(shape), "remat": cfg.model.remat,
-                 "compute_dtype": cfg.model.compute_dtype, "mesh": dict(mesh.shape), "rules": preset},
+                 "compute_dtype": cfg.model.compute_dtype, "mesh": dict(mesh.shape), "rules": preset,
+                 "kernels": dataclasses.asdict(kernels.choose(cfg.model))},
       "step_s_median": round(step_s, 4), "step_s_all": [round(t, 4) for t in times],
       "tokens_per_s": round(tokens_per_s, 1), "model_flops_per_s": flops, "flops_per_token": flops / tokens_per_s,
       "peak_flops_per_s": peak_flops, "peak_source": source, "mfu": flops / peak_flops,

@@ -289,7 +289,7 @@ def test_setup_dry_run(env):
     script = remote_script(install)
     assert_bash_syntax(script)
     assert f"'jax[tpu]=={JAX_VERSION}'" in script
-    assert "-e '.[dev]'" in script
+    assert "-e '.[dev,tpu]'" in script  # the repo's tpu extra
     assert "pip install" in script
     assert "cd ~/recursive_lm" in script
     assert "venv" in script and "--python 3.11" in script
@@ -304,7 +304,7 @@ def test_setup_options(env):
     script = remote_script(cmds[0])
     assert_bash_syntax(script)
     assert "python3.11 -m venv ~/rlm-venv" in script
-    assert f"~/rlm-venv/bin/python -m pip install -e '.[dev]' 'jax[tpu]=={JAX_VERSION}'" in script
+    assert f"~/rlm-venv/bin/python -m pip install -e '.[dev,tpu]' 'jax[tpu]=={JAX_VERSION}'" in script
     assert "device_count" not in script
     assert "uv " not in script
 

@@ -22,9 +22,11 @@ Usage: tpu_scripts/setup.sh [options]
 On every worker (--worker=all): create a Python venv at ~/rlm-venv and
 install the synced repo plus the TPU build of JAX, pinned:
 
-  pip install -e '.[dev]' 'jax[tpu]==0.10.2'
+  pip install -e '.[dev,tpu]' 'jax[tpu]==0.10.2'
 
-(the jax[tpu] extra pulls the matching jaxlib and libtpu wheels from PyPI).
+(the repo's tpu extra is jax[tpu] at the pinned version, which pulls the
+matching jaxlib and libtpu wheels from PyPI; the explicit pin keeps
+--jax-version visible on the command line).
 JAX 0.10.2 needs Python >= 3.11 while the TPU base images ship 3.10, so by
 default the venv is made with uv (`uv venv --python 3.11`, uv fetches the
 interpreter); --python BIN uses `BIN -m venv` + pip instead.
@@ -76,7 +78,7 @@ fi
 
 venv="$RLM_REMOTE_VENV"
 py="$venv/bin/python"
-pkgs=(-e '.[dev]' "jax[tpu]==$JAX_VERSION")
+pkgs=(-e '.[dev,tpu]' "jax[tpu]==$JAX_VERSION")
 if [[ -n "$FIND_LINKS" ]]; then
   pkgs+=(-f "$FIND_LINKS")
 fi

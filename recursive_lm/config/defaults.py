@@ -55,6 +55,11 @@ def base_config() -> ml_collections.ConfigDict:
   m.compute_dtype = "float32"
   m.remat = "none"  # none | full | dots | dots_no_batch | nested (two-level: memory ~ R, not K*R)
   m.scan = True  # False: unrolled Python loop (the reference)
+  # Kernels (recursive_lm/model/kernels.py); auto: blocked + custom_vjp on CPU, cudnn + xla on GPU,
+  # splash + xla on TPU. A kernel the backend cannot run is an error when the model is built.
+  m.kernels = ke = ml_collections.ConfigDict()
+  ke.attention = "auto"  # auto | xla | cudnn | splash | blocked
+  ke.dense = "auto"  # auto | custom_vjp (hand-written backward) | xla (x @ W with autodiff)
   m.plan = p = ml_collections.ConfigDict()
   p.preset = "vanilla"  # vanilla | looped | cycle | sequence | middle_cycle | middle_sequence | sandwich
   p.num_layers = 4  # effective depth

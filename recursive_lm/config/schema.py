@@ -49,6 +49,13 @@ class MoEConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class KernelsConfig:
+  """Kernel choices (recursive_lm.model.kernels): auto picks per backend."""
+  attention: str = "auto"
+  dense: str = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   vocab_size: int
   d_model: int
@@ -85,6 +92,7 @@ class ModelConfig:
   rope_high_freq_factor: float = 4.0
   rope_original_max_len: int = 8192
   kv_sharing: str = "none"  # see recursive_lm.plan.kv_sources
+  kernels: KernelsConfig = KernelsConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +169,8 @@ PLAN_PRESETS = plan_lib.PRESET_NAMES
 MLP_TYPES = ("swiglu", "geglu", "gelu", "relu")
 REMAT = ("none", "full", "dots", "dots_no_batch", "nested")
 MESH_RULES = ("replicated", "data", "fsdp", "fsdp_tensor", "fsdp_tensor_expert")
+ATTENTION_KERNELS = ("auto", "xla", "cudnn", "splash", "blocked")
+DENSE_KERNELS = ("auto", "custom_vjp", "xla")
 
 
 def from_json(text: str, where: str = "config.json") -> Config:
@@ -176,6 +186,8 @@ def _from_raw(raw: dict) -> Config:
   raw["model"]["plan"] = PlanConfig(**raw["model"]["plan"])
   if "moe" in raw["model"]:
     raw["model"]["moe"] = MoEConfig(**raw["model"]["moe"])
+  if "kernels" in raw["model"]:
+    raw["model"]["kernels"] = KernelsConfig(**raw["model"]["kernels"])
   lo = raw["model"]["lora"]
   raw["model"]["lora"] = LoraConfig(rank=lo["rank"], targets=tuple(lo["targets"]),
                                     ranks=tuple(tuple(x) for x in lo["ranks"]), alpha=lo["alpha"])

@@ -12,9 +12,9 @@ from recursive_lm import plan as plan_lib
 from recursive_lm.config import tasks as synthetic
 from recursive_lm.config.defaults import base_config
 from recursive_lm.config.errors import ConfigError
-from recursive_lm.config.schema import (LORA_TARGETS, MESH_RULES, MLP_TYPES, PLAN_PRESETS, REMAT, Config, DataConfig,
-                                        LoraConfig, MeshConfig, MoEConfig, ModelConfig, OptimConfig, PlanConfig,
-                                        TrainConfig)
+from recursive_lm.config.schema import (ATTENTION_KERNELS, DENSE_KERNELS, LORA_TARGETS, MESH_RULES, MLP_TYPES,
+                                        PLAN_PRESETS, REMAT, Config, DataConfig, KernelsConfig, LoraConfig, MeshConfig,
+                                        MoEConfig, ModelConfig, OptimConfig, PlanConfig, TrainConfig)
 
 
 def _choice(field: str, value: str, allowed) -> str:
@@ -213,6 +213,8 @@ def load(cd: ml_collections.ConfigDict) -> Config:
       global_every=_positive("model.global_every", m.global_every, allow_zero=True),
       rope_base_local=float(_positive("model.rope_base_local", m.rope_base_local, allow_zero=True)),
       kv_sharing=m.kv_sharing,
+      kernels=KernelsConfig(attention=_choice("model.kernels.attention", m.kernels.attention, ATTENTION_KERNELS),
+                            dense=_choice("model.kernels.dense", m.kernels.dense, DENSE_KERNELS)),
       **_arch_options(m))
 
   d = cd.data

@@ -15,6 +15,7 @@ from flax import nnx
 
 from recursive_lm import axes
 from recursive_lm.config import ModelConfig
+from recursive_lm.model import kernels
 from recursive_lm.model.layers import Dense, LoRA, Norm, apply_rope
 
 
@@ -57,23 +58,26 @@ class KVProjection(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     d, kv, pd = cfg.d_model, cfg.num_kv_heads * cfg.head_dim, jnp.dtype(cfg.param_dtype)
-    self.k = Dense(d, kv, axes.EMBED, axes.KV_HEADS, d**-0.5, rngs, pd)
-    self.v = Dense(d, kv, axes.EMBED, axes.KV_HEADS, d**-0.5, rngs, pd)
+    mm = kernels.dense_kernel(cfg)
+    self.k = Dense(d, kv, axes.EMBED, axes.KV_HEADS, d**-0.5, rngs, pd, mm)
+    self.v = Dense(d, kv, axes.EMBED, axes.KV_HEADS, d**-0.5, rngs, pd, mm)
 
 
 class Attention(nnx.Module):
   """own_kv=False (KV sharing): no K/V projections here; a writing layer is
-  handed its `KVProjection`, a reading layer its slot's K/V."""
+  handed its `KVProjection`, a reading layer its slot's K/V. The attention
+  and projection kernels are chosen here, per backend (`kernels`)."""
 
   def __init__(self, cfg: ModelConfig, out_std: float, rngs: nnx.Rngs, own_kv: bool = True):
     d, h, k, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    pd = jnp.dtype(cfg.param_dtype)
+    pd, mm = jnp.dtype(cfg.param_dtype), kernels.dense_kernel(cfg)
     self.num_heads, self.num_kv_heads, self.head_dim = h, k, hd
     self.query_scale = (cfg.query_pre_attn_scalar or hd) ** -0.5
-    self.q = Dense(d, h * hd, axes.EMBED, axes.HEADS, d**-0.5, rngs, pd)
-    self.k = Dense(d, k * hd, axes.EMBED, axes.KV_HEADS, d**-0.5, rngs, pd) if own_kv else None
-    self.v = Dense(d, k * hd, axes.EMBED, axes.KV_HEADS, d**-0.5, rngs, pd) if own_kv else None
-    self.o = Dense(h * hd, d, axes.HEADS, axes.EMBED, out_std, rngs, pd)
+    self.causal = kernels.attention_kernel(cfg)
+    self.q = Dense(d, h * hd, axes.EMBED, axes.HEADS, d**-0.5, rngs, pd, mm)
+    self.k = Dense(d, k * hd, axes.EMBED, axes.KV_HEADS, d**-0.5, rngs, pd, mm) if own_kv else None
+    self.v = Dense(d, k * hd, axes.EMBED, axes.KV_HEADS, d**-0.5, rngs, pd, mm) if own_kv else None
+    self.o = Dense(h * hd, d, axes.HEADS, axes.EMBED, out_std, rngs, pd, mm)
 
   def __call__(self, x: jax.Array, ctx: Context, lora: dict[str, LoRA], cache: dict | None,
                q_norm: Norm | None = None, k_norm: Norm | None = None, kv_proj: KVProjection | None = None,
@@ -100,12 +104,13 @@ class Attention(nnx.Module):
     if k is not None:
       k = k if k_norm is None else k_norm(k)
       k = apply_rope(k, ctx.cos, ctx.sin)
-    out, cache = cached_causal_attention(q.reshape(b, t, kh, g, hd), k, v, ctx, cache, self.query_scale, shared)
+    out, cache = cached_causal_attention(q.reshape(b, t, kh, g, hd), k, v, ctx, cache, self.query_scale, shared,
+                                         self.causal)
     return self.o(out.reshape(b, t, self.num_heads * hd), lora.get("o")), cache
 
 
 def cached_causal_attention(q, k, v, ctx: Context, cache: dict | None, scale: float | None = None,
-                            keep: bool = False):
+                            keep: bool = False, causal=None):
   """The attention core shared by every attention layer.
 
   q [B, T, K, G, Hd] (rotated, not yet scaled), k/v [B, T, K, Hd] of the new
@@ -117,16 +122,20 @@ def cached_causal_attention(q, k, v, ctx: Context, cache: dict | None, scale: fl
   entry, the K/V of the same T tokens without a cache (ctx.cache_index None)
   or the cache [B, S, K, Hd], returned unchanged. keep: without a cache,
   return the new tokens' {'k','v'} (the entry a shared slot's writer makes).
+  causal: the kernel of the no-cache self-attention, (q, k, v, positions,
+  window) -> out (`kernels.attention_kernel`; default the blocked path); the
+  cache path reads the cache with `attend` on every backend.
   """
+  causal = causal_attend_blocked if causal is None else causal
   q = q * jnp.asarray(q.shape[-1] ** -0.5 if scale is None else scale, q.dtype)
   if k is None:
     if ctx.cache_index is None:
-      return causal_attend_blocked(q, cache["k"], cache["v"], ctx.positions, ctx.window), cache
+      return causal(q, cache["k"], cache["v"], ctx.positions, ctx.window), cache
     key_pos = jnp.arange(cache["k"].shape[1])
     return attend(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), ctx.positions, key_pos,
                   ctx.window), cache
   if cache is None:
-    return causal_attend_blocked(q, k, v, ctx.positions, ctx.window), ({"k": k, "v": v} if keep else None)
+    return causal(q, k, v, ctx.positions, ctx.window), ({"k": k, "v": v} if keep else None)
   cache = {"k": write_cache(cache["k"], k, ctx.cache_index), "v": write_cache(cache["v"], v, ctx.cache_index)}
   key_pos = jnp.arange(cache["k"].shape[1])
   return attend(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), ctx.positions, key_pos, ctx.window), cache

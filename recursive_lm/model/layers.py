@@ -100,15 +100,18 @@ linear.defvjp(_linear_fwd, _linear_bwd)
 class Dense(nnx.Module):
   """y = x @ W (+ LoRA(x) when the caller passes this depth's adapter).
 
-  W: [d_in, d_out] with logical axes (in_axis, out_axis); no bias.
+  W: [d_in, d_out] with logical axes (in_axis, out_axis); no bias. matmul:
+  the (x, W) -> x @ W kernel (`recursive_lm.model.kernels.dense_kernel`;
+  default the custom-VJP `linear`).
   """
 
   def __init__(self, d_in: int, d_out: int, in_axis: str, out_axis: str, std: float, rngs: nnx.Rngs,
-               param_dtype=jnp.float32):
+               param_dtype=jnp.float32, matmul=linear):
+    self.matmul = matmul
     self.kernel = nnx.Param(normal(std)(rngs.params(), (d_in, d_out), param_dtype), out_sharding=(in_axis, out_axis))
 
   def __call__(self, x: jax.Array, lora: LoRA | None = None) -> jax.Array:
-    y = linear(x, self.kernel[...].astype(x.dtype))
+    y = self.matmul(x, self.kernel[...].astype(x.dtype))
     return y if lora is None else y + lora(x)
 
 

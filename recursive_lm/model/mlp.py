@@ -11,6 +11,7 @@ from flax import nnx
 
 from recursive_lm import axes
 from recursive_lm.config import ModelConfig
+from recursive_lm.model import kernels
 from recursive_lm.model.layers import Dense, LoRA
 
 ACTIVATIONS = {
@@ -25,11 +26,11 @@ GATED = ("swiglu", "geglu")
 class MLP(nnx.Module):
   def __init__(self, cfg: ModelConfig, out_std: float, rngs: nnx.Rngs):
     d, f = cfg.d_model, cfg.mlp_dim
-    pd = jnp.dtype(cfg.param_dtype)
+    pd, mm = jnp.dtype(cfg.param_dtype), kernels.dense_kernel(cfg)
     self.act = ACTIVATIONS[cfg.mlp_type]
-    self.gate = Dense(d, f, axes.EMBED, axes.MLP, d**-0.5, rngs, pd) if cfg.mlp_type in GATED else None
-    self.up = Dense(d, f, axes.EMBED, axes.MLP, d**-0.5, rngs, pd)
-    self.down = Dense(f, d, axes.MLP, axes.EMBED, out_std, rngs, pd)
+    self.gate = Dense(d, f, axes.EMBED, axes.MLP, d**-0.5, rngs, pd, mm) if cfg.mlp_type in GATED else None
+    self.up = Dense(d, f, axes.EMBED, axes.MLP, d**-0.5, rngs, pd, mm)
+    self.down = Dense(f, d, axes.MLP, axes.EMBED, out_std, rngs, pd, mm)
 
   def __call__(self, x: jax.Array, lora: dict[str, LoRA]) -> jax.Array:
     up = self.up(x, lora.get("up"))

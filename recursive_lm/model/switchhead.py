@@ -30,6 +30,7 @@ from flax import nnx
 from recursive_lm import axes
 from recursive_lm.config import ModelConfig
 from recursive_lm.model import attention as attention_lib
+from recursive_lm.model import kernels
 from recursive_lm.model.attention import Context
 from recursive_lm.model.layers import Dense, LoRA, apply_rope
 from recursive_lm.model.dispatch import grouped_linear, plan_layout, resolve_dispatch
@@ -109,8 +110,10 @@ class SwitchHead(nnx.Module):
     e, pd, s = cfg.moe.att_experts, jnp.dtype(cfg.param_dtype), init_scale
     self.num_heads, self.head_dim, self.n_experts, self.top_k = h, hd, e, min(cfg.moe.att_top_k, e)
     self.dispatch, self.block_cap = cfg.moe.dispatch, cfg.moe.block_rows
-    self.q = Dense(d, h * hd, axes.EMBED, axes.HEADS, s / d**0.5, rngs, pd)
-    self.k = Dense(d, h * hd, axes.EMBED, axes.KV_HEADS, s / d**0.5, rngs, pd)
+    mm = kernels.dense_kernel(cfg)
+    self.causal = kernels.attention_kernel(cfg)
+    self.q = Dense(d, h * hd, axes.EMBED, axes.HEADS, s / d**0.5, rngs, pd, mm)
+    self.k = Dense(d, h * hd, axes.EMBED, axes.KV_HEADS, s / d**0.5, rngs, pd, mm)
     self.v = nnx.Param(jax.random.normal(rngs.params(), (h, e, d, hd), pd) * (s / d**0.5),
                        out_sharding=(axes.KV_HEADS, axes.EXPERTS, axes.EMBED, axes.HEAD_DIM))
     self.o = nnx.Param(jax.random.normal(rngs.params(), (h, e, hd, d), pd) * (s / (h * hd) ** 0.5),
@@ -134,7 +137,8 @@ class SwitchHead(nnx.Module):
       v, probs, counts = data_parallel(functools.partial(_switch_v, **opts), 2, (True, True, False))(
           x_qk, x_v, self.sel_v[...], self.v[...])
       aux.update(att_v_probs=probs, att_v_usage=counts.reshape(h, self.n_experts) / (b * t))
-    att, cache = attention_lib.cached_causal_attention(q.reshape(b, t, h, 1, hd), k, v, ctx, cache)
+    att, cache = attention_lib.cached_causal_attention(q.reshape(b, t, h, 1, hd), k, v, ctx, cache,
+                                                       causal=self.causal)
     att = att.reshape(b, t, h, hd)
     if self.sel_v is None:  # one expert: a sigmoid gate per head on the output
       gate = jax.nn.sigmoid(_router_logits(x_qk, self.sel_o[...])).reshape(b, t, h, 1).astype(att.dtype)

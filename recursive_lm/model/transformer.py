@@ -26,7 +26,7 @@ from flax import nnx
 from recursive_lm import axes, sharding
 from recursive_lm import plan as plan_lib
 from recursive_lm.config import ModelConfig
-from recursive_lm.model import moe
+from recursive_lm.model import kernels, moe
 from recursive_lm.model.attention import Context, KVProjection, init_kv_cache
 from recursive_lm.model.block import Block, DepthSlot
 from recursive_lm.model.moeut_block import MoEUTBlock
@@ -62,7 +62,7 @@ class Transformer(nnx.Module):
     self.rope_scalings = rope_scalings(cfg, len(self.rope_bases))
     self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.norm_offset, param_dtype=pd)
     self.head = None if cfg.tie_embeddings else Dense(cfg.d_model, cfg.vocab_size, axes.EMBED, axes.VOCAB,
-                                                      cfg.d_model**-0.5, rngs, pd)
+                                                      cfg.d_model**-0.5, rngs, pd, kernels.dense_kernel(cfg))
 
   def regulariser(self, aux: dict) -> tuple[jax.Array, dict]:
     """Auxiliary training loss from the blocks' aux outputs (e.g. MoE balance)
