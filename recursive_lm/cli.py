@@ -140,7 +140,8 @@ def route_library_logs(workdir: str | None, program: str, read_only: bool = Fals
   --alsologtostderr: the stack's own switch brings the records back to the
   console. --logtostderr keeps absl's plain console-only behaviour. Without a
   local workdir (none given, one that does not exist for a read-only tool, or
-  a remote path) records below WARNING are dropped. `read_only` tools (evaluate,
+  a remote path) records below WARNING are dropped unless --alsologtostderr or
+  --verbosity asks for them. `read_only` tools (evaluate,
   sample) never create the workdir; `also_to_console` sets --alsologtostderr for
   CLIs that parse their own arguments. Writers of a workdir (train, convert)
   pass `deferred` and call `start_library_log()` once they hold its lock.
@@ -158,7 +159,7 @@ def route_library_logs(workdir: str | None, program: str, read_only: bool = Fals
   if not f["verbosity"].present:
     logging.set_verbosity(logging.INFO)
   if not workdir or "://" in workdir or (read_only and not os.path.isdir(workdir)):
-    if not f["alsologtostderr"].value:
+    if not (f["alsologtostderr"].value or f["verbosity"].present):
       logging.set_verbosity(logging.WARNING)
     return None
   # Several processes of one run write their own files (JAX_PROCESS_ID is set by multi-process launchers).
