@@ -7,7 +7,8 @@ Prints one JSON line to stdout:
 
 The batches are `data.eval_batches(run's data config, N)`, the same fixed list
 training evaluates on, so with the run's `train.eval_batches` (the default)
-the loss matches the run's eval record at that step. Runs on one device.
+the loss matches the run's eval record at that step. For a tokenizer that
+expects BOS (a converted pretrained model) every row starts with BOS. Runs on one device.
 Errors (no run directory, config or checkpoint) print one line on stderr and
 exit 2.
 """

@@ -1,12 +1,15 @@
 """Sample from a checkpoint:
 `python -m recursive_lm.sample --workdir runs/demo --prompt "def " --max_new_tokens 200
- [--temperature 0.8 --top_k 40 --seed 0 --step N]`.
+ [--temperature 0.8 --top_k 40 --seed 0 --step N --ignore_eos]`.
 
 The prompt is encoded with the run's tokenizer (data.tokenizer in its
-config.json); stdout gets the decoded prompt + continuation. Temperature 0
-(the default) is greedy. Errors (no run directory, config or checkpoint, an
-empty prompt, prompt + new tokens beyond model.max_seq_len) print one line on
-stderr and exit 2.
+config.json), after BOS when the tokenizer expects it (a converted pretrained
+model); stdout gets the decoded prompt + continuation, without that BOS. The
+continuation ends before the tokenizer's EOS, if it has one and the model
+produces it, unless --ignore_eos. Temperature 0 (the default) is greedy.
+Errors (no run directory, config or checkpoint, a prompt that encodes to no
+tokens, prompt + new tokens beyond model.max_seq_len) print one line on stderr
+and exit 2.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from absl import app, flags
 
 from recursive_lm import cli, data
 from recursive_lm.config import ConfigError
+from recursive_lm.data.tokenizers import encode_prompt
 from recursive_lm.inference.decode import generate, load_checkpoint
 
 
@@ -31,21 +35,28 @@ def define_flags() -> None:
   flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens; 0: all.")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_bool("ignore_eos", False, "Generate all --max_new_tokens even past the tokenizer's EOS.")
 
 
 def sample(workdir: str, prompt: str, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-           seed: int = 0, step: int | None = None) -> str:
-  """Decoded prompt + continuation. Raises ConfigError for user errors."""
+           seed: int = 0, step: int | None = None, ignore_eos: bool = False) -> str:
+  """Decoded prompt + continuation (BOS left out, cut before EOS). Raises ConfigError for user errors."""
   cfg, model, _ = load_checkpoint(workdir, step)
   tokenizer = data.get_tokenizer(cfg.data.tokenizer)
-  ids = np.asarray(tokenizer.encode(prompt), np.int32)
+  ids = np.asarray(encode_prompt(tokenizer, prompt), np.int32)
   if ids.size == 0:
     raise ConfigError(f"--prompt={prompt!r} encodes to no tokens; give at least one character")
+  eos = None if ignore_eos else tokenizer.eos_id
   try:
-    out = generate(model, ids[None, :], max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
+    out = generate(model, ids[None, :], max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
+                   eos_id=eos)
   except ValueError as e:  # max_seq_len, negative counts: the user's arguments
     raise ConfigError(str(e)) from None
-  return tokenizer.decode(np.asarray(out[0]))
+  out = np.asarray(out[0])
+  new = out[ids.size:]
+  if eos is not None and (new == eos).any():
+    new = new[:np.argmax(new == eos)]
+  return tokenizer.decode(np.concatenate([ids[1 if tokenizer.add_bos else 0:], new]))
 
 
 def main(argv):
@@ -57,7 +68,7 @@ def main(argv):
     if value is None:
       cli.fail(f"--{name} is required")
   try:
-    text = sample(f.workdir, f.prompt, f.max_new_tokens, f.temperature, f.top_k, f.seed, f.step)
+    text = sample(f.workdir, f.prompt, f.max_new_tokens, f.temperature, f.top_k, f.seed, f.step, f.ignore_eos)
   except ConfigError as e:
     cli.fail(e)
   sys.stdout.write(text + "\n")

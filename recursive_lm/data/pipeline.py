@@ -3,6 +3,7 @@
 Batch format, both paths: {'inputs': int32 [B_local, T], 'targets': int32 [B_local, T]}
 with T = data.seq_len, B_local = data.batch_size // process_count, and
 targets[:, t] == inputs[:, t + 1] within a window (next-token prediction).
+For tokenizers that expect BOS (`add_bos`), inputs[:, 0] is BOS in every row.
 
 Multi-host contract: process p's batch k is rows p*B_local:(p+1)*B_local of the
 global batch k that a single process (process_count=1) would produce, so
@@ -31,14 +32,19 @@ class TokenWindows:
 
   Window i is tokens[i*(T+1) : (i+1)*(T+1)], returned as a fresh int32 [T+1]
   (cast from uint16 memmaps on the fly); a tail shorter than T+1 is unused.
+  With `bos` (an id), every window starts with it instead, for models that
+  expect BOS at the start of each sequence: window i is
+  [bos] + tokens[i*T : (i+1)*T], so every stream token is a target once (a
+  window that starts at a document's own BOS begins with two).
   """
 
-  def __init__(self, tokens: np.ndarray, seq_len: int):
+  def __init__(self, tokens: np.ndarray, seq_len: int, bos: int | None = None):
     if tokens.ndim != 1:
       raise ValueError(f"TokenWindows needs a 1-D token array, got shape {tokens.shape}")
     self._tokens = tokens
     self.seq_len = seq_len
-    self._width = seq_len + 1
+    self.bos = bos
+    self._width = seq_len + (1 if bos is None else 0)  # stream tokens per window
     self._len = len(tokens) // self._width
 
   def __len__(self) -> int:
@@ -51,7 +57,12 @@ class TokenWindows:
     if not 0 <= index < self._len:
       raise IndexError(f"window {index} out of range [0, {self._len})")
     start = index * self._width
-    return np.array(self._tokens[start:start + self._width], dtype=np.int32)
+    if self.bos is None:
+      return np.array(self._tokens[start:start + self._width], dtype=np.int32)
+    out = np.empty(self.seq_len + 1, np.int32)
+    out[0] = self.bos
+    out[1:] = self._tokens[start:start + self._width]
+    return out
 
   def __getstate__(self):
     # Pickling an np.memmap copies its whole contents; ship the file location
@@ -70,7 +81,14 @@ class TokenWindows:
       self._tokens = np.memmap(filename, dtype=np.dtype(dtype), mode="r", offset=offset, shape=shape)
 
   def __repr__(self) -> str:
-    return f"TokenWindows(n={self._len}, seq_len={self.seq_len}, dtype={self._tokens.dtype})"
+    bos = "" if self.bos is None else f", bos={self.bos}"
+    return f"TokenWindows(n={self._len}, seq_len={self.seq_len}{bos}, dtype={self._tokens.dtype})"
+
+
+def window_bos(tok) -> int | None:
+  """The id every window starts with: BOS for tokenizers that expect it (each
+  row is a sequence of its own to the model), else None (plain windows)."""
+  return tok.bos_id if tok.add_bos else None
 
 
 def _local_batch_size(cfg: DataConfig, process_index: int, process_count: int) -> int:
@@ -96,12 +114,12 @@ def train_dataset(cfg: DataConfig, seed: int, process_index: int = 0, process_co
             .repeat(None)
             .batch(b_local, drop_remainder=True)
             [process_index::process_count])
-  _, train, _ = load_splits(cfg)
+  tok, train, _ = load_splits(cfg)
   # shuffle before repeat: each epoch is a full, freshly seeded permutation.
   # Batching by B_local *before* the [p::P] slice makes the P consecutive
   # chunks of one global batch go to processes 0..P-1 in order, so process p
   # holds rows p*B_local:(p+1)*B_local and reads only its own windows.
-  return (grain.MapDataset.source(TokenWindows(train, cfg.seq_len))
+  return (grain.MapDataset.source(TokenWindows(train, cfg.seq_len, window_bos(tok)))
           .shuffle(seed=seed)
           .repeat(None)
           .batch(b_local, drop_remainder=True)
@@ -140,8 +158,8 @@ def eval_batches(cfg: DataConfig, n_batches: int, process_index: int = 0,
       rows = [src[first + j] for j in range(b_local)]
       out.append({key: np.stack([r[key] for r in rows]) for key in rows[0]})
     return out
-  _, _, val = load_splits(cfg)
-  windows = TokenWindows(val, cfg.seq_len)
+  tok, _, val = load_splits(cfg)
+  windows = TokenWindows(val, cfg.seq_len, window_bos(tok))
   out = []
   for k in range(n_batches):
     first = k * cfg.batch_size + process_index * b_local

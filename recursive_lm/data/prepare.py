@@ -22,7 +22,7 @@ import numpy as np
 
 from recursive_lm.config import ConfigError
 from recursive_lm.data import sources
-from recursive_lm.data.tokenizers import get_tokenizer
+from recursive_lm.data.tokenizers import document_frame, get_tokenizer
 
 
 def write_tokens(out: str, train: np.ndarray, val: np.ndarray, meta: dict) -> dict:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="python -m recursive_lm.data.prepare", description=__doc__.split("\n")[0])
   p.add_argument("--source", choices=("stdlib", "text"), default="stdlib")
   p.add_argument("--glob", default="", help="text: glob of UTF-8 files (** recursive)")
-  p.add_argument("--tokenizer", default="byte", help="byte | sentencepiece:PATH | hf:PATH")
+  p.add_argument("--tokenizer", default="byte", help="byte | sentencepiece:PATH | hf:PATH | gguf:PATH")
   p.add_argument("--out", required=True, help="output directory")
   p.add_argument("--val_fraction", type=float, default=0.05)
   p.add_argument("--max_bytes", type=int, default=0, help="cap on corpus bytes read (0: all)")
@@ -65,8 +65,10 @@ def main(argv: list[str] | None = None) -> int:
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  first, last = document_frame(tok)
   meta = write_tokens(args.out, train, val, {
       "tokenizer": args.tokenizer, "vocab_size": tok.vocab_size, "is_byte_level": tok.is_byte_level,
+      "document_bos": first, "document_eos": last,
       "source": args.source, "glob": args.glob, "val_fraction": args.val_fraction, "max_bytes": args.max_bytes})
   print(json.dumps({**meta, "out": args.out, "seconds": round(time.perf_counter() - start, 3)}, sort_keys=True))
   return 0

@@ -7,7 +7,7 @@ Three sources, picked by `data.source`:
   text    UTF-8 files matched by `data.glob` (recursive ** allowed).
   tokens  a directory written by `python -m recursive_lm.data.prepare`:
           train.npy, val.npy (uint16 or int32, opened as read-only memmaps) and
-          meta.json (tokenizer spec, vocab size).
+          meta.json (tokenizer spec, vocab size, document frame of rule 5).
 
 The split rule (stdlib and text), chosen so that adding, removing or capping
 files never moves another file across the split:
@@ -20,7 +20,12 @@ files never moves another file across the split:
      its sorted list (the last file cut short).
   4. Fallback for corpora too small for rule 1 to put a file on each side
      (e.g. a handful of files): all files, sorted and joined and capped at
-     max_bytes, are cut so the last val_fraction of the bytes is validation.
+     max_bytes, are cut so the last val_fraction of the bytes is validation
+     (each side is then one document).
+  5. Tokenizers that expect BOS (a pretrained model's, `add_bos`) get each
+     document as BOS + text + EOS (EOS when the tokenizer has one) with no
+     blank line between, the way such models saw documents in pretraining;
+     every other tokenizer gets the documents joined by "\n\n" as in rule 2.
 
 Tokenization is cached per process (lru_cache on the arguments) because the
 stdlib corpus takes a noticeable fraction of a second even as bytes. Cached
@@ -41,7 +46,7 @@ from pathlib import Path, PurePath
 import numpy as np
 
 from recursive_lm.config import ConfigError, DataConfig
-from recursive_lm.data.tokenizers import get_tokenizer
+from recursive_lm.data.tokenizers import document_frame, get_tokenizer
 
 SEPARATOR = b"\n\n"
 SPLIT_BUCKETS = 1000
@@ -130,8 +135,9 @@ def _read_capped(paths: list[str], cap: int | None) -> list[bytes]:
 
 
 def _tokenize(pieces: list[bytes], spec: str) -> np.ndarray:
-  """Joined documents -> read-only int32 [N]."""
+  """Documents -> read-only int32 [N] (rule 5 of the module docstring)."""
   tok = get_tokenizer(spec)
+  first, last = document_frame(tok)
   if tok.is_byte_level:
     # Raw bytes are the tokens: no decode/encode round trip, and non-UTF-8
     # bytes survive exactly.
@@ -139,11 +145,13 @@ def _tokenize(pieces: list[bytes], spec: str) -> np.ndarray:
   else:
     # One encode call per document keeps each call bounded on big corpora.
     sep = tok.encode(SEPARATOR.decode())
+    head = np.asarray([first] if first is not None else [], np.int32)
+    tail = np.asarray([last] if last is not None else [], np.int32)
     parts = []
     for i, piece in enumerate(pieces):
-      if i:
+      if i and first is None:
         parts.append(sep)
-      parts.append(tok.encode(piece.decode("utf-8", errors="replace")))
+      parts += [head, tok.encode(piece.decode("utf-8", errors="replace")), tail]
     ids = np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
   ids.setflags(write=False)
   return ids
@@ -244,10 +252,17 @@ def load_splits(cfg: DataConfig):
       raise ConfigError("data.source='tokens' needs data.tokens_path")
     train, val = tokens_splits(cfg.tokens_path)
     # The ids only mean something under the tokenizer that wrote them.
-    prepared = read_meta(cfg.tokens_path).get("tokenizer")
+    meta = read_meta(cfg.tokens_path)
+    prepared = meta.get("tokenizer")
     if prepared != cfg.tokenizer:
       raise ConfigError(f"data.tokenizer={cfg.tokenizer!r} but data.tokens_path={cfg.tokens_path!r} was "
                         f"prepared with {prepared!r}; set data.tokenizer={prepared!r}")
+    # Directories written before documents were framed have no frame: (None, None).
+    framed = (meta.get("document_bos"), meta.get("document_eos"))
+    if framed != document_frame(get_tokenizer(cfg.tokenizer)):
+      raise ConfigError(f"data.tokens_path={cfg.tokens_path!r} frames documents with (BOS, EOS) ids {framed} but "
+                        f"data.tokenizer={cfg.tokenizer!r} asks for {document_frame(get_tokenizer(cfg.tokenizer))}; "
+                        "prepare it again")
   else:
     raise ConfigError(f"data.source={cfg.source!r} is not one of ['stdlib', 'text', 'tokens']")
   for name, arr in (("train", train), ("val", val)):

@@ -42,16 +42,20 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature, top_k: int, gr
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k", "greedy", "return_logits"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k", "greedy", "return_logits",
+                                             "eos_id"))
 def _generate(graphdef, state, prompt, lengths, key, temperature, *, max_new_tokens: int, top_k: int, greedy: bool,
-              return_logits: bool):
+              return_logits: bool, eos_id: int | None = None):
   model = nnx.merge(graphdef, state)
   b, p = prompt.shape
   n = max_new_tokens
   rows = jnp.arange(b)
   cache = model.init_cache(b, p + n)
+  # Row i: its prompt, then N new tokens (EOS once it stopped: skipped steps keep it), then zeros.
+  idx = jnp.arange(p + n)
   tokens = jnp.concatenate([prompt, jnp.zeros((b, n), jnp.int32)], axis=1)
-  tokens = jnp.where(jnp.arange(p + n) < lengths[:, None], tokens, 0)  # after a prompt: only what is generated
+  after = jnp.where(idx < (lengths + n)[:, None], eos_id or 0, 0)
+  tokens = jnp.where(idx < lengths[:, None], tokens, after)
 
   # Prefill: the right-padded prompts in one call; row i's position lengths[i] - 1 predicts its first token.
   # The padding fills cache slots that a row overwrites (at its own position) before its queries can see them.
@@ -59,27 +63,34 @@ def _generate(graphdef, state, prompt, lengths, key, temperature, *, max_new_tok
   last = logits[rows, lengths - 1]
   first = sample_logits(last, jax.random.fold_in(key, 0), temperature, top_k, greedy)
   tokens = tokens.at[rows, lengths].set(first)
+  done = (first == eos_id) if eos_id is not None else jnp.zeros((b,), bool)  # rows past their EOS
   seen = jnp.zeros((b, n, last.shape[-1]), jnp.float32) if return_logits else None
   if return_logits:
     seen = seen.at[:, 0].set(last)
 
   def body(i, carry):
-    tokens, cache, seen = carry
+    tokens, cache, seen, done = carry
     pos = lengths + i  # [B]: each row's token at `pos` goes in; it predicts pos + 1
     tok = tokens[rows, pos][:, None]
     logits, cache, _ = model(tok, cache=cache, cache_index=pos)
     nxt = sample_logits(logits[:, -1], jax.random.fold_in(key, i + 1), temperature, top_k, greedy)
+    if eos_id is not None:  # a finished row keeps emitting EOS
+      nxt = jnp.where(done, eos_id, nxt)
+      done = done | (nxt == eos_id)
     tokens = tokens.at[rows, pos + 1].set(nxt)
     if return_logits:
       seen = jax.lax.dynamic_update_slice_in_dim(seen, logits[:, -1:], i + 1, axis=1)
-    return tokens, cache, seen
+    return tokens, cache, seen, done
 
-  tokens, _, seen = jax.lax.fori_loop(0, n - 1, body, (tokens, cache, seen))
+  step = body
+  if eos_id is not None:  # once every row is done, the remaining steps skip the model
+    step = lambda i, carry: jax.lax.cond(jnp.all(carry[3]), lambda c: c, functools.partial(body, i), carry)
+  tokens, _, seen, _ = jax.lax.fori_loop(0, n - 1, step, (tokens, cache, seen, done))
   return (tokens, seen) if return_logits else tokens
 
 
 def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, seed: int = 0,
-             return_logits: bool = False, prompt_lengths=None):
+             return_logits: bool = False, prompt_lengths=None, eos_id: int | None = None):
   """Continue each prompt by `max_new_tokens` tokens.
 
   model: a `Transformer`; prompt_ids: int [B, P] with P >= 1.
@@ -94,6 +105,10 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, t
   Returns int32 [B, P + N]: row i holds its prompt, its N new tokens, then
   zeros; with return_logits=True, (tokens, logits float32 [B, N, V]) where
   logits[i, j] are the logits that chose row i's new token j.
+
+  eos_id: stop at this token. A row's tokens after its first eos_id are all
+  eos_id, and once every row has produced it the remaining steps do not run
+  the model (their logits are zeros). None (the default): always N tokens.
 
   Raises ValueError when P + N exceeds model.cfg.max_seq_len (the cache
   length), for ids outside the vocabulary, an empty prompt, prompt lengths
@@ -135,13 +150,16 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, t
                      "(the KV cache length)")
   if prompt_lengths is not None:
     prompt = jnp.where(jnp.arange(p) < jnp.asarray(lengths)[:, None], prompt, 0)
+  if eos_id is not None and not 0 <= int(eos_id) < vocab:
+    raise ValueError(f"eos_id={eos_id} must lie in [0, model.vocab_size={vocab})")
   if n == 0:
     return (prompt, jnp.zeros((b, 0, model.cfg.vocab_size), jnp.float32)) if return_logits else prompt
   graphdef, state = nnx.split(model)
   greedy = float(temperature) == 0.0
   return _generate(graphdef, state, prompt, jnp.asarray(lengths, jnp.int32), jax.random.key(int(seed)),
                    jnp.asarray(1.0 if greedy else temperature, jnp.float32), max_new_tokens=n,
-                   top_k=int(top_k), greedy=greedy, return_logits=return_logits)
+                   top_k=int(top_k), greedy=greedy, return_logits=return_logits,
+                   eos_id=None if eos_id is None else int(eos_id))
 
 
 def load_checkpoint(workdir: str, step: int | None = None):
