@@ -439,7 +439,7 @@ def spm_reference(text, tokens):
 
 def test_gguf_tokenizer_matches_sentencepiece_bpe(tmp_path):
   pytest.importorskip("tokenizers")
-  from recursive_lm.convert import tokenizer as tok_lib
+  from recursive_lm.data import gguf_tokenizer as tok_lib
   from recursive_lm.data import get_tokenizer
   tokenizer = {"tokens": TINY_TOKENS, "scores": [0.0] * len(TINY_TOKENS), "types": TINY_TYPES}
   write_gguf(tmp_path / "t.gguf", GEMMA3, hf_weights(GEMMA3), tokenizer=tokenizer)

@@ -68,7 +68,7 @@ def test_reference_is_for_this_file(ref, path):
 
 
 def test_tokenizer_ids_equal_the_reference(ref, path):
-  from recursive_lm.convert.tokenizer import GGUFTokenizer
+  from recursive_lm.data.gguf_tokenizer import GGUFTokenizer
   tok = GGUFTokenizer(path)
   assert tok.vocab_size == 262144
   for item in ref[1]["tokenizer"]:

@@ -124,6 +124,12 @@ def test_config_imports_nothing_from_model_data_convert():
           "(['recursive_lm', 'model'], ['recursive_lm', 'data'], ['recursive_lm', 'convert'])))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "[]", out.stdout
+  # One floor up: the data layer (every tokenizer spec, GGUF's included) needs no model or converter.
+  code = ("import sys, recursive_lm.data, recursive_lm.data.gguf_tokenizer; "
+          "print(sorted(m for m in sys.modules if m.split('.')[:2] in "
+          "(['recursive_lm', 'model'], ['recursive_lm', 'convert'])))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_presets_come_from_one_registry():

@@ -120,7 +120,7 @@ def write_tokenizer_gguf(path, **keys):
 
 
 def test_gguf_metadata_decides_bos_and_survives_save(tmp_path):
-  from recursive_lm.convert.tokenizer import GGUFTokenizer
+  from recursive_lm.data.gguf_tokenizer import GGUFTokenizer
   # No add_bos_token: a SentencePiece vocabulary with a BOS gets it (llama.cpp's rule).
   tok = GGUFTokenizer(write_tokenizer_gguf(tmp_path / "t.gguf", bos_token_id=2, eos_token_id=1))
   assert (tok.bos_id, tok.eos_id, tok.add_bos) == (2, 1, True)

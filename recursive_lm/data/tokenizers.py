@@ -204,6 +204,6 @@ def get_tokenizer(spec: str):
   if sep and path and kind == "hf":
     return HFTokenizer(path)
   if sep and path and kind == "gguf":  # the tokenizer in a GGUF file's metadata (needs gguf and tokenizers)
-    from recursive_lm.convert.tokenizer import GGUFTokenizer  # pylint: disable=g-import-not-at-top
+    from recursive_lm.data.gguf_tokenizer import GGUFTokenizer  # pylint: disable=g-import-not-at-top
     return GGUFTokenizer(path)
   raise ConfigError(f"data.tokenizer={spec!r} is not 'byte', 'sentencepiece:PATH', 'hf:PATH' or 'gguf:PATH'")

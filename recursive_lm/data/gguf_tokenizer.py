@@ -1,4 +1,4 @@
-"""Tokenizers of converted models.
+"""Tokenizers stored in GGUF files (the `gguf:PATH` spec; converted models).
 
 A GGUF file carries its tokenizer as metadata (`tokenizer.ggml.*`): the token
 strings, their scores and types, and sometimes BPE merges. `from_gguf` builds
@@ -19,7 +19,6 @@ text the model sees, so they are respelled.
 
 from __future__ import annotations
 
-import numpy as np
 
 from recursive_lm.config import ConfigError
 from recursive_lm.data.tokenizers import HFTokenizer
