@@ -836,7 +836,7 @@ def test_a_file_size_limit_outside_a_checkpoint_is_one_line(tmp_path):
                                            r"\(over the file size limit\) \([0-9.]+ (MiB|bytes) free there\)",
                                            errors[0]), run.tail()
   assert "Traceback" not in run.err()
-  assert sorted(os.listdir(wd)) == [".lock.process_0"]  # no partial config.json(.tmp)
+  assert sorted(os.listdir(wd)) == [".lock.process_0", "logs"]  # no partial config.json(.tmp); the library log
 
 
 def test_stale_temporary_directories_are_removed_by_the_trainer_only(three_steps, tmp_path):
