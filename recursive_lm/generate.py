@@ -14,7 +14,8 @@ the run's tokenizer expects it, as `sample` does. Request i samples with seed
 --seed + i (i: its line number from 0), so a line's completion does not
 depend on the lines around it.
 
-The output file is written once, at the end (via a temporary file), so an
+The engine's cache is as long as the longest request that fits the model
+needs (attention reads all of it at every step). The output file is written once, at the end (via a temporary file), so an
 interrupted run leaves no half-written output. Bad flags, a missing run
 directory, checkpoint or input file: one `error:` line on stderr, exit 2.
 """
@@ -30,6 +31,7 @@ from absl import app, flags
 
 from recursive_lm import cli, data
 from recursive_lm.config import ConfigError
+from recursive_lm.data.tokenizers import encode_prompt
 from recursive_lm.inference.decode import load_checkpoint
 from recursive_lm.inference.engine import Engine
 
@@ -93,11 +95,17 @@ def run(workdir: str, input_path: str, output_path: str, max_new_tokens: int = 6
     raise ConfigError(f"--input {input_path}: cannot read it ({e})") from None
   cfg, model, _ = load_checkpoint(workdir, step)
   tokenizer = data.get_tokenizer(cfg.data.tokenizer)
-  engine = Engine(model, tokenizer, slots=slots, max_top_k=top_k, stop_at_eos=not ignore_eos)
+  parsed = [parse_line(i + 1, line, max_new_tokens) for i, line in enumerate(lines)]
+  # The cache only as long as the longest request that fits the model needs: attention reads all of it per step.
+  cap, need = cfg.model.max_seq_len, 1
+  for _, kw, error in parsed:
+    if error is None:
+      n = len(encode_prompt(tokenizer, kw["prompt"])) + kw["max_new_tokens"]
+      need = max(need, n) if n <= cap else need
+  engine = Engine(model, tokenizer, slots=slots, max_len=need, max_top_k=top_k, stop_at_eos=not ignore_eos)
 
   results: list[dict | None] = [None] * len(lines)
-  for i, line in enumerate(lines):
-    rid, kw, error = parse_line(i + 1, line, max_new_tokens)
+  for i, (rid, kw, error) in enumerate(parsed):
     if error is None:
       try:
         engine.submit(**kw, temperature=temperature, top_k=top_k, seed=seed + i, id=i)

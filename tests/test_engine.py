@@ -30,12 +30,14 @@ def test_continuous_greedy_equals_generate(sharing):
   lengths = [1, 5, 17, 3, 9, 2, 12]
   budgets = [6, 2, 9, 4, 1, 7, 3]  # different lengths: slots free at different ticks
   prompts = _prompts(lengths)
-  eng = Engine(model, slots=3, buckets=(4, 8, 16, 32))
+  eng = Engine(model, slots=3, buckets=(4, 8, 16, 32), chunk=1)  # one token per tick
   for i, (p, n) in enumerate(zip(prompts, budgets)):
     eng.submit(p, max_new_tokens=n, id=f"r{i}")
-  order, ticks = [], 0
+  order, ticks, got = [], 0, {}
   while not eng.done():
-    order += [c.id for c in eng.step()]
+    done = eng.step()
+    order += [c.id for c in done]
+    got.update({c.id: c.tokens for c in done})
     ticks += 1
   # Requests finish out of submission order, and later ones were admitted only as slots freed.
   assert sorted(order) == [f"r{i}" for i in range(7)] and order != sorted(order)
@@ -50,12 +52,14 @@ def test_continuous_greedy_equals_generate(sharing):
     want = ref[i, p.size:p.size + max(budgets)]
     np.testing.assert_array_equal(c.tokens, want, err_msg=f"request {i} (length {p.size})")
     assert c.finish_reason == "length" and c.new_tokens == max(budgets)
-  # The first run (budgets differ per request) is a prefix of the same greedy tokens.
-  eng3 = Engine(model, slots=3, buckets=(4, 8, 16, 32))
+  # Runs with per-request budgets (one token per tick, and 3 per device call) give prefixes of the same tokens.
+  eng3 = Engine(model, slots=3, buckets=(4, 8, 16, 32), chunk=3)
   for i, (p, n) in enumerate(zip(prompts, budgets)):
     eng3.submit(p, max_new_tokens=n)
   for c in eng3.stream():
     np.testing.assert_array_equal(c.tokens, ref[c.id, lengths[c.id]:lengths[c.id] + budgets[c.id]])
+  for i in range(len(prompts)):
+    np.testing.assert_array_equal(got[f"r{i}"], ref[i, lengths[i]:lengths[i] + budgets[i]])
 
 
 def test_compiles_once_per_bucket():

@@ -11,11 +11,13 @@ Shapes are static, so the engine compiles a bounded number of programs:
 
   * the cache holds `slots` rows of `max_len` positions, laid out as the
     model's own (`Transformer.init_cache`; batch is axis 1 of every array);
-  * ONE jitted decode step feeds every slot its last token at its own
+  * ONE jitted decode program feeds every slot its last token at its own
     position (cache_index [slots], per-row rotary positions) and samples each
     slot's next token with the slot's own temperature / top-k / seed; slots
     without a request run too (their rows are scratch) rather than changing
-    the shape;
+    the shape. It loops up to `chunk` steps on the device (stopping slots at
+    their count or EOS there), so the host is met once per chunk, not once
+    per token: on a small model the per-call overhead is most of a step;
   * prefill compiles once per prompt-length bucket (powers of two from 16,
     and max_len): a prompt is right-padded to its bucket.
 
@@ -136,13 +138,37 @@ def _prefill(graphdef, state, cache, prompt, length, slot, seed, temperature, to
   return cache, first[0]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_top_k"), donate_argnames=("cache",))
-def _decode(graphdef, state, cache, tokens, positions, seeds, steps, temperature, top_k, *, max_top_k: int):
-  """Every slot's last token tokens [B] at its own position positions [B] ->
-  (cache, next tokens int32 [B]); steps [B]: the index of the token drawn."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "max_top_k"), donate_argnames=("cache",))
+def _decode(graphdef, state, cache, tokens, positions, seeds, steps, temperature, top_k, remaining, eos_id, *,
+            chunk: int, max_top_k: int):
+  """Up to `chunk` decode steps of every slot at once.
+
+  tokens [B]: each slot's last token, at position positions [B]; steps [B]:
+  the index of the next token a slot draws; remaining [B]: tokens a slot may
+  still draw (0: no request); eos_id: int32 [], -1 for none. A slot stops
+  after `remaining` tokens or at EOS; stopped slots still run (static shape)
+  at a frozen position of their own row. Stops early once every slot has.
+  Returns (cache, drawn int32 [B, chunk], -1 where a slot drew nothing).
+  """
   model = nnx.merge(graphdef, state)
-  logits, cache, _ = model(tokens[:, None], cache=cache, cache_index=positions)
-  return cache, sample_rows(logits[:, -1], seeds, steps, temperature, top_k, max_top_k)
+  b = tokens.shape[0]
+
+  def cond(carry):
+    i, _, _, _, alive, _ = carry
+    return (i < chunk) & jnp.any(alive)
+
+  def body(carry):
+    i, cache, tok, pos, alive, out = carry
+    logits, cache, _ = model(tok[:, None], cache=cache, cache_index=pos)
+    nxt = sample_rows(logits[:, -1], seeds, steps + i, temperature, top_k, max_top_k)
+    out = out.at[:, i].set(jnp.where(alive, nxt, -1))
+    tok, pos = jnp.where(alive, nxt, tok), jnp.where(alive, pos + 1, pos)
+    alive = alive & (i + 1 < remaining) & (nxt != eos_id)
+    return i + 1, cache, tok, pos, alive, out
+
+  carry = (jnp.int32(0), cache, tokens, positions, remaining > 0, jnp.full((b, chunk), -1, jnp.int32))
+  _, cache, _, _, _, out = jax.lax.while_loop(cond, body, carry)
+  return cache, out
 
 
 class Engine:
@@ -151,15 +177,19 @@ class Engine:
   model: a `Transformer`; tokenizer: one of `recursive_lm.data.tokenizers`
   (needed for text prompts and stop strings; None to work in ids only).
   max_len: cache positions per slot (default and maximum model.cfg.max_seq_len);
-  a request needs prompt length + max_new_tokens <= max_len.
+  a request needs prompt length + max_new_tokens <= max_len. Every decode
+  step attends over all max_len positions, so keep it near what requests need.
   buckets: prompt lengths prefill compiles for (default `default_buckets`).
   max_top_k: the largest top_k a request may ask for (0: no top-k at all).
   stop_at_eos: end a request at the tokenizer's EOS (if it has one).
   seed: requests without their own seed get seed + their submission number.
+  chunk: decode steps per engine tick (one device call, one transfer to the
+  host); a slot freed inside a tick is refilled at the next tick.
   """
 
   def __init__(self, model, tokenizer=None, slots: int = 8, max_len: int | None = None,
-               buckets: Sequence[int] | None = None, max_top_k: int = 64, stop_at_eos: bool = True, seed: int = 0):
+               buckets: Sequence[int] | None = None, max_top_k: int = 64, stop_at_eos: bool = True, seed: int = 0,
+               chunk: int = 8):
     cap = model.cfg.max_seq_len
     max_len = cap if max_len is None else int(max_len)
     if int(slots) < 1:
@@ -169,12 +199,14 @@ class Engine:
     buckets = default_buckets(max_len) if buckets is None else tuple(sorted(int(b) for b in buckets))
     if not buckets or buckets[0] < 1 or buckets[-1] > max_len:
       raise ValueError(f"buckets={buckets} must be lengths in [1, max_len={max_len}]")
+    if int(chunk) < 1:
+      raise ValueError(f"chunk={chunk} must be >= 1")
     if int(max_top_k) < 0:
       raise ValueError(f"max_top_k={max_top_k} must be >= 0")
     self.model, self.tokenizer = model, tokenizer
     self.slots, self.max_len, self.buckets, self.max_top_k = int(slots), max_len, buckets, int(max_top_k)
     self.eos_id = tokenizer.eos_id if (tokenizer is not None and stop_at_eos) else None
-    self.seed = int(seed)
+    self.seed, self.chunk = int(seed), int(chunk)
     self._graphdef, self._state = nnx.split(model)
     self._cache = model.init_cache(self.slots, max_len)
     self._waiting: collections.deque[_Request] = collections.deque()
@@ -211,7 +243,8 @@ class Engine:
       raise ValueError(f"max_new_tokens={n} must be >= 0")
     if ids.size + n > self.max_len:
       raise ValueError(f"prompt too long: {ids.size} tokens + max_new_tokens {n} = {ids.size + n} exceeds "
-                       f"max_len={self.max_len}")
+                       f"max_len={self.max_len} (the engine's cache length; model.max_seq_len="
+                       f"{self.model.cfg.max_seq_len})")
     if temperature < 0:
       raise ValueError(f"temperature={temperature} must be >= 0 (0: greedy)")
     if not 0 <= int(top_k) <= self.max_top_k:
@@ -246,8 +279,9 @@ class Engine:
   # ---------------------------------------------------------------- engine tick
 
   def step(self) -> list[Completion]:
-    """Admit waiting requests into free slots (prefill each), then one decode
-    step for every running slot. Returns the requests finished in this tick."""
+    """Admit waiting requests into free slots (prefill each), then up to
+    `chunk` decode steps for every running slot in one device call. Returns
+    the requests finished in this tick."""
     finished = []
     for slot in range(self.slots):
       while self._running[slot] is None and self._waiting:
@@ -264,21 +298,27 @@ class Engine:
     live = [s for s, r in enumerate(self._running) if r is not None]
     if not live:
       return finished
-    tokens, positions, seeds, steps, temps, topks = (np.zeros(self.slots, np.int32) for _ in range(6))
+    tokens, positions, seeds, steps, temps, topks, remaining = (np.zeros(self.slots, np.int32) for _ in range(7))
     temps = temps.astype(np.float32)
     for s in live:
       r = self._running[s]
       tokens[s], positions[s] = r.tokens[-1], r.prompt_ids.size + len(r.tokens) - 1
       seeds[s], steps[s], temps[s], topks[s] = r.seed, len(r.tokens), r.temperature, r.top_k
-    self._cache, nxt = _decode(self._graphdef, self._state, self._cache, tokens, positions, seeds, steps, temps,
-                               topks, max_top_k=self.max_top_k)
-    nxt = np.asarray(nxt)
+      remaining[s] = r.max_new_tokens - len(r.tokens)
+    eos = np.int32(-1 if self.eos_id is None else self.eos_id)
+    self._cache, drawn = _decode(self._graphdef, self._state, self._cache, tokens, positions, seeds, steps, temps,
+                                 topks, remaining, eos, chunk=self.chunk, max_top_k=self.max_top_k)
+    drawn = np.asarray(drawn)
     for s in live:
       r = self._running[s]
-      reason = self._append(r, int(nxt[s]))
-      if reason:
-        finished.append(self._complete(r, reason))
-        self._running[s] = None
+      for token in drawn[s]:
+        # The device stops a slot at its count or EOS; a stop string is found here, and what the
+        # slot drew after it in this chunk is dropped.
+        reason = self._append(r, int(token)) if token >= 0 else None
+        if reason:
+          finished.append(self._complete(r, reason))
+          self._running[s] = None
+          break
     return finished
 
   def bucket(self, length: int) -> int:
