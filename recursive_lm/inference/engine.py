@@ -110,14 +110,18 @@ def sample_rows(logits, seeds, steps, temperature, top_k, max_top_k: int):
   """
   logits = logits.astype(jnp.float32)
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-  if max_top_k > 0:
-    top = jax.lax.top_k(scaled, min(max_top_k, scaled.shape[-1]))[0]  # [B, K] descending
-    kth = jnp.take_along_axis(top, jnp.clip(top_k - 1, 0, top.shape[-1] - 1)[:, None], axis=-1)
-    scaled = jnp.where((top_k[:, None] > 0) & (scaled < kth), -jnp.inf, scaled)
-  draw = jax.vmap(lambda s, j, l: jax.random.categorical(jax.random.fold_in(jax.random.key(s), j), l))
-  drawn = draw(seeds, steps, scaled).astype(jnp.int32)
-  return jnp.where(temperature > 0, drawn, greedy)
+
+  def drawn(logits):
+    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    if max_top_k > 0:
+      top = jax.lax.top_k(scaled, min(max_top_k, scaled.shape[-1]))[0]  # [B, K] descending
+      kth = jnp.take_along_axis(top, jnp.clip(top_k - 1, 0, top.shape[-1] - 1)[:, None], axis=-1)
+      scaled = jnp.where((top_k[:, None] > 0) & (scaled < kth), -jnp.inf, scaled)
+    draw = jax.vmap(lambda s, j, l: jax.random.categorical(jax.random.fold_in(jax.random.key(s), j), l))
+    return jnp.where(temperature > 0, draw(seeds, steps, scaled).astype(jnp.int32), greedy)
+
+  # All-greedy steps (the common serving case) skip the top-k and the draws.
+  return jax.lax.cond(jnp.any(temperature > 0), drawn, lambda _: greedy, logits)
 
 
 def _write_row(big, small, slot):
