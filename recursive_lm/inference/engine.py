@@ -61,6 +61,7 @@ import numpy as np
 from flax import nnx
 
 from recursive_lm.data.tokenizers import encode_prompt
+from recursive_lm.inference import exits
 
 
 @dataclasses.dataclass
@@ -73,10 +74,16 @@ class Completion:
   tokens: list[int]
   text: str
   finish_reason: str
+  exit_loops: list[int] | None = None  # with exits: loops run for each decoded token (the first is prefilled)
 
   @property
   def new_tokens(self) -> int:
     return len(self.tokens)
+
+  @property
+  def mean_exit_loop(self) -> float | None:
+    """Mean loops run per decoded token (None without exits or decoded tokens)."""
+    return float(np.mean(self.exit_loops)) if self.exit_loops else None
 
 
 @dataclasses.dataclass
@@ -89,6 +96,7 @@ class _Request:
   stop: tuple[str, ...]
   seed: int
   tokens: list[int] = dataclasses.field(default_factory=list)
+  loops: list[int] = dataclasses.field(default_factory=list)
 
 
 def default_buckets(max_len: int) -> tuple[int, ...]:
@@ -142,9 +150,10 @@ def _prefill(graphdef, state, cache, prompt, length, slot, seed, temperature, to
   return cache, first[0]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "max_top_k"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "max_top_k", "exit_rule"),
+                   donate_argnames=("cache",))
 def _decode(graphdef, state, cache, tokens, positions, seeds, steps, temperature, top_k, remaining, eos_id, *,
-            chunk: int, max_top_k: int):
+            chunk: int, max_top_k: int, exit_rule: exits.ExitRule | None = None):
   """Up to `chunk` decode steps of every slot at once.
 
   tokens [B]: each slot's last token, at position positions [B]; steps [B]:
@@ -152,27 +161,33 @@ def _decode(graphdef, state, cache, tokens, positions, seeds, steps, temperature
   still draw (0: no request); eos_id: int32 [], -1 for none. A slot stops
   after `remaining` tokens or at EOS; stopped slots still run (static shape)
   at a frozen position of their own row. Stops early once every slot has.
-  Returns (cache, drawn int32 [B, chunk], -1 where a slot drew nothing).
+  exit_rule: per-token early exit (`exits.forward_with_exits`) or None (full depth).
+  Returns (cache, drawn int32 [B, chunk], -1 where a slot drew nothing,
+  loops int32 [B, chunk]: the loops each drawn token ran; 0 without exits).
   """
   model = nnx.merge(graphdef, state)
   b = tokens.shape[0]
 
   def cond(carry):
-    i, _, _, _, alive, _ = carry
-    return (i < chunk) & jnp.any(alive)
+    return (carry[0] < chunk) & jnp.any(carry[4])
 
   def body(carry):
-    i, cache, tok, pos, alive, out = carry
-    logits, cache, _ = model(tok[:, None], cache=cache, cache_index=pos)
+    i, cache, tok, pos, alive, out, used = carry
+    if exit_rule is None:
+      logits, cache, _ = model(tok[:, None], cache=cache, cache_index=pos)
+    else:
+      logits, cache, loops = exits.forward_with_exits(model, tok[:, None], cache, pos, exit_rule)
+      used = used.at[:, i].set(jnp.where(alive, loops, 0))
     nxt = sample_rows(logits[:, -1], seeds, steps + i, temperature, top_k, max_top_k)
     out = out.at[:, i].set(jnp.where(alive, nxt, -1))
     tok, pos = jnp.where(alive, nxt, tok), jnp.where(alive, pos + 1, pos)
     alive = alive & (i + 1 < remaining) & (nxt != eos_id)
-    return i + 1, cache, tok, pos, alive, out
+    return i + 1, cache, tok, pos, alive, out, used
 
-  carry = (jnp.int32(0), cache, tokens, positions, remaining > 0, jnp.full((b, chunk), -1, jnp.int32))
-  _, cache, _, _, _, out = jax.lax.while_loop(cond, body, carry)
-  return cache, out
+  carry = (jnp.int32(0), cache, tokens, positions, remaining > 0, jnp.full((b, chunk), -1, jnp.int32),
+           jnp.zeros((b, chunk), jnp.int32))
+  _, cache, _, _, _, out, used = jax.lax.while_loop(cond, body, carry)
+  return cache, out, used
 
 
 class Engine:
@@ -189,11 +204,13 @@ class Engine:
   seed: requests without their own seed get seed + their submission number.
   chunk: decode steps per engine tick (one device call, one transfer to the
   host); a slot freed inside a tick is refilled at the next tick.
+  exit: per-token early exit of decoded tokens, 'none' (default),
+  'confidence:TAU' or 'kl:EPS' (`exits`); prefill always runs at full depth.
   """
 
   def __init__(self, model, tokenizer=None, slots: int = 8, max_len: int | None = None,
                buckets: Sequence[int] | None = None, max_top_k: int = 64, stop_at_eos: bool = True, seed: int = 0,
-               chunk: int = 8):
+               chunk: int = 8, exit: str | None = None):  # pylint: disable=redefined-builtin
     cap = model.cfg.max_seq_len
     max_len = cap if max_len is None else int(max_len)
     if int(slots) < 1:
@@ -211,6 +228,9 @@ class Engine:
     self.slots, self.max_len, self.buckets, self.max_top_k = int(slots), max_len, buckets, int(max_top_k)
     self.eos_id = tokenizer.eos_id if (tokenizer is not None and stop_at_eos) else None
     self.seed, self.chunk = int(seed), int(chunk)
+    self.exit_rule = exits.parse_exit(exit)
+    if self.exit_rule is not None:
+      exits.loop_boundaries(model.plan)  # ValueError for a model without loops
     self._graphdef, self._state = nnx.split(model)
     self._cache = model.init_cache(self.slots, max_len)
     self._waiting: collections.deque[_Request] = collections.deque()
@@ -310,12 +330,15 @@ class Engine:
       seeds[s], steps[s], temps[s], topks[s] = r.seed, len(r.tokens), r.temperature, r.top_k
       remaining[s] = r.max_new_tokens - len(r.tokens)
     eos = np.int32(-1 if self.eos_id is None else self.eos_id)
-    self._cache, drawn = _decode(self._graphdef, self._state, self._cache, tokens, positions, seeds, steps, temps,
-                                 topks, remaining, eos, chunk=self.chunk, max_top_k=self.max_top_k)
-    drawn = np.asarray(drawn)
+    self._cache, drawn, used = _decode(self._graphdef, self._state, self._cache, tokens, positions, seeds, steps,
+                                       temps, topks, remaining, eos, chunk=self.chunk, max_top_k=self.max_top_k,
+                                       exit_rule=self.exit_rule)
+    drawn, used = np.asarray(drawn), np.asarray(used)
     for s in live:
       r = self._running[s]
-      for token in drawn[s]:
+      for token, loops in zip(drawn[s], used[s]):
+        if token >= 0 and self.exit_rule is not None:
+          r.loops.append(int(loops))
         # The device stops a slot at its count or EOS; a stop string is found here, and what the
         # slot drew after it in this chunk is dropped.
         reason = self._append(r, int(token)) if token >= 0 else None
@@ -362,4 +385,5 @@ class Engine:
     text = self._text(req)
     if reason == "stop":
       text = text[:self._stop_at(req)]
-    return Completion(req.id, req.prompt_ids, list(req.tokens), text, reason)
+    return Completion(req.id, req.prompt_ids, list(req.tokens), text, reason,
+                      list(req.loops) if self.exit_rule is not None else None)
