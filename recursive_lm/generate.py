@@ -1,12 +1,14 @@
 """Batch generation from a checkpoint through the serving engine:
 `python -m recursive_lm.generate --workdir runs/demo --input prompts.jsonl --output out.jsonl
- [--max_new_tokens 64 --temperature 0 --top_k 0 --seed 0 --slots 8 --step N --ignore_eos]`.
+ [--max_new_tokens 64 --temperature 0 --top_k 0 --seed 0 --slots 8 --step N --ignore_eos
+  --exit none|confidence:TAU|kl:EPS]`.
 
 Input: one JSON object per line, {"id": ..., "prompt": "...", "max_new_tokens": n?, "stop": ["..."]?}
 (max_new_tokens defaults to the flag). Output: exactly one line per input
 line, in input order: {"id", "completion", "new_tokens", "finish_reason"}
 (finish_reason "length" | "eos" | "stop"; the completion leaves out EOS and
-is cut before a stop string), or {"id", "error"} for a line that cannot run
+is cut before a stop string; with --exit also "mean_exit_loop", the loops
+run per decoded token, null when none was decoded), or {"id", "error"} for a line that cannot run
 (broken JSON, no prompt, bad fields, prompt + new tokens beyond
 model.max_seq_len): the error names the line and what is wrong, the other
 lines still run, and the exit status is 1. Prompts are encoded after BOS when
@@ -32,6 +34,7 @@ from absl import app, flags
 from recursive_lm import cli, data
 from recursive_lm.config import ConfigError
 from recursive_lm.data.tokenizers import encode_prompt
+from recursive_lm.inference import exits
 from recursive_lm.inference.decode import load_checkpoint
 from recursive_lm.inference.engine import Engine
 
@@ -48,6 +51,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("slots", 8, "Requests decoded together (KV-cache rows).")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_bool("ignore_eos", False, "Do not stop at the tokenizer's EOS.")
+  flags.DEFINE_string("exit", "none", "Per-token early exit: none | confidence:TAU | kl:EPS (inference/exits.py).")
 
 
 def parse_line(n: int, line: str, default_new: int) -> tuple[object, dict | None, str | None]:
@@ -75,7 +79,8 @@ def parse_line(n: int, line: str, default_new: int) -> tuple[object, dict | None
 
 
 def run(workdir: str, input_path: str, output_path: str, max_new_tokens: int = 64, temperature: float = 0.0,
-        top_k: int = 0, seed: int = 0, slots: int = 8, step: int | None = None, ignore_eos: bool = False) -> dict:
+        top_k: int = 0, seed: int = 0, slots: int = 8, step: int | None = None, ignore_eos: bool = False,
+        exit_rule: str = "none") -> dict:
   """Generate for every line of input_path into output_path; returns a summary
   {requests, failed, new_tokens, seconds, tokens_per_s}. Raises ConfigError for user errors."""
   for name, value, low in (("slots", slots, 1), ("max_new_tokens", max_new_tokens, 0), ("top_k", top_k, 0)):
@@ -83,6 +88,10 @@ def run(workdir: str, input_path: str, output_path: str, max_new_tokens: int = 6
       raise ConfigError(f"--{name}={value} must be >= {low}")
   if temperature < 0:
     raise ConfigError(f"--temperature={temperature} must be >= 0 (0: greedy)")
+  try:
+    exits.parse_exit(exit_rule)
+  except ValueError as e:
+    raise ConfigError(f"--{e}") from None
   if not os.path.isfile(input_path):
     raise ConfigError(f"--input {input_path}: no such file")
   out_dir = os.path.dirname(os.path.abspath(output_path))
@@ -102,7 +111,11 @@ def run(workdir: str, input_path: str, output_path: str, max_new_tokens: int = 6
     if error is None:
       n = len(encode_prompt(tokenizer, kw["prompt"])) + kw["max_new_tokens"]
       need = max(need, n) if n <= cap else need
-  engine = Engine(model, tokenizer, slots=slots, max_len=need, max_top_k=top_k, stop_at_eos=not ignore_eos)
+  try:
+    engine = Engine(model, tokenizer, slots=slots, max_len=need, max_top_k=top_k, stop_at_eos=not ignore_eos,
+                    exit=exit_rule)
+  except ValueError as e:  # exits on a model without loops
+    raise ConfigError(f"--exit={exit_rule}: {e}") from None
 
   results: list[dict | None] = [None] * len(lines)
   for i, (rid, kw, error) in enumerate(parsed):
@@ -115,6 +128,8 @@ def run(workdir: str, input_path: str, output_path: str, max_new_tokens: int = 6
   start, total = time.perf_counter(), 0
   for c in engine.stream():
     results[c.id].update(completion=c.text, new_tokens=c.new_tokens, finish_reason=c.finish_reason)
+    if exit_rule != "none":
+      results[c.id]["mean_exit_loop"] = c.mean_exit_loop
     total += c.new_tokens
   seconds = time.perf_counter() - start
 
@@ -138,7 +153,7 @@ def main(argv):
       cli.fail(f"--{name} is required")
   try:
     summary = run(f.workdir, f.input, f.output, f.max_new_tokens, f.temperature, f.top_k, f.seed, f.slots, f.step,
-                  f.ignore_eos)
+                  f.ignore_eos, f.exit)
   except ConfigError as e:
     cli.fail(e)
   print(f"generate: {summary['requests']} requests ({summary['failed']} failed), {summary['new_tokens']} new tokens "

@@ -70,7 +70,7 @@ def test_generate_cli(run_dir, tmp_path):
 
 @pytest.mark.parametrize("args,needle", [
     (["--slots=0"], "--slots=0 must be >= 1"), (["--temperature=-1"], "--temperature"),
-    (["--input=/nonexistent.jsonl"], "no such file"), (["--workdir=/nonexistent"], "no such directory")])
+    (["--input=/nonexistent.jsonl"], "no such file"), (["--exit=kl:0"], "--exit='kl:0' must be"), (["--workdir=/nonexistent"], "no such directory")])
 def test_generate_cli_bad_flags(run_dir, tmp_path, args, needle):
   inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
   _write(inp, [json.dumps({"id": 1, "prompt": "a"})])
@@ -78,3 +78,20 @@ def test_generate_cli_bad_flags(run_dir, tmp_path, args, needle):
   assert r.returncode == 2
   assert r.stderr.count("error:") == 1 and needle in r.stderr, r.stderr
   assert not os.path.exists(out)
+
+
+def test_generate_cli_with_exits(run_dir, tmp_path):
+  """A rule that never fires gives the full-depth completions with mean_exit_loop = all loops (2 here);
+  one that always fires exits after the first loop."""
+  inp = tmp_path / "in.jsonl"
+  _write(inp, [json.dumps({"id": i, "prompt": p, "max_new_tokens": 6}) for i, p in enumerate(["def ", "class A"])])
+  recs = {}
+  for rule in ("none", "confidence:1.0", "confidence:0.000001"):
+    out = tmp_path / f"{rule}.jsonl"
+    r = cli("recursive_lm.generate", f"--workdir={run_dir}", f"--input={inp}", f"--output={out}", f"--exit={rule}")
+    assert r.returncode == 0, r.stderr
+    recs[rule] = [json.loads(l) for l in open(out)]
+  assert all("mean_exit_loop" not in r for r in recs["none"])
+  for a, b in zip(recs["none"], recs["confidence:1.0"]):
+    assert b["completion"] == a["completion"] and b["mean_exit_loop"] == 2.0
+  assert all(r["mean_exit_loop"] == 1.0 for r in recs["confidence:0.000001"])
