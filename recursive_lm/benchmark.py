@@ -63,6 +63,8 @@ _GEN_SLOTS = flags.DEFINE_integer("gen_slots", 8, "generate: batch rows (static 
 _GEN_MAX_PROMPT = flags.DEFINE_integer("gen_max_prompt", 48, "generate: prompt lengths are drawn from [4, this].")
 _GEN_MAX_NEW = flags.DEFINE_integer("gen_max_new", 64, "generate: new tokens per request are drawn from "
                                     "[this / 8, this].")
+_GEN_EXIT = flags.DEFINE_string("gen_exit", "none", "generate: also serve with this early-exit rule "
+                                 "(confidence:TAU | kl:EPS; needs a looped model).")
 _WARMUP = flags.DEFINE_bool("warmup", True, "compile: compile the first setting once, untimed, before timing "
                             "(so one-time JAX/XLA start-up is not charged to the first R).")
 
@@ -265,7 +267,7 @@ def run_generate(cd) -> dict:
   import numpy as np
   from flax import nnx
 
-  from recursive_lm.inference import Engine, generate, load_checkpoint
+  from recursive_lm.inference import Engine, exits, generate, load_checkpoint
   from recursive_lm.model.transformer import Transformer
 
   if _WORKDIR.value:
@@ -285,6 +287,11 @@ def run_generate(cd) -> dict:
   if max_prompt + max_new > cfg.model.max_seq_len:
     raise ConfigError(f"--gen_max_prompt {max_prompt} + --gen_max_new {max_new} exceeds model.max_seq_len="
                       f"{cfg.model.max_seq_len}")
+  try:
+    rule = exits.parse_exit(_GEN_EXIT.value)
+    loops = len(exits.loop_boundaries(model.plan)) + 1 if rule is not None else None
+  except ValueError as e:
+    raise ConfigError(f"--gen_{e}") from None
   work = generate_workload(n, max_prompt, max_new, cfg.model.vocab_size)
   useful = sum(m for _, m in work)
 
@@ -300,21 +307,23 @@ def run_generate(cd) -> dict:
       outs += [toks[i, p.size:p.size + m].tolist() for i, (p, m) in enumerate(batch)][:n - lo]
     return outs
 
-  # The cache as long as the static side's (attention reads all of it at every step).
-  engine = Engine(model, slots=slots, max_len=max_prompt + max_new, max_top_k=0)
+  def continuous(exit_rule=None):
+    # The cache as long as the static side's (attention reads all of it at every step).
+    engine = Engine(model, slots=slots, max_len=max_prompt + max_new, max_top_k=0, exit=exit_rule)
+    outs = []
+    for _ in range(2):  # compile, then timed
+      for p, m in work:
+        engine.submit(p, max_new_tokens=m)
+      t = time.perf_counter()
+      done = {c.id: c for c in engine.stream()}
+      outs.append(([done[i] for i in sorted(done)], time.perf_counter() - t))
+    return outs[-1]
 
-  def continuous():
-    for p, m in work:
-      engine.submit(p, max_new_tokens=m)
-    done = {c.id: c.tokens for c in engine.stream()}
-    return [done[i] for i in sorted(done)]
-
-  timings = {}
-  for name, fn in (("static", static), ("continuous", continuous)):
-    fn()  # compile
-    t = time.perf_counter()
-    timings[name] = (fn(), time.perf_counter() - t)
-  (s_out, s_time), (c_out, c_time) = timings["static"], timings["continuous"]
+  static()  # compile
+  t = time.perf_counter()
+  s_out, s_time = static(), time.perf_counter() - t
+  c_done, c_time = continuous()
+  c_out = [c.tokens for c in c_done]
   agree = float(np.mean([a == b for a, b in zip(s_out, c_out)]))
   static_tps, cont_tps = useful / s_time, useful / c_time
   return {
@@ -323,10 +332,26 @@ def run_generate(cd) -> dict:
       "static_s": round(s_time, 3), "continuous_s": round(c_time, 3),
       "static_tokens_per_s": round(static_tps, 1), "continuous_tokens_per_s": round(cont_tps, 1),
       "continuous_vs_static": round(cont_tps / static_tps, 3), "greedy_agreement": agree,
+      **(_exit_record(continuous, _GEN_EXIT.value, loops, useful, c_out) if rule is not None else {}),
       "config": {"preset": cfg.model.plan.preset, "d_model": cfg.model.d_model,
                  "effective_depth": cfg.model.plan.num_layers},
       **_environment(),
   }
+
+
+def _exit_record(continuous, spec: str, loops: int, useful: int, full: list) -> dict:
+  """The engine with per-token exits against the full-depth engine run `full` (greedy tokens per request)."""
+  import numpy as np
+
+  done, seconds = continuous(spec)
+  toks = [c.tokens for c in done]
+  same = sum(int(a == b) for x, y in zip(toks, full) for a, b in zip(x, y))
+  return {"exit": spec, "loops": loops, "exit_continuous_tokens_per_s": round(useful / seconds, 1),
+          "mean_exit_loop": round(float(np.mean(np.concatenate([c.exit_loops for c in done if c.exit_loops]))), 3),
+          # Fraction of the requested positions holding the full-depth token (once a token differs, the
+          # continuation after it usually does too).
+          "greedy_agreement_with_full_depth": round(same / useful, 4),
+          "note": "exits decide per token but the batched step still runs every loop (no compute saved yet)"}
 
 
 def _environment() -> dict:
