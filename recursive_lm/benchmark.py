@@ -351,7 +351,7 @@ def _exit_record(continuous, spec: str, loops: int, useful: int, full: list) -> 
           # Fraction of the requested positions holding the full-depth token (once a token differs, the
           # continuation after it usually does too).
           "greedy_agreement_with_full_depth": round(same / useful, 4),
-          "note": "exits decide per token but the batched step still runs every loop (no compute saved yet)"}
+          "note": "a step skips the loops after an exit only when every slot has exited (K/V projections only)"}
 
 
 def _environment() -> dict:

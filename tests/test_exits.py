@@ -7,6 +7,7 @@ import pytest
 
 from recursive_lm.inference import generate
 from recursive_lm.inference.engine import Engine
+from recursive_lm.inference import exits
 from recursive_lm.inference.exits import ExitRule, forward_with_exits, loop_boundaries, parse_exit
 from recursive_lm.model.recursion import apply_layer
 
@@ -37,27 +38,29 @@ def test_without_an_exit_it_is_the_model(sharing):
   assert loops.tolist() == [3, 3]
 
 
-def test_exit_after_the_first_loop():
+@pytest.mark.parametrize("sharing", ["none", "recursion"])
+def test_exit_after_the_first_loop(sharing):
   """Every row exits after loop 1: logits are the readout of the state after
-  layers 0-1, and the later layers' K/V are computed from that exit state."""
-  model = build(**LOOPED)
+  layers 0-1, and the later layers' K/V (written by their K/V projections
+  alone, all rows having exited) are those the full layers compute from that exit state."""
+  model = build(**LOOPED, **{"model.kv_sharing": sharing})
   tok, cache, pos = _step_inputs(model)
-  got, got_cache, loops = forward_with_exits(model, tok, cache, pos, ALWAYS)
+  got, got_cache, loops = jax.jit(lambda c: forward_with_exits(model, tok, c, pos, ALWAYS))(cache)
   assert loops.tolist() == [1, 1]
   ctx, _ = model.context(1, pos)
   x = model.embed(tok, jnp.float32)
   layers = model.plan.layers()
   stage = model.stages[0]
-  take = lambda c, i: jax.tree.map(lambda a: a[i], c)
   for layer in layers[:2]:
-    x, _, _ = apply_layer(stage, layer, x, ctx, take(cache[0], layer.slot))
+    x, entry, _ = apply_layer(stage, layer, x, ctx, exits._entry(model.plan, cache, layer))
+    cache = exits._store(model.plan, cache, layer, entry)
   np.testing.assert_allclose(got, model.readout(x), rtol=1e-5, atol=1e-5)
   for layer in layers[2:]:
-    _, entry, _ = apply_layer(stage, layer, x, ctx, take(cache[0], layer.slot))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
-                 take(got_cache[0], layer.slot), entry)
+    _, entry, _ = apply_layer(stage, layer, x, ctx, exits._entry(model.plan, cache, layer))
+    cache = exits._store(model.plan, cache, layer, entry)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got_cache, cache)
   # The exit changes the prediction (the test would not see a missing exit otherwise).
-  full, _, _ = model(tok, cache=cache, cache_index=pos)
+  full, _, _ = model(tok, *_step_inputs(model)[1:2], cache_index=pos)
   assert float(jnp.max(jnp.abs(full - got))) > 1e-3
 
 

@@ -10,12 +10,14 @@ is applied to the row's current state and
                   predecessor).
 
 A row that exits keeps its state from then on: its next token is read out
-from that exit state. The later layers still run on every row (the batch
-keeps one shape), but an exited row's residual stream is not updated, so
-the keys/values those layers write for it are computed from its exit state
-(as CALM propagates the exit state to the skipped layers): later tokens find
-K/V at every layer. So this saves no compute yet inside a batched step; it is
-the decision rule and the K/V treatment that depth-wise batching builds on.
+from that exit state, and the keys/values of the layers it skips are
+computed from that exit state (as CALM propagates the exit state to the
+skipped layers), so later tokens find K/V at every layer. While some rows of
+the batch still run, the later layers run on every row (one shape) with the
+exited rows' residual streams frozen: the K/V they write for those rows are
+the same. Once every row has exited, the rest of the depth runs only the K/V
+projections (`Block.write_kv`): compute is saved when all rows exit at once
+(always at batch 1); depth-wise batching is what would save it per row.
 
 `forward_with_exits` walks the plan layer by layer through the model's one
 per-layer entry point (`recursion.apply_layer`), like the unrolled reference.
@@ -27,6 +29,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from recursive_lm.model.recursion import apply_layer
 
@@ -76,12 +79,46 @@ def _put(tree, i, value):
   return jax.tree.map(lambda a, v: a.at[i].set(v), tree, value)
 
 
+def _entry(plan, cache, layer):
+  """The cache entry {'k','v'} [B, S, K, Hd] that `layer` reads and writes."""
+  return _take(cache[0], layer.kv_slot) if plan.kv_sharing != "none" else _take(cache[layer.stage], layer.slot)
+
+
+def _store(plan, cache, layer, entry):
+  if plan.kv_sharing != "none":
+    return [_put(cache[0], layer.kv_slot, entry)] if layer.kv_write else cache
+  cache = list(cache)
+  cache[layer.stage] = _put(cache[layer.stage], layer.slot, entry)
+  return cache
+
+
+def _write_kv(stage, layer, x, ctx, entry):
+  """Only the K/V that `layer` writes for x (`Block.write_kv`), with the
+  layer's own block, depth slot, rotary kind and window, as `apply_layer` picks them."""
+  block_def, block_state = nnx.split(stage.blocks)
+  block = nnx.merge(block_def, _take(block_state, layer.block))
+  slot = None
+  if stage.slots is not None:
+    slot_def, slot_state = nnx.split(stage.slots)
+    slot = nnx.merge(slot_def, _take(slot_state, layer.slot))
+  lctx = ctx.for_layer(rope=layer.rope, window=layer.window)
+  kv_proj = None
+  if stage.shared_kv:
+    if not layer.kv_write:
+      return entry
+    kv_def, kv_state = nnx.split(stage.kv)
+    kv_proj = nnx.merge(kv_def, _take(kv_state, stage.kv_blocks.index(layer.block)))
+  return block.write_kv(x, slot, lctx, entry, kv_proj)
+
+
 def forward_with_exits(model, tokens, cache, cache_index, rule: ExitRule):
   """tokens [B, T] -> (logits [B, T, V] float32, cache, loops int32 [B]).
 
   Like `model(tokens, cache=cache, cache_index=cache_index)` but each row may
   exit at a loop boundary by `rule` (decided on its last position); loops[i]:
-  the loops row i ran (1 .. boundaries + 1, the last meaning no exit).
+  the loops row i ran (1 .. boundaries + 1, the last meaning no exit). Once
+  every row has exited, the rest of the depth runs only the K/V projections
+  (`Block.write_kv`), which write the same K/V the full layers would.
   """
   plan, cfg = model.plan, model.cfg
   bounds = loop_boundaries(plan)
@@ -90,30 +127,41 @@ def forward_with_exits(model, tokens, cache, cache_index, rule: ExitRule):
   b = tokens.shape[0]
   exited = jnp.zeros((b,), bool)
   loops = jnp.full((b,), len(bounds) + 1, jnp.int32)
-  shared = plan.kv_sharing != "none"
+  layers = plan.layers()
+  # Segments of the depth between exit points: loop 1, loop 2, ..., the last loop and what follows it.
+  cuts = [0] + [d + 1 for d in bounds] + [len(layers)]
+  segments = [layers[lo:hi] for lo, hi in zip(cuts[:-1], cuts[1:])]
+  can_skip = all(hasattr(model.stages[l.stage].blocks, "write_kv") for l in layers)
+
+  def full(segment, x, cache, exited):
+    for layer in segment:
+      new, entry, _ = apply_layer(model.stages[layer.stage], layer, x, ctx, _entry(plan, cache, layer))
+      cache = _store(plan, cache, layer, entry)
+      x = jnp.where(exited[:, None, None], x, new)  # an exited row keeps its exit state
+    return x, cache
+
+  def skip(segment, x, cache):
+    for layer in segment:
+      entry = _write_kv(model.stages[layer.stage], layer, x, ctx, _entry(plan, cache, layer))
+      cache = _store(plan, cache, layer, entry)
+    return x, cache
+
   prev = None
-  for layer in plan.layers():
-    stage = model.stages[layer.stage]
-    if shared:
-      entry = _take(cache[0], layer.kv_slot)
+  for j, segment in enumerate(segments):
+    if j == 0 or not can_skip:
+      x, cache = full(segment, x, cache, exited)
     else:
-      entry = _take(cache[layer.stage], layer.slot)
-    new, entry, _ = apply_layer(stage, layer, x, ctx, entry)
-    if shared:
-      if layer.kv_write:
-        cache = [_put(cache[0], layer.kv_slot, entry)]
+      x, cache = jax.lax.cond(jnp.all(exited), lambda op, s=segment: skip(s, *op[:2]),
+                              lambda op, s=segment: full(s, *op), (x, cache, exited))
+    if j == len(segments) - 1:
+      break
+    logp = jax.nn.log_softmax(model.readout(x[:, -1]), axis=-1)  # [B, V]
+    if rule.kind == "confidence":
+      go = jnp.exp(logp.max(-1)) >= rule.threshold
     else:
-      cache = list(cache)
-      cache[layer.stage] = _put(cache[layer.stage], layer.slot, entry)
-    x = jnp.where(exited[:, None, None], x, new)
-    if layer.depth in bounds:
-      logp = jax.nn.log_softmax(model.readout(x[:, -1]), axis=-1)  # [B, V]
-      if rule.kind == "confidence":
-        go = jnp.exp(logp.max(-1)) >= rule.threshold
-      else:
-        go = jnp.zeros((b,), bool) if prev is None else jnp.sum(jnp.exp(logp) * (logp - prev), -1) < rule.threshold
-      prev = logp
-      go = go & ~exited
-      loops = jnp.where(go, bounds.index(layer.depth) + 1, loops)
-      exited = exited | go
+      go = jnp.zeros((b,), bool) if prev is None else jnp.sum(jnp.exp(logp) * (logp - prev), -1) < rule.threshold
+    prev = logp
+    go = go & ~exited
+    loops = jnp.where(go, j + 1, loops)
+    exited = exited | go
   return model.readout(x), cache, loops
