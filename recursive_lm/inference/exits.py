@@ -116,9 +116,11 @@ def forward_with_exits(model, tokens, cache, cache_index, rule: ExitRule):
 
   Like `model(tokens, cache=cache, cache_index=cache_index)` but each row may
   exit at a loop boundary by `rule` (decided on its last position); loops[i]:
-  the loops row i ran (1 .. boundaries + 1, the last meaning no exit). Once
-  every row has exited, the rest of the depth runs only the K/V projections
-  (`Block.write_kv`), which write the same K/V the full layers would.
+  the loops row i ran (1 .. boundaries + 1, the last meaning no exit). After
+  the first loop, each layer's K/V are written by its K/V projections alone
+  (`Block.write_kv`) and the rest of the layer runs only while some row has
+  not exited, so once every row has, the rest of the depth costs just the
+  K/V projections. The full layer writes the same K/V again (unchanged).
   """
   plan, cfg = model.plan, model.cfg
   bounds = loop_boundaries(plan)
@@ -140,10 +142,21 @@ def forward_with_exits(model, tokens, cache, cache_index, rule: ExitRule):
       x = jnp.where(exited[:, None, None], x, new)  # an exited row keeps its exit state
     return x, cache
 
-  def skip(segment, x, cache):
+  def gated(segment, x, cache, exited):
+    """The segment with its K/V written for every row first, outside the
+    branch (so the cache is never a branch output, which would copy it), then
+    the full layers only while some row still runs: their K/V are the same."""
     for layer in segment:
-      entry = _write_kv(model.stages[layer.stage], layer, x, ctx, _entry(plan, cache, layer))
+      stage = model.stages[layer.stage]
+      entry = _write_kv(stage, layer, x, ctx, _entry(plan, cache, layer))
       cache = _store(plan, cache, layer, entry)
+
+      def run(op, stage=stage, layer=layer):
+        x, exited, entry = op
+        new, _, _ = apply_layer(stage, layer, x, ctx, entry)
+        return jnp.where(exited[:, None, None], x, new)
+
+      x = jax.lax.cond(jnp.all(exited), lambda op: op[0], run, (x, exited, entry))
     return x, cache
 
   prev = None
@@ -151,8 +164,7 @@ def forward_with_exits(model, tokens, cache, cache_index, rule: ExitRule):
     if j == 0 or not can_skip:
       x, cache = full(segment, x, cache, exited)
     else:
-      x, cache = jax.lax.cond(jnp.all(exited), lambda op, s=segment: skip(s, *op[:2]),
-                              lambda op, s=segment: full(s, *op), (x, cache, exited))
+      x, cache = gated(segment, x, cache, exited)
     if j == len(segments) - 1:
       break
     logp = jax.nn.log_softmax(model.readout(x[:, -1]), axis=-1)  # [B, V]
