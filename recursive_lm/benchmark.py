@@ -55,6 +55,16 @@ _MOE_SIZE = flags.DEFINE_string("moe_size", "44m", "moe: layer size (44m | 126m 
 _MOE_BATCHES = flags.DEFINE_list("moe_batches", ["4", "16", "64"], "moe: batches of 1024-token sequences to "
                                  "measure, one call each (the configs/moeut.py presets train on 64).")
 _MOE_DISPATCH = flags.DEFINE_string("moe_dispatch", "auto", "moe: model.moe.dispatch (auto | loop | blocks | ragged | dense).")
+# generate mode:
+_WORKDIR = flags.DEFINE_string("workdir", None, "generate: a run directory to load (instead of --config's "
+                               "randomly initialised model).")
+_GEN_REQUESTS = flags.DEFINE_integer("gen_requests", 32, "generate: requests to serve.")
+_GEN_SLOTS = flags.DEFINE_integer("gen_slots", 8, "generate: batch rows (static batch size = engine slots).")
+_GEN_MAX_PROMPT = flags.DEFINE_integer("gen_max_prompt", 48, "generate: prompt lengths are drawn from [4, this].")
+_GEN_MAX_NEW = flags.DEFINE_integer("gen_max_new", 64, "generate: new tokens per request are drawn from "
+                                    "[this / 8, this].")
+_GEN_EXIT = flags.DEFINE_string("gen_exit", "none", "generate: also serve with this early-exit rule "
+                                 "(confidence:TAU | kl:EPS; needs a looped model).")
 _WARMUP = flags.DEFINE_bool("warmup", True, "compile: compile the first setting once, untimed, before timing "
                             "(so one-time JAX/XLA start-up is not charged to the first R).")
 
@@ -233,6 +243,117 @@ def run_moe(cd) -> dict:
                                                    dispatch=_MOE_DISPATCH.value), **_environment()}
 
 
+# ----------------------------------------------------------------------------
+# generate mode
+
+
+def generate_workload(n: int, max_prompt: int, max_new: int, vocab: int, seed: int = 0):
+  """n requests of varied size: (prompt ids int32 [P_i] with P_i in [4, max_prompt], new tokens in
+  [max_new // 8, max_new])."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(min(4, max_prompt), max_prompt + 1, n)
+  news = rng.integers(max(1, max_new // 8), max_new + 1, n)
+  return [(rng.integers(0, vocab, p).astype(np.int32), int(m)) for p, m in zip(lengths, news)]
+
+
+def run_generate(cd) -> dict:
+  """Greedy serving of requests of varied prompt length and new-token count:
+  static batches of `generate` (rows padded to the longest prompt, every batch
+  runs to the largest count; one compiled shape) against the engine's
+  continuous batching with as many slots. tokens/s counts the tokens the
+  requests asked for, over wall time; each side runs the workload once
+  untimed (compilation) and once timed."""
+  import numpy as np
+  from flax import nnx
+
+  from recursive_lm.inference import Engine, exits, generate, load_checkpoint
+  from recursive_lm.model.transformer import Transformer
+
+  if _WORKDIR.value:
+    cfg, model, _ = load_checkpoint(_WORKDIR.value)
+    source = _WORKDIR.value
+  elif cd is not None:
+    cfg = config_lib.load(cd)
+    with nnx.use_eager_sharding(False):  # plain single-device arrays
+      model, source = Transformer(cfg.model, nnx.Rngs(0)), "config (random init)"
+  else:
+    raise ConfigError("benchmark generate needs --workdir RUN or --config FILE[:ARG]")
+  n, slots, max_prompt, max_new = _GEN_REQUESTS.value, _GEN_SLOTS.value, _GEN_MAX_PROMPT.value, _GEN_MAX_NEW.value
+  for name, value in (("gen_requests", n), ("gen_slots", slots), ("gen_max_prompt", max_prompt),
+                      ("gen_max_new", max_new)):
+    if value < 1:
+      raise ConfigError(f"--{name}={value} must be >= 1")
+  if max_prompt + max_new > cfg.model.max_seq_len:
+    raise ConfigError(f"--gen_max_prompt {max_prompt} + --gen_max_new {max_new} exceeds model.max_seq_len="
+                      f"{cfg.model.max_seq_len}")
+  try:
+    rule = exits.parse_exit(_GEN_EXIT.value)
+    loops = len(exits.loop_boundaries(model.plan)) + 1 if rule is not None else None
+  except ValueError as e:
+    raise ConfigError(f"--gen_{e}") from None
+  work = generate_workload(n, max_prompt, max_new, cfg.model.vocab_size)
+  useful = sum(m for _, m in work)
+
+  def static():
+    outs = []
+    for lo in range(0, n, slots):
+      batch = work[lo:lo + slots]
+      batch = batch + [batch[-1]] * (slots - len(batch))  # a full last batch: one compiled shape
+      padded = np.zeros((slots, max_prompt), np.int32)
+      for i, (p, _) in enumerate(batch):
+        padded[i, :p.size] = p
+      toks = np.asarray(generate(model, padded, max_new, prompt_lengths=[p.size for p, _ in batch]))
+      outs += [toks[i, p.size:p.size + m].tolist() for i, (p, m) in enumerate(batch)][:n - lo]
+    return outs
+
+  def continuous(exit_rule=None):
+    # The cache as long as the static side's (attention reads all of it at every step).
+    engine = Engine(model, slots=slots, max_len=max_prompt + max_new, max_top_k=0, exit=exit_rule)
+    outs = []
+    for _ in range(2):  # compile, then timed
+      for p, m in work:
+        engine.submit(p, max_new_tokens=m)
+      t = time.perf_counter()
+      done = {c.id: c for c in engine.stream()}
+      outs.append(([done[i] for i in sorted(done)], time.perf_counter() - t))
+    return outs[-1]
+
+  static()  # compile
+  t = time.perf_counter()
+  s_out, s_time = static(), time.perf_counter() - t
+  c_done, c_time = continuous()
+  c_out = [c.tokens for c in c_done]
+  agree = float(np.mean([a == b for a, b in zip(s_out, c_out)]))
+  static_tps, cont_tps = useful / s_time, useful / c_time
+  return {
+      "mode": "generate", "model": source, "requests": n, "slots": slots, "max_prompt": max_prompt,
+      "max_new": max_new, "requested_tokens": useful, "static_computed_tokens": -(-n // slots) * slots * max_new,
+      "static_s": round(s_time, 3), "continuous_s": round(c_time, 3),
+      "static_tokens_per_s": round(static_tps, 1), "continuous_tokens_per_s": round(cont_tps, 1),
+      "continuous_vs_static": round(cont_tps / static_tps, 3), "greedy_agreement": agree,
+      **(_exit_record(continuous, _GEN_EXIT.value, loops, useful, c_out) if rule is not None else {}),
+      "config": {"preset": cfg.model.plan.preset, "d_model": cfg.model.d_model,
+                 "effective_depth": cfg.model.plan.num_layers},
+      **_environment(),
+  }
+
+
+def _exit_record(continuous, spec: str, loops: int, useful: int, full: list) -> dict:
+  """The engine with per-token exits against the full-depth engine run `full` (greedy tokens per request)."""
+  import numpy as np
+
+  done, seconds = continuous(spec)
+  toks = [c.tokens for c in done]
+  same = sum(int(a == b) for x, y in zip(toks, full) for a, b in zip(x, y))
+  return {"exit": spec, "loops": loops, "exit_continuous_tokens_per_s": round(useful / seconds, 1),
+          "mean_exit_loop": round(float(np.mean(np.concatenate([c.exit_loops for c in done if c.exit_loops]))), 3),
+          # Fraction of the requested positions holding the full-depth token (once a token differs, the
+          # continuation after it usually does too).
+          "greedy_agreement_with_full_depth": round(same / useful, 4),
+          "note": "a step skips the loops after an exit only when every slot has exited (K/V projections only)"}
+
+
 def _environment() -> dict:
   import jax
 
@@ -248,6 +369,7 @@ MODES: dict[str, Callable[[ml_collections.ConfigDict], dict]] = {
     "compile": run_compile,
     "train": run_train,
     "moe": run_moe,
+    "generate": run_generate,
 }
 NEEDS_CONFIG = ("compile", "train")
 

@@ -94,19 +94,27 @@ class Attention(nnx.Module):
     hd, kh = self.head_dim, self.num_kv_heads
     g = self.num_heads // kh
     q = self.q(x, lora.get("q")).reshape(b, t, self.num_heads, hd)
-    proj = self if self.k is not None else kv_proj
-    k = v = None
-    if proj is not None:
-      k = proj.k(x, lora.get("k")).reshape(b, t, kh, hd)
-      v = proj.v(x, lora.get("v")).reshape(b, t, kh, hd)
+    k, v = self.project_kv(x, ctx, lora, k_norm, kv_proj)
     q = q if q_norm is None else q_norm(q)
     q = apply_rope(q, ctx.cos, ctx.sin)
-    if k is not None:
-      k = k if k_norm is None else k_norm(k)
-      k = apply_rope(k, ctx.cos, ctx.sin)
     out, cache = cached_causal_attention(q.reshape(b, t, kh, g, hd), k, v, ctx, cache, self.query_scale, shared,
                                          self.causal)
     return self.o(out.reshape(b, t, self.num_heads * hd), lora.get("o")), cache
+
+
+  def project_kv(self, x: jax.Array, ctx: Context, lora: dict[str, LoRA], k_norm: Norm | None = None,
+                 kv_proj: KVProjection | None = None):
+    """x [B, T, D] (normed) -> (k, v) [B, T, K, Hd], k normed and rotated as
+    the cache stores them; (None, None) for a layer that reads a shared KV slot.
+    Also the whole of a layer an early-exited token skips (inference/exits.py)."""
+    proj = self if self.k is not None else kv_proj
+    if proj is None:
+      return None, None
+    b, t, _ = x.shape
+    k = proj.k(x, lora.get("k")).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = proj.v(x, lora.get("v")).reshape(b, t, self.num_kv_heads, self.head_dim)
+    k = k if k_norm is None else k_norm(k)
+    return apply_rope(k, ctx.cos, ctx.sin), v
 
 
 def cached_causal_attention(q, k, v, ctx: Context, cache: dict | None, scale: float | None = None,

@@ -14,7 +14,7 @@ from flax import nnx
 
 from recursive_lm import axes
 from recursive_lm.config import ModelConfig
-from recursive_lm.model.attention import Attention, Context, KVProjection
+from recursive_lm.model.attention import Attention, Context, KVProjection, write_cache
 from recursive_lm.model.layers import LoRA, Norm
 from recursive_lm.model.mlp import MLP
 
@@ -93,3 +93,17 @@ class Block(nnx.Module):
     # Per-depth diagnostic: RMS of the residual stream after this layer.
     rms = jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32))))
     return x, cache, {"resid_rms": rms}
+
+  def write_kv(self, x: jax.Array, slot: DepthSlot | None, ctx: Context, cache: dict,
+               kv_proj: KVProjection | None = None) -> dict:
+    """Only this layer's keys/values of x [B, T, D], written into `cache`
+    {'k','v'} [B, S, K, Hd] at ctx.cache_index: the same entries `__call__`
+    writes for the same x, without the attention or MLP. For tokens that
+    exited before this layer (inference/exits.py). A layer reading a shared
+    KV slot writes nothing: the cache comes back unchanged."""
+    lora = {} if slot is None else dict(slot.lora)
+    n = self if self.attn_norm is not None else slot
+    k, v = self.attn.project_kv(n.attn_norm(x), ctx, lora, n.k_norm, kv_proj)
+    if k is None:
+      return cache
+    return {"k": write_cache(cache["k"], k, ctx.cache_index), "v": write_cache(cache["v"], v, ctx.cache_index)}

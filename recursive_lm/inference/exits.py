@@ -1,0 +1,179 @@
+"""Per-token early exit at the loop boundaries of a repeated stage.
+
+A rule is decided per row after each full loop of a cycle-order stage that
+repeats (1-2-3 | 1-2-3 | ...): the model's own readout (final norm + head)
+is applied to the row's current state and
+
+  confidence:TAU  exits when the readout's max probability >= TAU (0 < TAU <= 1);
+  kl:EPS          exits when KL(p_loop || p_previous_loop) < EPS (EPS > 0;
+                  Huginn's rule; never after the first loop, which has no
+                  predecessor).
+
+A row that exits keeps its state from then on: its next token is read out
+from that exit state, and the keys/values of the layers it skips are
+computed from that exit state (as CALM propagates the exit state to the
+skipped layers), so later tokens find K/V at every layer. While some rows of
+the batch still run, the later layers run on every row (one shape) with the
+exited rows' residual streams frozen: the K/V they write for those rows are
+the same. Once every row has exited, the rest of the depth runs only the K/V
+projections (`Block.write_kv`): compute is saved when all rows exit at once
+(always at batch 1); depth-wise batching is what would save it per row.
+
+`forward_with_exits` walks the plan layer by layer through the model's one
+per-layer entry point (`recursion.apply_layer`), like the unrolled reference.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from recursive_lm.model.recursion import apply_layer
+
+
+class ExitRule(NamedTuple):
+  kind: str  # "confidence" | "kl"
+  threshold: float
+
+
+def parse_exit(spec: str | None) -> ExitRule | None:
+  """'none' / None -> None; 'confidence:TAU' (0 < TAU <= 1) or 'kl:EPS' (EPS > 0) -> ExitRule.
+  Raises ValueError naming the spec otherwise."""
+  if spec is None or spec == "none":
+    return None
+  kind, _, value = str(spec).partition(":")
+  try:
+    threshold = float(value)
+  except ValueError:
+    threshold = None
+  if kind == "confidence" and threshold is not None and 0 < threshold <= 1:
+    return ExitRule(kind, threshold)
+  if kind == "kl" and threshold is not None and threshold > 0:
+    return ExitRule(kind, threshold)
+  raise ValueError(f"exit={spec!r} must be 'none', 'confidence:TAU' with 0 < TAU <= 1 or 'kl:EPS' with EPS > 0")
+
+
+def loop_boundaries(plan) -> tuple[int, ...]:
+  """Effective-layer depths after which a loop of a repeated cycle-order stage
+  ends and another follows (where an exit may be taken). Raises ValueError for
+  a plan without one."""
+  out = []
+  for i, spec in enumerate(plan.stages):
+    if spec.repeats > 1 and spec.order == "cycle":
+      layers = plan.stage_layers(i)
+      out += [l.depth for l in layers if l.block == spec.unique_blocks - 1 and l.repeat < spec.repeats - 1]
+  if not out:
+    raise ValueError("early exit needs a model with a repeated stage in cycle order (loops to exit between); "
+                     "this plan has none")
+  return tuple(out)
+
+
+def _take(tree, i):
+  return jax.tree.map(lambda a: a[i], tree)
+
+
+def _put(tree, i, value):
+  return jax.tree.map(lambda a, v: a.at[i].set(v), tree, value)
+
+
+def _entry(plan, cache, layer):
+  """The cache entry {'k','v'} [B, S, K, Hd] that `layer` reads and writes."""
+  return _take(cache[0], layer.kv_slot) if plan.kv_sharing != "none" else _take(cache[layer.stage], layer.slot)
+
+
+def _store(plan, cache, layer, entry):
+  if plan.kv_sharing != "none":
+    return [_put(cache[0], layer.kv_slot, entry)] if layer.kv_write else cache
+  cache = list(cache)
+  cache[layer.stage] = _put(cache[layer.stage], layer.slot, entry)
+  return cache
+
+
+def _write_kv(stage, layer, x, ctx, entry):
+  """Only the K/V that `layer` writes for x (`Block.write_kv`), with the
+  layer's own block, depth slot, rotary kind and window, as `apply_layer` picks them."""
+  block_def, block_state = nnx.split(stage.blocks)
+  block = nnx.merge(block_def, _take(block_state, layer.block))
+  slot = None
+  if stage.slots is not None:
+    slot_def, slot_state = nnx.split(stage.slots)
+    slot = nnx.merge(slot_def, _take(slot_state, layer.slot))
+  lctx = ctx.for_layer(rope=layer.rope, window=layer.window)
+  kv_proj = None
+  if stage.shared_kv:
+    if not layer.kv_write:
+      return entry
+    kv_def, kv_state = nnx.split(stage.kv)
+    kv_proj = nnx.merge(kv_def, _take(kv_state, stage.kv_blocks.index(layer.block)))
+  return block.write_kv(x, slot, lctx, entry, kv_proj)
+
+
+def forward_with_exits(model, tokens, cache, cache_index, rule: ExitRule):
+  """tokens [B, T] -> (logits [B, T, V] float32, cache, loops int32 [B]).
+
+  Like `model(tokens, cache=cache, cache_index=cache_index)` but each row may
+  exit at a loop boundary by `rule` (decided on its last position); loops[i]:
+  the loops row i ran (1 .. boundaries + 1, the last meaning no exit). After
+  the first loop, each layer's K/V are written by its K/V projections alone
+  (`Block.write_kv`) and the rest of the layer runs only while some row has
+  not exited, so once every row has, the rest of the depth costs just the
+  K/V projections. The full layer writes the same K/V again (unchanged).
+  """
+  plan, cfg = model.plan, model.cfg
+  bounds = loop_boundaries(plan)
+  ctx, _ = model.context(tokens.shape[1], cache_index)
+  x = model.embed(tokens, jnp.dtype(cfg.compute_dtype))
+  b = tokens.shape[0]
+  exited = jnp.zeros((b,), bool)
+  loops = jnp.full((b,), len(bounds) + 1, jnp.int32)
+  layers = plan.layers()
+  # Segments of the depth between exit points: loop 1, loop 2, ..., the last loop and what follows it.
+  cuts = [0] + [d + 1 for d in bounds] + [len(layers)]
+  segments = [layers[lo:hi] for lo, hi in zip(cuts[:-1], cuts[1:])]
+  can_skip = all(hasattr(model.stages[l.stage].blocks, "write_kv") for l in layers)
+
+  def full(segment, x, cache, exited):
+    for layer in segment:
+      new, entry, _ = apply_layer(model.stages[layer.stage], layer, x, ctx, _entry(plan, cache, layer))
+      cache = _store(plan, cache, layer, entry)
+      x = jnp.where(exited[:, None, None], x, new)  # an exited row keeps its exit state
+    return x, cache
+
+  def gated(segment, x, cache, exited):
+    """The segment with its K/V written for every row first, outside the
+    branch (so the cache is never a branch output, which would copy it), then
+    the full layers only while some row still runs: their K/V are the same."""
+    for layer in segment:
+      stage = model.stages[layer.stage]
+      entry = _write_kv(stage, layer, x, ctx, _entry(plan, cache, layer))
+      cache = _store(plan, cache, layer, entry)
+
+      def run(op, stage=stage, layer=layer):
+        x, exited, entry = op
+        new, _, _ = apply_layer(stage, layer, x, ctx, entry)
+        return jnp.where(exited[:, None, None], x, new)
+
+      x = jax.lax.cond(jnp.all(exited), lambda op: op[0], run, (x, exited, entry))
+    return x, cache
+
+  prev = None
+  for j, segment in enumerate(segments):
+    if j == 0 or not can_skip:
+      x, cache = full(segment, x, cache, exited)
+    else:
+      x, cache = gated(segment, x, cache, exited)
+    if j == len(segments) - 1:
+      break
+    logp = jax.nn.log_softmax(model.readout(x[:, -1]), axis=-1)  # [B, V]
+    if rule.kind == "confidence":
+      go = jnp.exp(logp.max(-1)) >= rule.threshold
+    else:
+      go = jnp.zeros((b,), bool) if prev is None else jnp.sum(jnp.exp(logp) * (logp - prev), -1) < rule.threshold
+    prev = logp
+    go = go & ~exited
+    loops = jnp.where(go, j + 1, loops)
+    exited = exited | go
+  return model.readout(x), cache, loops
