@@ -19,7 +19,7 @@ from recursive_lm import config as config_lib
 from recursive_lm import plan as plan_lib
 from recursive_lm.analysis import accounting
 from recursive_lm.config import ConfigError
-from recursive_lm.model.recurrent import initial_state
+from recursive_lm.model.recurrent import draw, initial_state
 from recursive_lm.model.recursion import apply_layer
 from test_model import assert_trees_close, build_random, cross_entropy, tokens
 
@@ -227,3 +227,47 @@ def test_injection_parameters_are_counted():
   d = 42
   assert concat - add == 2 * d * d and parcae - add == d * d + 2 * d
   assert concat_flops - add_flops == 3 * 2 * d * d and parcae_flops - add_flops == 3 * d * d
+
+
+def test_loop_count_draw_is_a_function_of_seed_and_step():
+  rc = config_lib.load(tiny_config(**{**recurrent(), "model.recurrent.sample": "poisson_lognormal",
+                                      "model.recurrent.mean": 4.0, "model.recurrent.max_loops": 64})).model.recurrent
+  draws = [draw(rc, 3, seed=5, step=s) for s in range(1, 2001)]
+  again = [draw(rc, 3, seed=5, step=s) for s in (1500, 7, 2000)]
+  for got, step in zip(again, (1500, 7, 2000)):
+    assert got["loops"] == draws[step - 1]["loops"] and (got["key"] == draws[step - 1]["key"]).all()
+  loops = np.array([d["loops"] for d in draws])
+  # Huginn's Poisson of a log-normal rate with mean r-bar = 4, plus one: mean 5, all >= 1, a heavy tail.
+  assert abs(loops.mean() - 5.0) < 0.25 and loops.min() >= 1 and loops.max() > 10
+  assert [d["loops"] for d in (draw(rc, 3, 6, s) for s in range(1, 50))] != list(loops[:49])  # the seed matters
+  uniform = config_lib.load(tiny_config(**{**recurrent(), "model.recurrent.sample": "uniform",
+                                           "model.recurrent.min_loops": 2, "model.recurrent.max_loops": 5}))
+  got = {int(draw(uniform.model.recurrent, 3, 0, s)["loops"]) for s in range(200)}
+  assert got == {2, 3, 4, 5}
+  fixed = config_lib.load(tiny_config(**recurrent(repeats=3))).model.recurrent
+  assert {int(draw(fixed, 3, 0, s)["loops"]) for s in range(20)} == {3}
+
+
+def _recurrent_run(workdir, stop_at=None):
+  import tiny_run
+  from recursive_lm import train
+  cfg = config_lib.load(tiny_run.config("batch=8,steps=6,checkpoint_every=2,eval_every=6", **{
+      "model.plan.preset": "recurrent", "model.plan.num_layers": 6, "model.plan.repeats": 2,
+      "model.plan.prelude": 1, "model.plan.coda": 1, "model.recurrent.sample": "uniform",
+      "model.recurrent.min_loops": 1, "model.recurrent.max_loops": 6, "model.recurrent.backprop_depth": 2}))
+  train.run(cfg, workdir, stop_at=stop_at)
+  return cfg
+
+
+@pytest.mark.slow
+def test_training_logs_the_drawn_loop_counts_and_resumes_bit_exactly(tmp_path):
+  from recursive_lm import metrics
+  cfg = _recurrent_run(str(tmp_path / "a"))
+  _recurrent_run(str(tmp_path / "b"), stop_at=3)
+  _recurrent_run(str(tmp_path / "b"))
+  a, b = (metrics.read(str(tmp_path / w)) for w in ("a", "b"))
+  loops = [r["loops"] for r in a if "loss" in r]
+  assert loops == [float(draw(cfg.model.recurrent, 2, cfg.seed, s)["loops"]) for s in range(1, 7)]
+  assert len(set(loops)) > 1
+  strip = lambda recs: [{k: v for k, v in r.items() if k not in ("tokens_per_sec", "mfu")} for r in recs]
+  assert strip(a) == strip(b)

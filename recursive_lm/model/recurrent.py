@@ -13,6 +13,9 @@ parcae's a lies in (0, 1) per channel, so the injection map contracts s
 whatever its parameters (spectral radius < 1 by construction); A_log starts at
 0 and dt at log(e - 1), i.e. delta = 1 and a = exp(-1) on every channel.
 
+`draw` gives a training step its loop count (model.recurrent.sample) and
+initial-state key from (seed, step).
+
 The initial state (model.recurrent.init_state) is Huginn's truncated normal
 with std sqrt(2 / (5 D)) (`normal`, drawn from a key the caller passes), zeros,
 or e itself (`prelude`).
@@ -24,10 +27,11 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from recursive_lm import axes
-from recursive_lm.config import ModelConfig
+from recursive_lm.config import ModelConfig, RecurrentConfig
 from recursive_lm.model import kernels
 from recursive_lm.model.layers import Dense, NormParam
 
@@ -82,3 +86,28 @@ def initial_state(kind: str, e: jax.Array, key: jax.Array | None, positions: jax
   draw = lambda p: jax.random.truncated_normal(jax.random.fold_in(key, p), -3.0, 3.0, (d,), jnp.float32)
   noise = jax.vmap(draw)(positions.reshape(-1)).reshape(positions.shape + (d,))
   return jnp.broadcast_to(math.sqrt(2.0 / (5.0 * d)) * noise, e.shape).astype(e.dtype)
+
+
+def draw(rc: RecurrentConfig, repeats: int, seed: int, step: int) -> dict[str, np.ndarray]:
+  """The training step's recurrent inputs, a function of (seed, step) only so
+  that a resumed run draws what the uninterrupted run drew:
+
+    loops  int32 scalar: the core's loop count for the whole batch
+           fixed              the plan's repeats
+           poisson_lognormal  tau ~ N(log(mean) - sigma^2 / 2, sigma), loops = Poisson(e^tau) + 1
+                              (Huginn; mean 0: the plan's repeats)
+           uniform            uniform in [min_loops, max_loops]
+           the sampled kinds are clipped to [min_loops, max_loops].
+    key    uint32 [2]: key data of the random initial state (`initial_state`).
+  """
+  rng = np.random.default_rng([seed, step, 0x6C6F6F70])  # 'loop': a stream of its own
+  key = rng.integers(0, 2**32, 2, dtype=np.uint32)
+  if rc.sample == "fixed":
+    loops = repeats
+  elif rc.sample == "uniform":
+    loops = int(rng.integers(rc.min_loops, rc.max_loops + 1))
+  else:
+    mean, sigma = rc.mean or repeats, rc.sigma
+    tau = rng.normal(math.log(mean) - sigma**2 / 2, sigma)
+    loops = int(np.clip(rng.poisson(math.exp(tau)) + 1, rc.min_loops, rc.max_loops))
+  return {"loops": np.int32(loops), "key": key}
