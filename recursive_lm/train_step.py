@@ -146,13 +146,15 @@ def make_train_step(graphdef, state_shardings=None, batch_sharding=None, *, grad
   return jax.jit(step if recurrent else lambda state, batch: step(state, batch), donate_argnums=0, **shardings)
 
 
-def make_eval_step(graphdef) -> Callable:
-  """Jitted `(model_state, batch) -> (sum of token losses, token count)`."""
+def make_eval_step(graphdef, loops: bool = False) -> Callable:
+  """Jitted `(model_state, batch) -> (sum of token losses, token count)`.
+  loops=True (recurrent plans): `(model_state, batch, loops)` with the core's
+  loop count a traced int32, so one compiled step serves every count."""
 
-  def step(state, batch):
+  def step(state, batch, loops=None):
     model = nnx.merge(graphdef, state)
-    logits, _, _ = model(batch["inputs"])
+    logits, _, _ = model(batch["inputs"], **({} if loops is None else {"loops": loops}))
     losses, valid = token_losses(logits, batch["targets"])
     return losses.sum(), valid.sum().astype(jnp.float32)
 
-  return jax.jit(step)
+  return jax.jit(step if loops else lambda state, batch: step(state, batch))

@@ -260,7 +260,7 @@ def _recurrent_run(workdir, stop_at=None):
 
 
 @pytest.mark.slow
-def test_training_logs_the_drawn_loop_counts_and_resumes_bit_exactly(tmp_path):
+def test_training_logs_the_drawn_loop_counts_resumes_bit_exactly_and_evaluates_any_loop_count(tmp_path):
   from recursive_lm import metrics
   cfg = _recurrent_run(str(tmp_path / "a"))
   _recurrent_run(str(tmp_path / "b"), stop_at=3)
@@ -271,3 +271,33 @@ def test_training_logs_the_drawn_loop_counts_and_resumes_bit_exactly(tmp_path):
   assert len(set(loops)) > 1
   strip = lambda recs: [{k: v for k, v in r.items() if k not in ("tokens_per_sec", "mfu")} for r in recs]
   assert strip(a) == strip(b)
+
+  # evaluate --loops: one record per count; at the plan's repeats (2) it is the run's own eval.
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  evaluate = lambda *args: subprocess.run([sys.executable, "-m", "recursive_lm.evaluate", "--workdir",
+                                           str(tmp_path / "a"), *args], cwd=REPO, capture_output=True, text=True,
+                                          timeout=300, env=env)
+  out = evaluate("--loops", "1,2,5")
+  assert out.returncode == 0, out.stderr
+  records = [json.loads(l) for l in out.stdout.splitlines()]
+  assert [r["loops"] for r in records] == [1, 2, 5]
+  (run_eval,) = [r for r in a if r.get("step") == 6 and "eval_loss" in r]
+  assert records[1]["eval_loss"] == pytest.approx(run_eval["eval_loss"], rel=1e-6)
+  assert len({r["eval_loss"] for r in records}) == 3
+  bad = evaluate("--loops", "2,-1")
+  assert bad.returncode == 2 and bad.stdout == "" and bad.stderr.strip() == (
+      "error: --loops='2,-1' must be comma-separated integers >= 1 (e.g. 1,2,4,8)")
+
+
+def test_config_file_variants():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("recurrent_config", os.path.join(REPO, "configs", "recurrent.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = config_lib.load(module.get_config("size=tiny,injection=parcae,mean_loops=3,backprop_depth=1,core=2"))
+  p, rc = cfg.model.plan, cfg.model.recurrent
+  assert (p.preset, p.prelude, p.repeats, p.coda, p.num_layers) == ("recurrent", 1, 3, 1, 1 + 2 * 3 + 1)
+  assert (rc.injection, rc.mean, rc.backprop_depth, rc.max_loops, rc.sample) == ("parcae", 3.0, 1, 12,
+                                                                                 "poisson_lognormal")
+  with pytest.raises(ConfigError, match="model.recurrent.injection='mul'"):
+    config_lib.load(module.get_config("size=tiny,injection=mul"))
