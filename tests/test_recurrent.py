@@ -301,3 +301,22 @@ def test_config_file_variants():
                                                                                  "poisson_lognormal")
   with pytest.raises(ConfigError, match="model.recurrent.injection='mul'"):
     config_lib.load(module.get_config("size=tiny,injection=mul"))
+
+
+def test_truncated_backprop_memory_does_not_grow_with_loops():
+  """Compiled temp memory of the gradient: the runtime-count path (k = 2, one
+  program for every count) needs about what the fully differentiated scan
+  needs at r = 2, while the scan at r = 16 needs several times more."""
+  def temp_bytes(repeats, runtime):
+    cfg = config_lib.load(tiny_config(**recurrent("concat", repeats=repeats, backprop_depth=2)))
+    graphdef, params, rest = nnx.split(accounting.abstract_model(cfg), nnx.Param, ...)
+
+    def loss(p, toks, loops):
+      logits = nnx.merge(graphdef, p, rest)(toks, **({"loops": loops} if runtime else {}))[0]
+      return cross_entropy(logits, toks)
+
+    args = (params, jax.ShapeDtypeStruct((2, 32), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32))
+    return jax.jit(jax.grad(loss)).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+  scan2, scan16, runtime = temp_bytes(2, False), temp_bytes(16, False), temp_bytes(2, True)
+  assert runtime <= 1.1 * scan2 and scan16 > 3 * scan2, (scan2, scan16, runtime)
