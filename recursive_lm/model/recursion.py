@@ -188,7 +188,7 @@ def run_recurrent(stage: StageModule, injection: nnx.Module, s: jax.Array, e: ja
   iterations (k = backprop_depth, static) run in a `lax.fori_loop` on
   stop-gradient inputs: no gradient and no stored activations, so memory does
   not grow with loops. The last min(loops, k) run in a scan of length k whose
-  steps before the first counted one leave s unchanged. Without a KV cache.
+  steps before the first counted one leave s unchanged (a `lax.cond`: not computed). Without a KV cache.
   Returns (s, aux stacked over the scan's k * U layers, zero for skipped
   steps).
   """
@@ -221,9 +221,9 @@ def run_recurrent(stage: StageModule, injection: nnx.Module, s: jax.Array, e: ja
 
   def differentiated(x, j):
     i = loops - k + j
-    y, aux = iteration(params, x, e, i)
-    on = i >= 0
-    return jnp.where(on, y, x), jax.tree.map(lambda a: jnp.where(on, a, jnp.zeros_like(a)), aux)
+    run = lambda x: iteration(params, x, e, i)
+    skip = lambda x: (x, jax.tree.map(jnp.zeros_like, jax.eval_shape(run, x)[1]))
+    return jax.lax.cond(i >= 0, run, skip, x)  # a step before the first counted one costs nothing
 
   s, aux = jax.lax.scan(_wrap_outer(differentiated, remat), s, jnp.arange(k, dtype=jnp.int32))
   return s, _unfold(aux)
