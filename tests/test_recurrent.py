@@ -197,6 +197,14 @@ def test_kv_cache_decoding_matches_full_forward():
   np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, rtol=1e-5, atol=1e-5)
 
 
+def test_probes_walk_the_core_as_the_model_runs_it():
+  from recursive_lm.analysis import probes
+  model = build_random(**recurrent("parcae", repeats=2))
+  hidden, _ = probes.residual_stream(model, tokens(0))
+  assert hidden.shape[0] == model.plan.depth + 1
+  np.testing.assert_allclose(model.readout(hidden[-1]), model(tokens(0))[0], rtol=1e-5, atol=1e-5)
+
+
 def test_loops_on_a_plan_without_a_core_is_an_error():
   model = build_random(preset="cycle", num_layers=4, repeats=2)
   with pytest.raises(ValueError, match="only a recurrent plan takes a loop count"):
