@@ -84,7 +84,7 @@ def with_repeats(cd: ml_collections.ConfigDict, repeats: int) -> ml_collections.
   cd = copy.deepcopy(cd)
   p = cd.model.plan
   try:
-    p.num_layers, p.repeats = plan_lib.with_repeats(p.preset, p.num_layers, p.repeats, repeats)
+    p.num_layers, p.repeats = plan_lib.with_repeats(p.preset, p.num_layers, p.repeats, repeats, (p.prelude, p.coda))
   except ConfigError as e:
     raise ConfigError(f"benchmark compile: {e}") from None
   return cd

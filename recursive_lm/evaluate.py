@@ -1,9 +1,15 @@
 """Evaluate a checkpoint on the validation split:
-`python -m recursive_lm.evaluate --workdir runs/demo [--step N] [--batches N]`.
+`python -m recursive_lm.evaluate --workdir runs/demo [--step N] [--batches N] [--loops 1,2,4,8]`.
 
 Prints one JSON line to stdout:
   {"eval_loss": nats/token, "bits_per_byte": (byte-level tokenizers only),
    "step": checkpoint step, "tokens": tokens evaluated, "batches": N, "workdir": DIR}
+
+--loops: one such line per loop count, each with "loops": N, the shared stage
+run N times with the trained parameters. A recurrent plan passes the count
+to the model (one compiled program for every count, LoRA slots beyond the
+trained count reuse the last); other plans are rebuilt at that depth
+(`with_loops`).
 
 The batches are `data.eval_batches(run's data config, N)`, the same fixed list
 training evaluates on, so with the run's `train.eval_batches` (the default)
@@ -34,19 +40,34 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Run directory written by recursive_lm.train.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_integer("batches", None, "Validation batches (default: the run's train.eval_batches).")
+  flags.DEFINE_string("loops", None, "Comma-separated loop counts of the shared stage, one record each (e.g. 1,2,4,8).")
 
 
-def evaluate(model, batches) -> tuple[float, int]:
+def parse_loops(text: str) -> list[int]:
+  """'1,2,4' -> [1, 2, 4]; anything but integers >= 1 is a ConfigError naming the value."""
+  try:
+    counts = [int(v) for v in text.split(",")]
+  except ValueError:
+    counts = []
+  if not counts or min(counts) < 1:
+    raise ConfigError(f"--loops={text!r} must be comma-separated integers >= 1 (e.g. 1,2,4,8)")
+  return counts
+
+
+def evaluate(model, batches, step=None, loops: int | None = None) -> tuple[float, int]:
   """Mean token cross-entropy (nats) of `model` over `batches`, and the token count.
 
   batches: dicts {'inputs', 'targets'} int32 [B, T]. Sums are accumulated the
   way training's evaluation does (per-batch float32 sums, added in Python).
+  loops: a recurrent model's core loop count (None: the plan's); step: an
+  eval step of `make_eval_step` to reuse (one compile for every count).
   """
-  step = make_eval_step(nnx.graphdef(model))
+  step = step or make_eval_step(nnx.graphdef(model), loops=loops is not None)
   state = nnx.state(model)
+  extra = () if loops is None else (jnp.int32(loops),)
   total, count = 0.0, 0.0
   for batch in batches:
-    s, n = step(state, {k: jnp.asarray(v) for k, v in batch.items()})
+    s, n = step(state, {k: jnp.asarray(v) for k, v in batch.items()}, *extra)
     total, count = total + float(s), count + float(n)
   if count == 0:
     raise ConfigError("evaluate: no validation batches (--batches must be > 0)")
@@ -71,7 +92,7 @@ def with_loops(model, cfg, loops: int):
     raise ConfigError("test-time loops need a plan without per-depth slots (model.lora.rank=0 and "
                       "model.plan.per_depth_norms=False): LoRA / norm slots exist only for the trained depths")
   try:
-    num_layers, repeats = plan_lib.with_repeats(p.preset, p.num_layers, p.repeats, loops)
+    num_layers, repeats = plan_lib.with_repeats(p.preset, p.num_layers, p.repeats, loops, (p.prelude, p.coda))
   except ConfigError as e:
     raise ConfigError(f"test-time loops: {e}") from None
   new = dataclasses.replace(p, num_layers=num_layers, repeats=repeats)
@@ -127,6 +148,36 @@ def dataclasses_replace(obj, **kw):
   return dataclasses.replace(obj, **kw)
 
 
+def run_loops(workdir: str, loops: list[int], step: int | None = None, n_batches: int | None = None) -> list[dict]:
+  """`run`'s record for each loop count (with "loops": N), the checkpoint loaded once. Raises ConfigError."""
+  cfg = checkpoint.load_config(workdir)
+  n = cfg.train.eval_batches if n_batches is None else n_batches
+  if n < 1:
+    raise ConfigError(f"--batches={n} must be > 0")
+  if min(loops) < 1:
+    raise ConfigError(f"--loops: loop count {min(loops)} must be >= 1")
+  cfg, model, step = load_checkpoint(workdir, step)
+  batches = list(data.eval_batches(cfg.data, n))
+  out = []
+  if cfg.model.plan.preset == "recurrent":
+    eval_step = make_eval_step(nnx.graphdef(model), loops=True)
+    for r in loops:
+      out.append({"loops": r, **_record(cfg, *evaluate(model, batches, eval_step, r), step, n, workdir)})
+  else:
+    for r in loops:
+      looped, looped_cfg = with_loops(model, cfg, r)
+      out.append({"loops": r, **_record(looped_cfg, *evaluate(looped, batches), step, n, workdir)})
+  return out
+
+
+def _record(cfg, loss: float, tokens: int, step: int, n: int, workdir: str) -> dict:
+  out = {"eval_loss": loss}
+  if data.get_tokenizer(cfg.data.tokenizer).is_byte_level:
+    out["bits_per_byte"] = loss / math.log(2)
+  out.update(step=int(step), tokens=tokens, batches=n, workdir=workdir)
+  return out
+
+
 def run(workdir: str, step: int | None = None, n_batches: int | None = None) -> dict:
   """Load the checkpoint of `workdir` (latest or `step`) and evaluate it. Raises ConfigError."""
   cfg = checkpoint.load_config(workdir)
@@ -134,12 +185,7 @@ def run(workdir: str, step: int | None = None, n_batches: int | None = None) -> 
   if n < 1:
     raise ConfigError(f"--batches={n} must be > 0")
   cfg, model, step = load_checkpoint(workdir, step)
-  tokenizer = data.get_tokenizer(cfg.data.tokenizer)
-  loss, tokens = evaluate(model, data.eval_batches(cfg.data, n))
-  out = {"eval_loss": loss}
-  if tokenizer.is_byte_level:
-    out["bits_per_byte"] = loss / math.log(2)
-  out.update(step=int(step), tokens=tokens, batches=n, workdir=workdir)
+  out = _record(cfg, *evaluate(model, data.eval_batches(cfg.data, n)), step, n, workdir)
   if cfg.data.source == "synthetic":
     from recursive_lm.data.synthetic import parse_lengths
     for split in ("train", "eval"):
@@ -156,6 +202,10 @@ def main(argv):
   if not f.workdir:
     cli.fail("--workdir is required")
   try:
+    if f.loops is not None:
+      for record in run_loops(f.workdir, parse_loops(f.loops), f.step, f.batches):
+        print(json.dumps(record), flush=True)
+      return
     out = run(f.workdir, f.step, f.batches)
   except ConfigError as e:
     cli.fail(e)

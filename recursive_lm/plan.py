@@ -224,7 +224,8 @@ def _records(plan: Plan) -> list[Layer]:
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
-  stages: Callable[[int, int, bool], tuple[Stage, ...]]  # (num_layers, repeats, per_depth_norms) -> stages
+  # (num_layers, repeats, per_depth_norms, (prelude, coda)) -> stages; the ends are read by `recurrent` only.
+  stages: Callable[[int, int, bool, tuple[int, int]], tuple[Stage, ...]]
   uses_repeats: bool  # whether model.plan.repeats is read (looped / sandwich repeat their block L or L-2 times)
   loop_stage: str | None  # the stage test-time loop counts change (None: nothing repeats)
   min_layers: int = 1
@@ -237,23 +238,40 @@ def _divide(total: int, repeats: int, what: str) -> int:
 
 
 def _middle(order: str):
-  def stages(L, R, norms):
+  def stages(L, R, norms, ends):
     return (Stage("first", 1, 1), Stage("middle", _divide(L - 2, R, "num_layers - 2"), R, order, norms),
             Stage("last", 1, 1))
   return stages
 
 
+def _recurrent(L, R, norms, ends):
+  """Huginn's prelude / core / coda: P unique blocks once, U core blocks looped
+  R times in cycle order (the loop count; it may change at run time, see
+  `recursive_lm.model.recursion.run_recurrent`), Q unique blocks once, with
+  U = (L - P - Q) / R."""
+  prelude, coda = ends
+  if prelude < 1 or coda < 1:
+    raise PlanError(f"model.plan: prelude={prelude} and coda={coda} must be >= 1 for preset 'recurrent'")
+  if L - prelude - coda < R:
+    raise PlanError(f"model.plan: preset 'recurrent' needs num_layers >= prelude + repeats + coda = "
+                    f"{prelude + R + coda} (got num_layers={L})")
+  core = _divide(L - prelude - coda, R, "num_layers - prelude - coda")
+  return Stage("prelude", prelude, 1), Stage("core", core, R, "cycle", norms), Stage("coda", coda, 1)
+
+
 PRESETS: dict[str, Preset] = {
-    "vanilla": Preset(lambda L, R, n: (Stage("main", L, 1),), False, None),
-    "looped": Preset(lambda L, R, n: (Stage("main", 1, L, "cycle", n),), False, "main"),
-    "cycle": Preset(lambda L, R, n: (Stage("main", _divide(L, R, "num_layers"), R, "cycle", n),), True, "main"),
-    "sequence": Preset(lambda L, R, n: (Stage("main", _divide(L, R, "num_layers"), R, "sequence", n),), True,
+    "vanilla": Preset(lambda L, R, n, e: (Stage("main", L, 1),), False, None),
+    "looped": Preset(lambda L, R, n, e: (Stage("main", 1, L, "cycle", n),), False, "main"),
+    "cycle": Preset(lambda L, R, n, e: (Stage("main", _divide(L, R, "num_layers"), R, "cycle", n),), True, "main"),
+    "sequence": Preset(lambda L, R, n, e: (Stage("main", _divide(L, R, "num_layers"), R, "sequence", n),), True,
                        "main"),
     "middle_cycle": Preset(_middle("cycle"), True, "middle", 3),
     "middle_sequence": Preset(_middle("sequence"), True, "middle", 3),
-    "sandwich": Preset(lambda L, R, n: (Stage("first", 1, 1), Stage("middle", 1, L - 2, "cycle", n),
-                                        Stage("last", 1, 1)), False, "middle", 3),
+    "sandwich": Preset(lambda L, R, n, e: (Stage("first", 1, 1), Stage("middle", 1, L - 2, "cycle", n),
+                                           Stage("last", 1, 1)), False, "middle", 3),
+    "recurrent": Preset(_recurrent, True, "core", 3),
 }
+RECURRENT_STAGES = ("prelude", "core", "coda")  # stage names of the `recurrent` preset, in order
 PRESET_NAMES = tuple(PRESETS)
 
 
@@ -264,8 +282,9 @@ def _preset(name: str) -> Preset:
 
 
 def build(preset: str, num_layers: int, repeats: int = 1, per_depth_norms: bool = False, kv_sharing: str = "none",
-          sliding_window: int = 0, global_every: int = 0) -> Plan:
-  """Plan for a named preset with `num_layers` effective layers."""
+          sliding_window: int = 0, global_every: int = 0, ends: tuple[int, int] = (2, 2)) -> Plan:
+  """Plan for a named preset with `num_layers` effective layers. ends:
+  (prelude, coda) unique blocks of the `recurrent` preset (ignored by the others)."""
   L, R = num_layers, repeats
   p = _preset(preset)
   if L < 1 or R < 1:
@@ -273,17 +292,18 @@ def build(preset: str, num_layers: int, repeats: int = 1, per_depth_norms: bool 
   if L < p.min_layers:
     raise PlanError(f"model.plan: preset {preset!r} needs num_layers >= {p.min_layers} (got {L}): first and last "
                     "stay unique")
-  return Plan(p.stages(L, R, per_depth_norms), kv_sharing, sliding_window, global_every)
+  return Plan(p.stages(L, R, per_depth_norms, tuple(ends)), kv_sharing, sliding_window, global_every)
 
 
 def from_config(cfg) -> Plan:
   """Plan of a `recursive_lm.config.ModelConfig` (its plan, KV sharing and layer kinds)."""
   p = cfg.plan
   return build(p.preset, p.num_layers, p.repeats, p.per_depth_norms, cfg.kv_sharing, cfg.sliding_window,
-               cfg.global_every)
+               cfg.global_every, (p.prelude, p.coda))
 
 
-def with_repeats(preset: str, num_layers: int, repeats: int, loops: int) -> tuple[int, int]:
+def with_repeats(preset: str, num_layers: int, repeats: int, loops: int,
+                 ends: tuple[int, int] = (2, 2)) -> tuple[int, int]:
   """(num_layers, repeats) of the same preset with its shared stage run `loops`
   times over the same unique blocks (test-time loop counts; compile-time
   benchmarks). Raises PlanError for a preset with nothing to loop."""
@@ -292,9 +312,9 @@ def with_repeats(preset: str, num_layers: int, repeats: int, loops: int) -> tupl
     raise PlanError(f"model.plan.preset={preset!r} has no shared stage to loop")
   if loops < 1:
     raise PlanError(f"loops={loops} must be >= 1")
-  plan = build(preset, num_layers, repeats)
+  plan = build(preset, num_layers, repeats, ends=ends)
   stage = next(s for s in plan.stages if s.name == p.loop_stage)
   new_layers = plan.depth - stage.depth + stage.unique_blocks * loops
   new_repeats = loops if p.uses_repeats else repeats
-  build(preset, new_layers, new_repeats)
+  build(preset, new_layers, new_repeats, ends=ends)
   return new_layers, new_repeats

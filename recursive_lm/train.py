@@ -27,6 +27,7 @@ from recursive_lm import checkpoint, cli, data, metrics, peak, sharding, workdir
 from recursive_lm import config as config_lib
 from recursive_lm.analysis.accounting import flops_per_token
 from recursive_lm.config import Config, ConfigError
+from recursive_lm.model import recurrent
 from recursive_lm.state import make_state
 from recursive_lm.train_step import make_eval_step, make_train_step
 
@@ -175,9 +176,15 @@ def _run(cfg: Config, workdir: str, lock: workdir_lock.Holder, stop_at: int | No
   # 4. Jitted steps with explicit shardings.
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   # Traced under the mesh and logical rules, so the model's activation constraints apply.
+  # Recurrent plans: the step also takes its loop count and initial-state key, drawn from (seed, step).
+  looped = cfg.model.plan.preset == "recurrent"
+
+  def step_inputs(step: int) -> tuple:
+    return (recurrent.draw(cfg.model.recurrent, cfg.model.plan.repeats, cfg.seed, step),) if looped else ()
+
   train_step = sharding.under_mesh(
       make_train_step(graphdef, state_shardings, sharding.batch_sharding(mesh, preset),
-                      grad_accum=cfg.optim.grad_accum), mesh, preset)
+                      grad_accum=cfg.optim.grad_accum, recurrent=looped), mesh, preset)
   eval_step = sharding.under_mesh(make_eval_step(model_graphdef), mesh, preset)
   flops = flops_per_token(cfg, cfg.data.seq_len)
   peak_flops, peak_source = peak.total_peak(cfg.train.peak_flops)
@@ -188,7 +195,7 @@ def _run(cfg: Config, workdir: str, lock: workdir_lock.Holder, stop_at: int | No
   started = time.time()
   window_start, window_steps, last_train, last_eval = time.time(), 0, {}, {}
   for step in range(start + 1, cfg.train.steps + 1):
-    state, m = train_step(state, sharding.global_batch(next(train_iter), mesh, preset))
+    state, m = train_step(state, sharding.global_batch(next(train_iter), mesh, preset), *step_inputs(step))
     if cfg.train.on_nonfinite == "stop":
       try:
         _check_finite(step, m)

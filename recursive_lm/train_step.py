@@ -36,7 +36,8 @@ def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.
   return jnp.where(valid, losses, 0.0), valid
 
 
-def loss_fn(params: nnx.State, graphdef, rest: nnx.State, batch: dict, n_targets: jax.Array, n_micro: int):
+def loss_fn(params: nnx.State, graphdef, rest: nnx.State, batch: dict, n_targets: jax.Array, n_micro: int,
+            recurrent: dict | None = None):
   """The training objective of one micro-batch, scaled so that the k micro-batch
   objectives of a step sum to the objective of the whole batch:
 
@@ -46,10 +47,12 @@ def loss_fn(params: nnx.State, graphdef, rest: nnx.State, batch: dict, n_targets
   cross-entropy is the whole batch's masked mean (micro-batches with more valid
   targets weigh more, as their tokens do in the unsplit batch). The MoE
   regulariser is a mean over sequences, so the mean over equal micro-batches
-  is the whole batch's value. Returns (objective, (its cross-entropy part,
-  aux, regulariser metrics))."""
+  is the whole batch's value. recurrent: the step's {'loops', 'key'}
+  (`recursive_lm.model.recurrent.draw`) for a recurrent plan, else None.
+  Returns (objective, (its cross-entropy part, aux, regulariser metrics))."""
   model: Transformer = nnx.merge(graphdef, params, rest)
-  logits, _, aux = model(batch["inputs"])
+  run = {} if recurrent is None else dict(loops=recurrent["loops"], key=jax.random.wrap_key_data(recurrent["key"]))
+  logits, _, aux = model(batch["inputs"], **run)
   losses, _ = token_losses(logits.astype(jnp.float32), batch["targets"])
   ce = losses.sum() / n_targets
   reg, reg_metrics = model.regulariser(aux)
@@ -79,8 +82,14 @@ def _combine(stats: dict) -> dict:
           for name, v in stats.items()}
 
 
-def make_train_step(graphdef, state_shardings=None, batch_sharding=None, *, grad_accum: int = 1) -> Callable:
+def make_train_step(graphdef, state_shardings=None, batch_sharding=None, *, grad_accum: int = 1,
+                    recurrent: bool = False) -> Callable:
   """Jitted `(state, batch) -> (state, metrics)`; `state` is donated.
+
+  recurrent=True (recurrent plans): `(state, batch, draw) -> (state, metrics)`
+  where draw is the step's {'loops': int32, 'key': uint32 [2]}
+  (`recursive_lm.model.recurrent.draw`): traced, so every loop count runs the
+  same compiled step; metrics then include `loops`.
 
   batch: {'inputs', 'targets'} int [B, T], the whole batch of one optimiser
   step. With grad_accum = k > 1 it is split into k micro-batches of B/k rows
@@ -96,16 +105,16 @@ def make_train_step(graphdef, state_shardings=None, batch_sharding=None, *, grad
   """
   k = grad_accum
 
-  def step(state, batch):
+  def step(state, batch, recurrent=None):
     model, opt = nnx.merge(graphdef, state)
     m_def, params, rest = nnx.split(model, nnx.Param, ...)
     n_targets = jnp.maximum((batch["targets"] >= 0).sum(), 1).astype(jnp.float32)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if k == 1:
-      (loss, (ce, aux, reg_metrics)), grads = grad_fn(params, m_def, rest, batch, n_targets, 1)
+      (loss, (ce, aux, reg_metrics)), grads = grad_fn(params, m_def, rest, batch, n_targets, 1, recurrent)
     else:
       def micro_step(acc, micro):
-        (obj, (ce, aux, reg_metrics)), g = grad_fn(params, m_def, rest, micro, n_targets, k)
+        (obj, (ce, aux, reg_metrics)), g = grad_fn(params, m_def, rest, micro, n_targets, k, recurrent)
         aux = {name: v for name, v in aux.items() if v.ndim == 1}  # only the per-depth statistics are reported
         return jax.tree.map(jnp.add, acc, g), (obj, ce, aux, reg_metrics)
 
@@ -128,21 +137,24 @@ def make_train_step(graphdef, state_shardings=None, batch_sharding=None, *, grad
         "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
         **reg_metrics,
         **{f"depth/{name}": v for name, v in aux.items() if v.ndim == 1},
+        **({} if recurrent is None else {"loops": recurrent["loops"]}),
     }
     return nnx.state((model, opt)), metrics
 
-  shardings = {} if state_shardings is None else dict(
-      in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None))
-  return jax.jit(step, donate_argnums=0, **shardings)
+  ins = (state_shardings, batch_sharding) + ((None,) if recurrent else ())
+  shardings = {} if state_shardings is None else dict(in_shardings=ins, out_shardings=(state_shardings, None))
+  return jax.jit(step if recurrent else lambda state, batch: step(state, batch), donate_argnums=0, **shardings)
 
 
-def make_eval_step(graphdef) -> Callable:
-  """Jitted `(model_state, batch) -> (sum of token losses, token count)`."""
+def make_eval_step(graphdef, loops: bool = False) -> Callable:
+  """Jitted `(model_state, batch) -> (sum of token losses, token count)`.
+  loops=True (recurrent plans): `(model_state, batch, loops)` with the core's
+  loop count a traced int32, so one compiled step serves every count."""
 
-  def step(state, batch):
+  def step(state, batch, loops=None):
     model = nnx.merge(graphdef, state)
-    logits, _, _ = model(batch["inputs"])
+    logits, _, _ = model(batch["inputs"], **({} if loops is None else {"loops": loops}))
     losses, valid = token_losses(logits, batch["targets"])
     return losses.sum(), valid.sum().astype(jnp.float32)
 
-  return jax.jit(step)
+  return jax.jit(step if loops else lambda state, batch: step(state, batch))

@@ -68,6 +68,8 @@ CASES = {
                                "model.lora.targets": "q,k,v,o,up,down"}),
     "sandwich": dict(preset="sandwich", num_layers=5, lora_rank=2, per_depth_norms=True,
                      **{"model.tie_embeddings": False, "model.head_dim": 12, "model.rope_fraction": 0.5}),
+    "recurrent": dict(preset="recurrent", num_layers=6, repeats=2, lora_rank=2, per_depth_norms=True,
+                      **{"model.plan.prelude": 1, "model.plan.coda": 1, "model.recurrent.injection": "parcae"}),
 }
 
 

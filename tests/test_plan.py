@@ -35,6 +35,10 @@ EXPECTED = {
                                 ("middle", 1, 0), ("middle", 1, 1), ("middle", 1, 2),
                                 ("last", 0, 0)],
     ("sandwich", 5, 1): [("first", 0, 0), ("middle", 0, 0), ("middle", 0, 1), ("middle", 0, 2), ("last", 0, 0)],
+    # prelude / coda of 2 (build's default ends), core 2 blocks x 2 loops in cycle order.
+    ("recurrent", 8, 2): [("prelude", 0, 0), ("prelude", 1, 0),
+                          ("core", 0, 0), ("core", 1, 0), ("core", 0, 1), ("core", 1, 1),
+                          ("coda", 0, 0), ("coda", 1, 0)],
 }
 
 
@@ -143,12 +147,13 @@ def test_presets_come_from_one_registry():
     ("middle_cycle", 8, 3, 2, (6, 2)),
     ("middle_sequence", 8, 2, 4, (14, 4)),
     ("sandwich", 5, 1, 7, (9, 1)),
+    ("recurrent", 8, 2, 5, (14, 5)),
 ])
 def test_with_repeats_keeps_the_unique_blocks(preset, num_layers, repeats, loops, expected):
   assert plan_lib.with_repeats(preset, num_layers, repeats, loops) == expected
   before, after = plan_lib.build(preset, num_layers, repeats), plan_lib.build(preset, *expected)
   assert [s.unique_blocks for s in before.stages] == [s.unique_blocks for s in after.stages]
-  loop = [s for s in after.stages if s.repeats > 1 or s.name in ("main", "middle")]
+  loop = [s for s in after.stages if s.repeats > 1 or s.name in ("main", "middle", "core")]
   assert all(s.repeats == loops for s in loop)
 
 

@@ -101,7 +101,8 @@ def matmul_params_per_token(cfg: Config | ModelConfig, model: Transformer | None
   slot runs once, so they count as stored. The LM head (D x V, tied or not)
   counts once; the embedding lookup is a gather and norms are elementwise, so
   neither counts. With model.kv_sharing, K/V projections count once per layer
-  that writes a KV slot; the layers that read one run none.
+  that writes a KV slot; the layers that read one run none. A recurrent
+  plan's input injection counts once per core iteration (plan repeats).
   """
   mcfg = _model_cfg(cfg)
   if mcfg.block not in ACTIVE_MATMUL_PARAMS:
@@ -116,6 +117,8 @@ def matmul_params_per_token(cfg: Config | ModelConfig, model: Transformer | None
       n += _dense_matmul_params(stage.slots, mcfg)
     if stage.shared_kv:
       n += _shared_kv_params(model.plan.stage_layers(i), stage, spec.depth)
+  if model.injection is not None:  # recurrent plans: the input injection runs once per core iteration
+    n += model.plan.stages[1].repeats * _dense_matmul_params(model.injection, mcfg)
   return n
 
 

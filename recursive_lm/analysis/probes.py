@@ -28,6 +28,7 @@ import optax
 from flax import nnx
 
 from recursive_lm.model import recursion
+from recursive_lm.model.recurrent import initial_state
 
 
 
@@ -42,7 +43,8 @@ def _model(run_or_model):
 def residual_stream(model, tokens: jax.Array) -> tuple[jax.Array, dict]:
   """Traceable: tokens int [B, T] -> (hidden [L_eff+1, B, T, D] in the compute
   dtype, aux {name: [L_eff, ...]}) with hidden[0] the embedding output and
-  hidden[l] the residual stream after effective layer l - 1."""
+  hidden[l] the residual stream after effective layer l - 1. A recurrent
+  plan's core layers see the injection as the model runs it (plan repeats)."""
   ctx, _ = model.context(tokens.shape[1])
   x = model.embed(tokens, jnp.dtype(model.cfg.compute_dtype))
   hidden = [x]
@@ -51,6 +53,10 @@ def residual_stream(model, tokens: jax.Array) -> tuple[jax.Array, dict]:
     return jnp.stack(hidden), aux
   auxes = []
   for layer in model.plan.layers():
+    if model.injection is not None and layer.stage == 1 and layer.block == 0:  # a recurrent core iteration starts
+      if layer.repeat == 0:
+        e, x = x, initial_state(model.cfg.recurrent.init_state, x, None, ctx.positions)
+      x = model.injection(x, e)
     x, _, aux = recursion.apply_layer(model.stages[layer.stage], layer, x, ctx)
     hidden.append(x)
     auxes.append(aux)

@@ -61,10 +61,23 @@ def base_config() -> ml_collections.ConfigDict:
   ke.attention = "auto"  # auto | xla | cudnn | splash | blocked
   ke.dense = "auto"  # auto | custom_vjp (hand-written backward) | xla (x @ W with autodiff)
   m.plan = p = ml_collections.ConfigDict()
-  p.preset = "vanilla"  # vanilla | looped | cycle | sequence | middle_cycle | middle_sequence | sandwich
-  p.num_layers = 4  # effective depth
+  p.preset = "vanilla"  # vanilla | looped | cycle | sequence | middle_cycle | middle_sequence | sandwich | recurrent
+  p.num_layers = 4  # effective depth (recurrent: prelude + core blocks * repeats + coda)
   p.repeats = 1  # loops of the shared stage (ignored by vanilla; looped/sandwich repeat the shared block)
   p.per_depth_norms = False  # shared blocks keep their own norms at each depth
+  p.prelude = 2  # recurrent only: unique blocks before the looped core
+  p.coda = 2  # recurrent only: unique blocks after it
+  # Recurrent depth (preset 'recurrent', Huginn): how each core iteration sees the prelude output e, and
+  # how many iterations run. Read only by that preset.
+  m.recurrent = rc = ml_collections.ConfigDict()
+  rc.injection = "concat"  # concat: Linear(2D -> D)([s; e]) | add: s + e | parcae: diagonal contractive decay
+  rc.init_state = "normal"  # normal (Huginn: std sqrt(2 / 5D)) | zeros | prelude (the prelude output e)
+  rc.backprop_depth = 8  # k: only the last k core iterations are differentiated
+  rc.sample = "fixed"  # loop count per train step: fixed (plan.repeats) | poisson_lognormal | uniform
+  rc.mean = 0.0  # poisson_lognormal: mean loop count r-bar (0: plan.repeats)
+  rc.sigma = 0.5  # poisson_lognormal: std of the log-normal rate
+  rc.min_loops = 1  # uniform: loop counts in [min_loops, max_loops]; both sampled kinds clip to it
+  rc.max_loops = 32
   m.lora = lo = ml_collections.ConfigDict()
   lo.rank = 0  # 0: strict tying
   lo.targets = "all"  # all: every projection the block has; or a list such as "q,v,down"

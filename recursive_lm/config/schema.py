@@ -17,6 +17,21 @@ class PlanConfig:
   num_layers: int
   repeats: int
   per_depth_norms: bool
+  prelude: int = 2  # recurrent only
+  coda: int = 2  # recurrent only
+
+
+@dataclasses.dataclass(frozen=True)
+class RecurrentConfig:
+  """Recurrent depth (preset 'recurrent'): see recursive_lm.model.recurrent."""
+  injection: str = "concat"
+  init_state: str = "normal"
+  backprop_depth: int = 8
+  sample: str = "fixed"
+  mean: float = 0.0
+  sigma: float = 0.5
+  min_loops: int = 1
+  max_loops: int = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +108,7 @@ class ModelConfig:
   rope_original_max_len: int = 8192
   kv_sharing: str = "none"  # see recursive_lm.plan.kv_sources
   kernels: KernelsConfig = KernelsConfig()
+  recurrent: RecurrentConfig = RecurrentConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +187,9 @@ REMAT = ("none", "full", "dots", "dots_no_batch", "nested")
 MESH_RULES = ("replicated", "data", "fsdp", "fsdp_tensor", "fsdp_tensor_expert")
 ATTENTION_KERNELS = ("auto", "xla", "cudnn", "splash", "blocked")
 DENSE_KERNELS = ("auto", "custom_vjp", "xla")
+INJECTIONS = ("concat", "add", "parcae")
+INIT_STATES = ("normal", "zeros", "prelude")
+LOOP_SAMPLES = ("fixed", "poisson_lognormal", "uniform")
 
 
 def from_json(text: str, where: str = "config.json") -> Config:
@@ -188,6 +207,8 @@ def _from_raw(raw: dict) -> Config:
     raw["model"]["moe"] = MoEConfig(**raw["model"]["moe"])
   if "kernels" in raw["model"]:
     raw["model"]["kernels"] = KernelsConfig(**raw["model"]["kernels"])
+  if "recurrent" in raw["model"]:
+    raw["model"]["recurrent"] = RecurrentConfig(**raw["model"]["recurrent"])
   lo = raw["model"]["lora"]
   raw["model"]["lora"] = LoraConfig(rank=lo["rank"], targets=tuple(lo["targets"]),
                                     ranks=tuple(tuple(x) for x in lo["ranks"]), alpha=lo["alpha"])

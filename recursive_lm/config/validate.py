@@ -12,9 +12,10 @@ from recursive_lm import plan as plan_lib
 from recursive_lm.config import tasks as synthetic
 from recursive_lm.config.defaults import base_config
 from recursive_lm.config.errors import ConfigError
-from recursive_lm.config.schema import (ATTENTION_KERNELS, DENSE_KERNELS, LORA_TARGETS, MESH_RULES, MLP_TYPES,
-                                        PLAN_PRESETS, REMAT, Config, DataConfig, KernelsConfig, LoraConfig, MeshConfig,
-                                        MoEConfig, ModelConfig, OptimConfig, PlanConfig, TrainConfig)
+from recursive_lm.config.schema import (ATTENTION_KERNELS, DENSE_KERNELS, INIT_STATES, INJECTIONS, LOOP_SAMPLES,
+                                        LORA_TARGETS, MESH_RULES, MLP_TYPES, PLAN_PRESETS, REMAT, Config, DataConfig,
+                                        KernelsConfig, LoraConfig, MeshConfig, MoEConfig, ModelConfig, OptimConfig,
+                                        PlanConfig, RecurrentConfig, TrainConfig)
 
 
 def _choice(field: str, value: str, allowed) -> str:
@@ -91,6 +92,27 @@ def _moe(m, mesh) -> MoEConfig:
 
 
 ROPE_SCALING = ("none", "linear", "llama3")
+
+
+def _recurrent(m) -> RecurrentConfig:
+  """model.recurrent, checked (its values only matter with preset 'recurrent',
+  but a bad value is an error whatever the preset)."""
+  rc = m.recurrent
+  _choice("model.recurrent.injection", rc.injection, INJECTIONS)
+  _choice("model.recurrent.init_state", rc.init_state, INIT_STATES)
+  _choice("model.recurrent.sample", rc.sample, LOOP_SAMPLES)
+  _positive("model.recurrent.backprop_depth", rc.backprop_depth)
+  _positive("model.recurrent.mean", rc.mean, allow_zero=True)
+  _positive("model.recurrent.sigma", rc.sigma)
+  _positive("model.recurrent.min_loops", rc.min_loops)
+  if rc.max_loops < rc.min_loops:
+    raise ConfigError(f"model.recurrent.max_loops={rc.max_loops} must be >= model.recurrent.min_loops="
+                      f"{rc.min_loops}")
+  if m.plan.preset == "recurrent":
+    if m.block != "dense" or m.kv_sharing != "none":
+      raise ConfigError(f"model.plan.preset='recurrent' needs model.block='dense' and model.kv_sharing='none' "
+                        f"(got {m.block!r}, {m.kv_sharing!r})")
+  return RecurrentConfig(**{f.name: rc[f.name] for f in dataclasses.fields(RecurrentConfig)})
 
 
 def _arch_options(m) -> dict[str, Any]:
@@ -190,13 +212,13 @@ def load(cd: ml_collections.ConfigDict) -> Config:
   _positive("model.plan.num_layers", p.num_layers)
   _positive("model.plan.repeats", p.repeats)
   plan = PlanConfig(preset=p.preset, num_layers=p.num_layers, repeats=p.repeats,
-                    per_depth_norms=bool(p.per_depth_norms))
+                    per_depth_norms=bool(p.per_depth_norms), prelude=p.prelude, coda=p.coda)
   if m.kv_sharing != "none" and m.block != "dense":
     raise ConfigError(f"model.kv_sharing={m.kv_sharing!r} is only supported with model.block='dense' "
                       f"(model.block={m.block!r})")
   # The whole depth plan is checked here (divisibility, KV sharing, layer kinds), one named error each.
   plan_lib.build(plan.preset, plan.num_layers, plan.repeats, plan.per_depth_norms, m.kv_sharing,
-                 m.sliding_window, m.global_every)
+                 m.sliding_window, m.global_every, (plan.prelude, plan.coda))
 
   d_q, d_kv = m.num_heads * head_dim, m.num_kv_heads * head_dim
   dims = {"q": (m.d_model, d_q), "k": (m.d_model, d_kv), "v": (m.d_model, d_kv), "o": (d_q, m.d_model),
@@ -215,6 +237,7 @@ def load(cd: ml_collections.ConfigDict) -> Config:
       kv_sharing=m.kv_sharing,
       kernels=KernelsConfig(attention=_choice("model.kernels.attention", m.kernels.attention, ATTENTION_KERNELS),
                             dense=_choice("model.kernels.dense", m.kernels.dense, DENSE_KERNELS)),
+      recurrent=_recurrent(m),
       **_arch_options(m))
 
   d = cd.data

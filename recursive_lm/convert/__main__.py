@@ -30,7 +30,8 @@ def parse(argv):
   p = argparse.ArgumentParser(prog="python -m recursive_lm.convert", description=__doc__.split("\n\n")[1])
   p.add_argument("--source", required=True, help="gguf:PATH or hf:DIR (config.json + *.safetensors)")
   p.add_argument("--workdir", required=True)
-  p.add_argument("--plan", default="vanilla", choices=PLAN_PRESETS)
+  # Not 'recurrent': retrofitting prelude / core / coda needs its own layer map and an injection to initialise.
+  p.add_argument("--plan", default="vanilla", choices=tuple(n for n in PLAN_PRESETS if n != "recurrent"))
   p.add_argument("--repeats", type=int, default=None)
   p.add_argument("--init", default="stepwise", choices=("stepwise", "average", "lower", "upper", "random"))
   p.add_argument("--lora_rank", default="0", help="an integer, or 'full'")

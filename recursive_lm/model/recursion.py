@@ -86,13 +86,16 @@ def _unfold(tree):
   return jax.tree.map(plan_lib.Stage.unfold, tree)
 
 
-def run_stage(stage: StageModule, x: jax.Array, ctx: Context, cache: dict | None, depth_data: dict, remat: str):
+def run_stage(stage: StageModule, x: jax.Array, ctx: Context, cache: dict | None, depth_data: dict, remat: str,
+              inject: Callable | None = None):
   """Run every effective layer of `stage` on x [B, T, D] with nested scans.
 
   cache: per-depth {'k','v'} [U*C, B, S, Kv, Hd] or None. depth_data: per-depth
   non-parameter values {name: [U*C]} passed to `Context.for_layer` (rotary
   kind, sliding window), so layers that share weights may still differ there.
-  Returns (x, cache, aux) with aux values stacked per effective layer [U*C].
+  inject: x -> x applied at the start of every repeat (the recurrent core's
+  input injection; cycle order only). Returns (x, cache, aux) with aux values
+  stacked per effective layer [U*C].
   """
   spec = stage.spec
   k_n, r_n = spec.unique_blocks, spec.repeats
@@ -112,9 +115,12 @@ def run_stage(stage: StageModule, x: jax.Array, ctx: Context, cache: dict | None
   if spec.order == "cycle":
     @functools.partial(_wrap_outer, remat=remat)
     def outer(x, depth_r):  # depth_r: [U, ...]
+      x = x if inject is None else inject(x)
       return jax.lax.scan(lambda x, xs: layer(x, xs[0], xs[1]), x, (block_state, depth_r), length=k_n)
     x, (cache_out, aux) = jax.lax.scan(outer, x, _fold(spec, per_depth), length=r_n)
   else:
+    assert inject is None, "input injection needs a cycle-order stage"
+
     @functools.partial(_wrap_outer, remat=remat)
     def outer(x, xs):  # xs: (block k, per-depth [C, ...])
       b_state, depth_k = xs
@@ -154,16 +160,73 @@ def _take(tree, i: int):
 
 
 def run_unrolled(stage: StageModule, x: jax.Array, ctx: Context, cache: dict | None, layers: list[plan_lib.Layer],
-                 remat: str):
-  """Reference: the same stage as a Python loop over its effective layers (`apply_layer`)."""
+                 remat: str, inject: Callable | None = None):
+  """Reference: the same stage as a Python loop over its effective layers
+  (`apply_layer`); inject (as in `run_stage`) before each repeat's block 0."""
   caches, auxes = [], []
   for layer in layers:
+    if inject is not None and layer.block == 0:
+      x = inject(x)
     run = _wrap(lambda x, c, layer=layer: apply_layer(stage, layer, x, ctx, c), remat)
     x, c, aux = run(x, _take(cache, layer.slot) if cache is not None else None)
     caches.append(c)
     auxes.append(aux)
   stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)
   return x, (stack(caches) if cache is not None else None), stack(auxes)
+
+
+def run_recurrent(stage: StageModule, injection: nnx.Module, s: jax.Array, e: jax.Array, ctx: Context,
+                  depth_data: dict, remat: str, loops: jax.Array, backprop_depth: int):
+  """The recurrent core run `loops` times (a traced int: one compiled program
+  serves every count) with truncated backprop.
+
+  s: initial state [B, T, D]; e: prelude output [B, T, D], injected at the
+  start of every iteration (`injection(s, e)`). An iteration is the stage's U
+  unique blocks in order; iteration i uses the per-depth slots (LoRA,
+  per-depth norms) and depth data of repeat min(i, C - 1), so counts beyond
+  the trained C reuse the last repeat's. The first max(loops - k, 0)
+  iterations (k = backprop_depth, static) run in a `lax.fori_loop` on
+  stop-gradient inputs: no gradient and no stored activations, so memory does
+  not grow with loops. The last min(loops, k) run in a scan of length k whose
+  steps before the first counted one leave s unchanged (a `lax.cond`: not computed). Without a KV cache.
+  Returns (s, aux stacked over the scan's k * U layers, zero for skipped
+  steps).
+  """
+  spec = stage.spec
+  k, r_n = backprop_depth, spec.repeats
+  block_def, block_state = nnx.split(stage.blocks)
+  slot_def, slot_state = nnx.split(stage.slots) if stage.slots is not None else (None, None)
+  inj_def, inj_state = nnx.split(injection)
+  per_depth = _fold(spec, (slot_state, depth_data))  # [C, U, ...]
+
+  def layer(x, xs):
+    b_state, (s_state, data) = xs
+    slot = nnx.merge(slot_def, s_state) if slot_def is not None else None
+    x, _, aux = nnx.merge(block_def, b_state)(x, slot, ctx.for_layer(**data), None)
+    return x, aux
+
+  layer = _wrap(layer, remat)
+
+  def iteration(params, x, e, i):
+    b_state, depth, i_state = params
+    x = nnx.merge(inj_def, i_state)(x, e)
+    return jax.lax.scan(layer, x, (b_state, _take(depth, jnp.clip(i, 0, r_n - 1))), length=spec.unique_blocks)
+
+  params = (block_state, per_depth, inj_state)
+  loops = jnp.asarray(loops, jnp.int32)
+  free = jnp.maximum(loops - k, 0)
+  frozen, e_frozen = jax.lax.stop_gradient(params), jax.lax.stop_gradient(e)
+  ran = jax.lax.fori_loop(0, free, lambda i, x: iteration(frozen, x, e_frozen, i)[0], jax.lax.stop_gradient(s))
+  s = jnp.where(free > 0, ran, s)  # with no free iteration the initial state keeps its gradient
+
+  def differentiated(x, j):
+    i = loops - k + j
+    run = lambda x: iteration(params, x, e, i)
+    skip = lambda x: (x, jax.tree.map(jnp.zeros_like, jax.eval_shape(run, x)[1]))
+    return jax.lax.cond(i >= 0, run, skip, x)  # a step before the first counted one costs nothing
+
+  s, aux = jax.lax.scan(_wrap_outer(differentiated, remat), s, jnp.arange(k, dtype=jnp.int32))
+  return s, _unfold(aux)
 
 
 def run_shared(stages, plan: plan_lib.Plan, x: jax.Array, ctx: Context, cache: dict | None, remat: str,

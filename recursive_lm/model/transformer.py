@@ -31,7 +31,8 @@ from recursive_lm.model.attention import Context, KVProjection, init_kv_cache
 from recursive_lm.model.block import Block, DepthSlot
 from recursive_lm.model.moeut_block import MoEUTBlock
 from recursive_lm.model.layers import Dense, Embed, Norm, rope_tables
-from recursive_lm.model.recursion import StageModule, run_shared, run_stage, run_unrolled
+from recursive_lm.model.recurrent import Injection, initial_state
+from recursive_lm.model.recursion import StageModule, run_recurrent, run_shared, run_stage, run_unrolled
 
 
 class Transformer(nnx.Module):
@@ -58,6 +59,8 @@ class Transformer(nnx.Module):
         stages.append(StageModule(spec, lambda r: Block(cfg, shared_norms, total, r, own_kv=False), make_slot,
                                   rngs, make_kv=lambda r: KVProjection(cfg, r), kv_blocks=writers))
     self.stages = nnx.List(stages)
+    self.recurrent = cfg.plan.preset == "recurrent"  # stages: prelude, core (looped, injected), coda
+    self.injection = nnx.data(Injection(cfg, rngs) if self.recurrent else None)
     self.rope_bases, self.depth_data = layer_kinds(cfg, self.plan)
     self.rope_scalings = rope_scalings(cfg, len(self.rope_bases))
     self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.norm_offset, param_dtype=pd)
@@ -79,12 +82,18 @@ class Transformer(nnx.Module):
     return [init_kv_cache(self.cfg, s.depth, batch, max_len, dtype) for s in self.plan.stages]
 
   def __call__(self, tokens: jax.Array, cache: list[dict] | None = None, cache_index: jax.Array | None = None,
-               unrolled: bool = False):
+               unrolled: bool = False, loops: jax.Array | int | None = None, key: jax.Array | None = None):
     """tokens [B, T] int -> (logits [B, T, V] float32, cache, aux).
 
     With a cache, the tokens sit at positions cache_index + [0, T) and their
     keys/values are written there; cache_index is a scalar or one per row [B]
     (rows at different positions). aux maps diagnostic names to [L_eff] arrays.
+
+    Recurrent plans: loops None runs the core the plan's repeats times (any
+    path, caches included); an int or traced int runs it that many times
+    with truncated backprop (`run_recurrent`, no cache; changing it does not
+    recompile; aux then holds the core's last model.recurrent.backprop_depth
+    iterations). key: the random initial state's key (None: fixed).
     """
     cfg = self.cfg
     ctx, depth_arrays = self.context(tokens.shape[1], cache_index)
@@ -93,13 +102,25 @@ class Transformer(nnx.Module):
     if self.plan.kv_sharing != "none":
       x, c, aux = run_shared(self.stages, self.plan, x, ctx, None if cache is None else cache[0], cfg.remat)
       return self.readout(sharding.constrain_residual(x)), (None if cache is None else [c]), aux
+    if loops is not None and not self.recurrent:
+      raise ValueError(f"loops={loops}: only a recurrent plan takes a loop count (plan {cfg.plan.preset!r})")
+    if loops is not None and cache is not None:
+      raise ValueError("a loop count other than the plan's runs without a KV cache")
     new_cache, auxes = [], []
     for i, stage in enumerate(self.stages):
       c = None if cache is None else cache[i]
-      if unrolled or not cfg.scan:
-        x, c, aux = run_unrolled(stage, x, ctx, c, self.plan.stage_layers(i), cfg.remat)
+      inject = None
+      if self.recurrent and i == 1:  # the core: inject the prelude output e into every iteration
+        e = x
+        x = initial_state(cfg.recurrent.init_state, e, key, ctx.positions)
+        inject = lambda s, e=e: self.injection(s, e)
+      if inject is not None and loops is not None:
+        x, aux = run_recurrent(stage, self.injection, x, e, ctx, depth_arrays[i], cfg.remat, loops,
+                               cfg.recurrent.backprop_depth)
+      elif unrolled or not cfg.scan:
+        x, c, aux = run_unrolled(stage, x, ctx, c, self.plan.stage_layers(i), cfg.remat, inject)
       else:
-        x, c, aux = run_stage(stage, x, ctx, c, depth_arrays[i], cfg.remat)
+        x, c, aux = run_stage(stage, x, ctx, c, depth_arrays[i], cfg.remat, inject)
       x = sharding.constrain_residual(x)
       new_cache.append(c)
       auxes.append(aux)
