@@ -29,9 +29,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from recursive_lm.model.recursion import apply_layer
+from recursive_lm.model.recursion import apply_layer, layer_modules
 
 
 class ExitRule(NamedTuple):
@@ -95,20 +94,10 @@ def _store(plan, cache, layer, entry):
 def _write_kv(stage, layer, x, ctx, entry):
   """Only the K/V that `layer` writes for x (`Block.write_kv`), with the
   layer's own block, depth slot, rotary kind and window, as `apply_layer` picks them."""
-  block_def, block_state = nnx.split(stage.blocks)
-  block = nnx.merge(block_def, _take(block_state, layer.block))
-  slot = None
-  if stage.slots is not None:
-    slot_def, slot_state = nnx.split(stage.slots)
-    slot = nnx.merge(slot_def, _take(slot_state, layer.slot))
-  lctx = ctx.for_layer(rope=layer.rope, window=layer.window)
-  kv_proj = None
-  if stage.shared_kv:
-    if not layer.kv_write:
-      return entry
-    kv_def, kv_state = nnx.split(stage.kv)
-    kv_proj = nnx.merge(kv_def, _take(kv_state, stage.kv_blocks.index(layer.block)))
-  return block.write_kv(x, slot, lctx, entry, kv_proj)
+  if stage.shared_kv and not layer.kv_write:
+    return entry
+  block, slot, kv_proj = layer_modules(stage, layer)
+  return block.write_kv(x, slot, ctx.for_layer(rope=layer.rope, window=layer.window), entry, kv_proj)
 
 
 def forward_with_exits(model, tokens, cache, cache_index, rule: ExitRule):

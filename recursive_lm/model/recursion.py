@@ -139,20 +139,28 @@ def apply_layer(stage: StageModule, layer: plan_lib.Layer, x: jax.Array, ctx: Co
   (x, cache, aux) like a block. The one per-layer entry point: the unrolled
   reference and the analysis probes run the depth through it.
   """
+  block, slot, kv_proj = layer_modules(stage, layer)
+  lctx = ctx.for_layer(rope=layer.rope, window=layer.window)
+  if not stage.shared_kv:
+    return block(x, slot, lctx, cache)
+  return block(x, slot, lctx, cache, kv_proj, shared=True)
+
+
+def layer_modules(stage: StageModule, layer: plan_lib.Layer):
+  """(block, depth slot or None, K/V projection or None) of one effective layer:
+  its unique block, its per-depth slot, and under KV sharing the projection of a
+  layer that writes K/V (None for a reader)."""
   block_def, block_state = nnx.split(stage.blocks)
   block = nnx.merge(block_def, _take(block_state, layer.block))
   slot = None
   if stage.slots is not None:
     slot_def, slot_state = nnx.split(stage.slots)
     slot = nnx.merge(slot_def, _take(slot_state, layer.slot))
-  lctx = ctx.for_layer(rope=layer.rope, window=layer.window)
-  if not stage.shared_kv:
-    return block(x, slot, lctx, cache)
   kv_proj = None
-  if layer.kv_write:
+  if stage.shared_kv and layer.kv_write:
     kv_def, kv_state = nnx.split(stage.kv)
     kv_proj = nnx.merge(kv_def, _take(kv_state, stage.kv_blocks.index(layer.block)))
-  return block(x, slot, lctx, cache, kv_proj, shared=True)
+  return block, slot, kv_proj
 
 
 def _take(tree, i: int):
