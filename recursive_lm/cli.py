@@ -101,18 +101,20 @@ class _LogFile:
   run, a different model there) leaves nothing behind."""
 
   def __init__(self, path: str, started: bool):
-    self.path, self._f, self._held = path, None, []
+    self.path, self._f, self._held, self._closed = path, None, [], False
     if started:
       self.start()
 
   def start(self) -> None:
-    if self._f is None:
+    if self._f is None and not self._closed:
       os.makedirs(os.path.dirname(self.path), exist_ok=True)
       self._f = open(self.path, "a", encoding="utf-8")
       self._f.writelines(self._held)
       self._held = []
 
   def write(self, text: str) -> None:
+    if self._closed:  # records of the interpreter's last moments, after logging.shutdown closed the file
+      return
     if self._f is None:
       self._held.append(text)
     else:
@@ -123,6 +125,7 @@ class _LogFile:
       self._f.flush()
 
   def close(self) -> None:
+    self._closed = True
     if self._f is not None:
       self._f.close()
 
