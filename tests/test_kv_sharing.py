@@ -93,6 +93,89 @@ def test_cross_layer_sharing_equals_hand_written(sharing, layers, sources):
   assert model.stages[0].blocks.attn.k is None
 
 
+def _adapted(x, kernel, lora):
+  """x @ W, plus the LoRA update s * (x @ A) @ B when the layer has one."""
+  y = x @ kernel[...]
+  return y if lora is None else y + lora.scale * (x @ lora.a[...]) @ lora.b[...]
+
+
+def hand_written_relaxed(model, tokens, sources):
+  """`hand_written` for a one-stage tied plan with per-depth LoRA: layer l runs
+  its unique block with its own q/o/MLP adapters; a layer that writes K/V uses
+  the K/V projections of its block and its own k/v adapters."""
+  cfg, stage = model.cfg, model.stages[0]
+  take = lambda mod, i: nnx.merge(nnx.graphdef(mod), jax.tree.map(lambda a: a[i], nnx.state(mod)))
+  b, t = tokens.shape
+  h_n, kv_n, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  cos, sin = rope_tables(jnp.arange(t), hd, cfg.rope_base)
+  causal = jnp.tril(jnp.ones((t, t), bool))
+  x = model.embed(tokens, jnp.float32)
+  kv = {}
+  for layer, src in zip(model.plan.layers(), sources):
+    l, blk = layer.depth, take(stage.blocks, layer.block)
+    ad = dict(take(stage.slots, l).lora)
+    h = blk.attn_norm(x)
+    q = apply_rope(_adapted(h, blk.attn.q.kernel, ad.get("q")).reshape(b, t, h_n, hd), cos, sin)
+    if src == l:
+      w = take(stage.kv, stage.kv_blocks.index(layer.block))
+      kv_ad = dict(take(stage.kv_lora, stage.kv_depths.index(l)).lora)
+      kv[l] = (apply_rope(_adapted(h, w.k.kernel, kv_ad["k"]).reshape(b, t, kv_n, hd), cos, sin),
+               _adapted(h, w.v.kernel, kv_ad["v"]).reshape(b, t, kv_n, hd))
+    k, v = (jnp.repeat(a, h_n // kv_n, axis=2) for a in kv[src])
+    s = jnp.einsum("bthd,bshd->bhts", q, k) * hd**-0.5
+    p = jax.nn.softmax(jnp.where(causal, s, -jnp.inf), axis=-1)
+    x = x + _adapted(jnp.einsum("bhts,bshd->bthd", p, v).reshape(b, t, h_n * hd), blk.attn.o.kernel, ad.get("o"))
+    x = x + blk.mlp(blk.mlp_norm(x), ad)
+  return model.readout(x)
+
+
+def test_readers_own_no_kv_projection_and_no_kv_adapter():
+  """Tied 1-2-1-2 plan, per-depth LoRA, cla:2: depths 0 and 2 (block 0) write
+  K/V, depths 1 and 3 (block 1) read them. Block 1 has no K/V projection, the
+  reading depths no k/v adapters; the forward equals the hand-written one."""
+  from recursive_lm.analysis import probes
+  cfg = config_lib.load(tiny_config(preset="cycle", num_layers=4, repeats=2, lora_rank=2,
+                                    **{"model.kv_sharing": "cla:2", "model.num_kv_heads": 3}))
+  model = perturbed(cfg)  # LoRA B moved off zero: every adapter changes the output
+  stage = model.stages[0]
+  assert [(l.block, l.kv_write) for l in model.plan.layers()] == [(0, True), (1, False), (0, True), (1, False)]
+  assert stage.kv_blocks == (0,) and stage.kv_depths == (0, 2)
+  assert set(stage.slots.lora) == {"q", "o", "gate", "up", "down"}
+  assert set(stage.kv_lora.lora) == {"k", "v"} and stage.kv_lora.lora["k"].a.shape == (2, 42, 2)
+  tokens = jnp.asarray(np.random.default_rng(5).integers(0, 61, (2, 9)), jnp.int32)
+  np.testing.assert_allclose(model(tokens)[0], hand_written_relaxed(model, tokens, [0, 0, 2, 2]),
+                             atol=2e-5, rtol=2e-5)
+  spectra = probes.lora_spectra(model)
+  (k_key,) = [key for key in spectra if key.endswith("/k")]
+  assert list(spectra[k_key]["depths"]) == [0, 2] and spectra[k_key]["relative_norm"].shape == (2,)
+  assert len(spectra) == len(cfg.model.lora.ranks)
+
+
+def test_reader_parameters_and_flops_drop_by_the_hand_count():
+  """cla:2 on the tied 1-2-1-2 plan with rank-2 LoRA, against no sharing: one
+  block's K/V projections and two depths' k/v adapters are gone (stored), and
+  two layers no longer run either (FLOPs); the real model stores what
+  `describe` says."""
+  from recursive_lm.analysis import accounting
+  c = tiny_config(preset="cycle", num_layers=4, repeats=2, lora_rank=2)
+  d, models = {}, {}
+  for sharing in ("none", "cla:2"):
+    c.model.kv_sharing = sharing
+    cfg = config_lib.load(c)
+    d[sharing] = accounting.describe(cfg)
+    models[sharing] = Transformer(cfg.model, nnx.Rngs(0))
+    stored = sum(a.size for a in jax.tree.leaves(nnx.state(models[sharing], nnx.Param)))
+    assert stored == d[sharing]["total_params"]
+  dim, kv_dim, rank = 42, 1 * 14, 2  # D, Kv * Hd (tiny_config: 1 kv head of 14), LoRA rank
+  kv_proj = 2 * dim * kv_dim  # K and V kernels of one block
+  kv_lora = 2 * rank * (dim + kv_dim)  # k and v adapters of one depth: A [D, r], B [r, Kv*Hd]
+  none, cla = d["none"], d["cla:2"]
+  assert none["unique_params"] - cla["unique_params"] == kv_proj
+  assert none["lora_params"] - cla["lora_params"] == 2 * kv_lora
+  assert none["total_params"] - cla["total_params"] == kv_proj + 2 * kv_lora
+  assert none["flops_per_token"] - cla["flops_per_token"] == 6 * 2 * (kv_proj + kv_lora)
+
+
 MODES = [("none", "cycle"), ("cla:2", "cycle"), ("mlkv:2", "cycle"), ("mlkv:3", "cycle"), ("recursion", "cycle"),
          ("recursion", "sequence"), ("recursion", "middle_cycle"), ("cla:2", "middle_cycle")]
 

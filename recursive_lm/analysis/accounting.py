@@ -10,7 +10,8 @@ the model code; the only hand formula is attention's T-dependent term.
 Names:
   unique_params     stored parameters that are not LoRA factors (embedding,
                     blocks, norms, per-depth norms, untied head)
-  lora_params       stored LoRA factors (all depth slots)
+  lora_params       stored LoRA factors (all depth slots; under KV sharing the
+                    K/V adapters only of the layers that write a KV slot)
   total_params      unique_params + lora_params (everything in a checkpoint)
   embedding_params  the token embedding table [V, D] (part of unique_params)
   kv_slots          distinct KV-cache entries (model.kv_sharing); the cache
@@ -100,8 +101,9 @@ def matmul_params_per_token(cfg: Config | ModelConfig, model: Transformer | None
   block kernels). LoRA factors are stored per depth slot [U*C, ...] and each
   slot runs once, so they count as stored. The LM head (D x V, tied or not)
   counts once; the embedding lookup is a gather and norms are elementwise, so
-  neither counts. With model.kv_sharing, K/V projections count once per layer
-  that writes a KV slot; the layers that read one run none. A recurrent
+  neither counts. With model.kv_sharing, K/V projections and K/V adapters
+  count once per layer that writes a KV slot; the layers that read one have
+  neither. A recurrent
   plan's input injection counts once per core iteration (plan repeats).
   """
   mcfg = _model_cfg(cfg)
@@ -116,23 +118,21 @@ def matmul_params_per_token(cfg: Config | ModelConfig, model: Transformer | None
     if stage.slots is not None:
       n += _dense_matmul_params(stage.slots, mcfg)
     if stage.shared_kv:
-      n += _shared_kv_params(model.plan.stage_layers(i), stage, spec.depth)
+      n += _shared_kv_params(model.plan.stage_layers(i), stage)
   if model.injection is not None:  # recurrent plans: the input injection runs once per core iteration
     n += model.plan.stages[1].repeats * _dense_matmul_params(model.injection, mcfg)
   return n
 
 
-def _shared_kv_params(layers, stage, depth: int) -> int:
+def _shared_kv_params(layers, stage) -> int:
   """Per-token K/V weights of a stage under model.kv_sharing: the K/V
   projections (stored [W, ...] for the W writing blocks) run once per layer
-  that writes; the k/v adapters of the depths that only read never run (they
-  are stored with the depth's other adapters and counted above)."""
+  that writes, and so do the K/V adapters (stored [Wd, ...], one per writing
+  layer). The layers that only read K/V store and run neither."""
   writes = sum(l.kv_write for l in layers)
   n = _sum(nnx.state(stage.kv)) // len(stage.kv_blocks) * writes if stage.kv is not None else 0
-  if stage.slots is not None:
-    lora = dict(stage.slots.lora)
-    per_depth = sum(_sum(nnx.state(lora[t])) for t in ("k", "v") if t in lora) // depth
-    n -= per_depth * (len(layers) - writes)
+  if stage.kv_lora is not None:
+    n += _sum(nnx.state(stage.kv_lora))
   return n
 
 

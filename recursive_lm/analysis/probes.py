@@ -201,7 +201,8 @@ def lora_spectra(run_or_model) -> dict[str, dict]:
   """Per-depth LoRA deltas of every stage with slots, per target module.
 
   Keys '<stage>/<target>' (e.g. 'main/q'); each value has, for the S = U*C
-  slots of the stage in effective-layer order:
+  slots of the stage in effective-layer order (under KV sharing, the k and v
+  adapters exist only at the S layers that write K/V):
     stage, target, rank, scale
     depths          [S] effective-layer index of each slot
     blocks, repeats [S] unique block and repeat of each slot
@@ -214,21 +215,26 @@ def lora_spectra(run_or_model) -> dict[str, dict]:
   model = _model(run_or_model)
   out, offset = {}, 0
   for spec, stage in zip(model.plan.stages, model.stages):
-    if stage.slots is not None:
-      blocks_of = np.array([spec.block_and_repeat(s)[0] for s in range(spec.depth)])
-      repeats_of = np.array([spec.block_and_repeat(s)[1] for s in range(spec.depth)])
-      for target, lora in sorted(stage.slots.lora.items()):
-        delta = lora_delta(lora)  # [S, d_in, d_out]
-        norm = np.linalg.norm(delta, axis=(-2, -1))
-        sv = np.linalg.svd(delta, compute_uv=False)
-        kernel = _shared_kernel(stage.blocks, target)
-        rel = None if kernel is None else norm / np.linalg.norm(kernel, axis=(-2, -1))[blocks_of]
-        out[f"{spec.name}/{target}"] = {
-            "stage": spec.name, "target": target, "rank": int(lora.a.shape[-1]), "scale": float(lora.scale),
-            "depths": offset + np.arange(spec.depth), "blocks": blocks_of, "repeats": repeats_of,
-            "norm": norm, "relative_norm": rel, "singular_values": sv,
-            "stable_rank": np.where(sv[:, 0] > 0, norm**2 / np.maximum(sv[:, 0], 1e-300) ** 2, 0.0),
-        }
+    # Under KV sharing the K/V adapters are stored only for the depths that write K/V (`kv_depths`).
+    groups = [(stage.slots, tuple(range(spec.depth))), (stage.kv_lora, stage.kv_depths)]
+    items = [(t, lora, slots) for mods, slots in groups if mods is not None for t, lora in mods.lora.items()]
+    for target, lora, slots in sorted(items, key=lambda item: item[0]):
+      blocks_of = np.array([spec.block_and_repeat(s)[0] for s in slots], dtype=int)
+      repeats_of = np.array([spec.block_and_repeat(s)[1] for s in slots], dtype=int)
+      delta = lora_delta(lora)  # [S, d_in, d_out]
+      norm = np.linalg.norm(delta, axis=(-2, -1))
+      sv = np.linalg.svd(delta, compute_uv=False)
+      kernel, rows = _shared_kernel(stage.blocks, target), blocks_of
+      if kernel is None and stage.kv is not None and target in ("k", "v"):  # KV sharing: the writers' projections
+        kernel = np.asarray(getattr(stage.kv, target).kernel[...], np.float64)  # [W, d_in, d_out]
+        rows = np.array([stage.kv_blocks.index(b) for b in blocks_of], dtype=int)
+      rel = None if kernel is None else norm / np.linalg.norm(kernel, axis=(-2, -1))[rows]
+      out[f"{spec.name}/{target}"] = {
+          "stage": spec.name, "target": target, "rank": int(lora.a.shape[-1]), "scale": float(lora.scale),
+          "depths": offset + np.array(slots, dtype=int), "blocks": blocks_of, "repeats": repeats_of,
+          "norm": norm, "relative_norm": rel, "singular_values": sv,
+          "stable_rank": np.where(sv[:, 0] > 0, norm**2 / np.maximum(sv[:, 0], 1e-300) ** 2, 0.0),
+      }
     offset += spec.depth
   return out
 

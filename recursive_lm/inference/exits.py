@@ -96,8 +96,8 @@ def _write_kv(stage, layer, x, ctx, entry):
   layer's own block, depth slot, rotary kind and window, as `apply_layer` picks them."""
   if stage.shared_kv and not layer.kv_write:
     return entry
-  block, slot, kv_proj = layer_modules(stage, layer)
-  return block.write_kv(x, slot, ctx.for_layer(rope=layer.rope, window=layer.window), entry, kv_proj)
+  block, slot, kv_proj, kv_lora = layer_modules(stage, layer)
+  return block.write_kv(x, slot, ctx.for_layer(rope=layer.rope, window=layer.window), entry, kv_proj, kv_lora)
 
 
 def forward_with_exits(model, tokens, cache, cache_index, rule: ExitRule):

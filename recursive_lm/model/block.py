@@ -50,18 +50,36 @@ def _maybe(norm: Norm | None, x: jax.Array) -> jax.Array:
   return x if norm is None else norm(x)
 
 
-class DepthSlot(nnx.Module):
-  """Per-effective-layer parameters: {target: LoRA} and optional norms."""
+KV_TARGETS = ("k", "v")
 
-  def __init__(self, cfg: ModelConfig, with_norms: bool, rngs: nnx.Rngs):
+
+def _targets(cfg: ModelConfig, kv: bool | None) -> list[tuple[str, int]]:
+  """(target, rank) of the adapters a slot holds: all (kv None), only the K/V
+  ones (kv True) or all but them (kv False)."""
+  return [(t, r) for t, r in cfg.lora.ranks if kv is None or (t in KV_TARGETS) == kv]
+
+
+class DepthSlot(nnx.Module):
+  """Per-effective-layer parameters: {target: LoRA} and optional norms.
+
+  kv: None holds every adapter. Under KV sharing a stage's slots hold all but
+  the K/V adapters (kv=False), and the K/V adapters live in slots of their own
+  (kv=True), one per layer that writes a KV slot: a layer that reads K/V
+  another layer wrote has no K/V projection, so no adapter of one either."""
+
+  def __init__(self, cfg: ModelConfig, with_norms: bool, rngs: nnx.Rngs, kv: bool | None = None):
     shapes, pd = lora_shapes(cfg), jnp.dtype(cfg.param_dtype)
     self.lora = nnx.Dict({t: LoRA(*shapes[t][:2], r, cfg.lora.scale_of(t), *shapes[t][2:], rngs, pd)
-                          for t, r in cfg.lora.ranks})
+                          for t, r in _targets(cfg, kv)})
     _add_norms(self, cfg, with_norms)
 
   @staticmethod
-  def needed(cfg: ModelConfig, with_norms: bool) -> bool:
-    return bool(cfg.lora.ranks) or with_norms
+  def needed(cfg: ModelConfig, with_norms: bool, kv: bool | None = None) -> bool:
+    return bool(_targets(cfg, kv)) or with_norms
+
+
+def _adapters(slot: DepthSlot | None, kv_lora: DepthSlot | None) -> dict:
+  return {**({} if slot is None else dict(slot.lora)), **({} if kv_lora is None else dict(kv_lora.lora))}
 
 
 class Block(nnx.Module):
@@ -82,10 +100,11 @@ class Block(nnx.Module):
     self.mlp = MLP(cfg, cfg.mlp_dim**-0.5 / (2 * total_depth) ** 0.5, rngs)
 
   def __call__(self, x: jax.Array, slot: DepthSlot | None, ctx: Context, cache: dict | None,
-               kv_proj: KVProjection | None = None, shared: bool = False):
+               kv_proj: KVProjection | None = None, shared: bool = False, kv_lora: DepthSlot | None = None):
     """x [B, T, D] -> (x [B, T, D], cache, aux {name: scalar}). kv_proj, shared:
-    KV sharing (see `Attention.__call__`)."""
-    lora = {} if slot is None else dict(slot.lora)
+    KV sharing (see `Attention.__call__`); kv_lora: a writing layer's K/V
+    adapters under KV sharing (`DepthSlot(kv=True)`)."""
+    lora = _adapters(slot, kv_lora)
     n = self if self.attn_norm is not None else slot  # where this depth's norms live
     h, cache = self.attn(n.attn_norm(x), ctx, lora, cache, n.q_norm, n.k_norm, kv_proj, shared)
     x = x + _maybe(n.post_attn_norm, h)
@@ -95,13 +114,13 @@ class Block(nnx.Module):
     return x, cache, {"resid_rms": rms}
 
   def write_kv(self, x: jax.Array, slot: DepthSlot | None, ctx: Context, cache: dict,
-               kv_proj: KVProjection | None = None) -> dict:
+               kv_proj: KVProjection | None = None, kv_lora: DepthSlot | None = None) -> dict:
     """Only this layer's keys/values of x [B, T, D], written into `cache`
     {'k','v'} [B, S, K, Hd] at ctx.cache_index: the same entries `__call__`
     writes for the same x, without the attention or MLP. For tokens that
     exited before this layer (inference/exits.py). A layer reading a shared
     KV slot writes nothing: the cache comes back unchanged."""
-    lora = {} if slot is None else dict(slot.lora)
+    lora = _adapters(slot, kv_lora)
     n = self if self.attn_norm is not None else slot
     k, v = self.attn.project_kv(n.attn_norm(x), ctx, lora, n.k_norm, kv_proj)
     if k is None:

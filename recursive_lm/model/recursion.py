@@ -58,16 +58,21 @@ def stacked(n: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> n
 class StageModule(nnx.Module):
   """Parameters of one stage: blocks [U, ...], slots [U * C, ...] (or None) and,
   with KV sharing, the K/V projections [W, ...] of the W unique blocks that
-  write a KV slot (`kv_blocks`, in block order; None without sharing)."""
+  write a KV slot (`kv_blocks`, in block order; None without sharing) and the
+  K/V adapters [Wd, ...] of the Wd effective layers that write one
+  (`kv_depths`: their per-depth slot indices; None without K/V adapters).
+  A layer that only reads K/V owns neither."""
 
   def __init__(self, spec: plan_lib.Stage, make_block, make_slot, rngs: nnx.Rngs, make_kv=None,
-               kv_blocks: tuple[int, ...] = ()):
+               kv_blocks: tuple[int, ...] = (), make_kv_lora=None, kv_depths: tuple[int, ...] = ()):
     self.spec = spec
     self.blocks = stacked(spec.unique_blocks, make_block, rngs)
     self.slots = stacked(spec.depth, make_slot, rngs) if make_slot is not None else None
     self.kv_blocks = tuple(kv_blocks)
     self.kv = stacked(len(kv_blocks), make_kv, rngs) if make_kv is not None and kv_blocks else None
     self.shared_kv = make_kv is not None
+    self.kv_depths = tuple(kv_depths) if make_kv_lora is not None else ()
+    self.kv_lora = stacked(len(self.kv_depths), make_kv_lora, rngs) if self.kv_depths else None
 
 
 def _wrap(body, remat: str):
@@ -139,28 +144,32 @@ def apply_layer(stage: StageModule, layer: plan_lib.Layer, x: jax.Array, ctx: Co
   (x, cache, aux) like a block. The one per-layer entry point: the unrolled
   reference and the analysis probes run the depth through it.
   """
-  block, slot, kv_proj = layer_modules(stage, layer)
+  block, slot, kv_proj, kv_lora = layer_modules(stage, layer)
   lctx = ctx.for_layer(rope=layer.rope, window=layer.window)
   if not stage.shared_kv:
     return block(x, slot, lctx, cache)
-  return block(x, slot, lctx, cache, kv_proj, shared=True)
+  return block(x, slot, lctx, cache, kv_proj, shared=True, kv_lora=kv_lora)
 
 
 def layer_modules(stage: StageModule, layer: plan_lib.Layer):
-  """(block, depth slot or None, K/V projection or None) of one effective layer:
-  its unique block, its per-depth slot, and under KV sharing the projection of a
-  layer that writes K/V (None for a reader)."""
+  """(block, depth slot or None, K/V projection or None, K/V adapters or None)
+  of one effective layer: its unique block, its per-depth slot, and under KV
+  sharing the projection and per-depth K/V adapters of a layer that writes K/V
+  (None, None for a reader)."""
   block_def, block_state = nnx.split(stage.blocks)
   block = nnx.merge(block_def, _take(block_state, layer.block))
   slot = None
   if stage.slots is not None:
     slot_def, slot_state = nnx.split(stage.slots)
     slot = nnx.merge(slot_def, _take(slot_state, layer.slot))
-  kv_proj = None
+  kv_proj = kv_lora = None
   if stage.shared_kv and layer.kv_write:
     kv_def, kv_state = nnx.split(stage.kv)
     kv_proj = nnx.merge(kv_def, _take(kv_state, stage.kv_blocks.index(layer.block)))
-  return block, slot, kv_proj
+    if stage.kv_lora is not None:
+      lora_def, lora_state = nnx.split(stage.kv_lora)
+      kv_lora = nnx.merge(lora_def, _take(lora_state, stage.kv_depths.index(layer.slot)))
+  return block, slot, kv_proj, kv_lora
 
 
 def _take(tree, i: int):

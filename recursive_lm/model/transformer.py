@@ -48,16 +48,22 @@ class Transformer(nnx.Module):
       shared_norms = not (spec.per_depth_norms and spec.repeats > 1)
       # Adapters and per-depth norms only where weights are reused: a stage
       # run once has nothing to relax.
-      with_slots = spec.repeats > 1 and DepthSlot.needed(cfg, not shared_norms)
-      make_slot = (lambda r: DepthSlot(cfg, not shared_norms, r)) if with_slots else None
       block_cls = MoEUTBlock if cfg.block == "moeut" else Block  # chosen at build time
       if self.plan.kv_sharing == "none":
+        with_slots = spec.repeats > 1 and DepthSlot.needed(cfg, not shared_norms)
+        make_slot = (lambda r: DepthSlot(cfg, not shared_norms, r)) if with_slots else None
         stages.append(StageModule(spec, lambda r: block_cls(cfg, shared_norms, total, r), make_slot, rngs))
-      else:  # K/V projections only for the unique blocks that write a KV slot (validation: dense blocks)
+      else:  # K/V projections and adapters only where a KV slot is written (validation: dense blocks)
         i = len(stages)
         writers = tuple(k for k in range(spec.unique_blocks) if self.plan.block_writes_kv(i, k))
-        stages.append(StageModule(spec, lambda r: Block(cfg, shared_norms, total, r, own_kv=False), make_slot,
-                                  rngs, make_kv=lambda r: KVProjection(cfg, r), kv_blocks=writers))
+        with_slots = spec.repeats > 1 and DepthSlot.needed(cfg, not shared_norms, kv=False)
+        make_slot = (lambda r: DepthSlot(cfg, not shared_norms, r, kv=False)) if with_slots else None
+        with_kv_lora = spec.repeats > 1 and DepthSlot.needed(cfg, False, kv=True)
+        stages.append(StageModule(
+            spec, lambda r: Block(cfg, shared_norms, total, r, own_kv=False), make_slot, rngs,
+            make_kv=lambda r: KVProjection(cfg, r), kv_blocks=writers,
+            make_kv_lora=(lambda r: DepthSlot(cfg, False, r, kv=True)) if with_kv_lora else None,
+            kv_depths=tuple(l.slot for l in self.plan.stage_layers(i) if l.kv_write)))
     self.stages = nnx.List(stages)
     self.recurrent = cfg.plan.preset == "recurrent"  # stages: prelude, core (looped, injected), coda
     self.injection = nnx.data(Injection(cfg, rngs) if self.recurrent else None)
