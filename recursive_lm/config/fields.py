@@ -137,16 +137,17 @@ def _get(cd, dotted: str):
 
 
 def check_values(cd, cls: type) -> None:
-  """The declared choices and ranges of every key (after `check_types`)."""
+  """The declared choices and ranges of every key (after `check_types`); the
+  error line names the key, its value, the rule and the key's doc."""
   for name, f in leaves(cls):
     choices, bound, when = f.metadata["choices"], f.metadata["check"], f.metadata["when"]
     if (choices is None and bound is None) or (when is not None and not when(cd)):
       continue
-    value = _get(cd, name)
+    value, doc = _get(cd, name), f" ({f.metadata['doc']})"  # the message says what the key is for
     if choices is not None and value not in choices:
-      raise ConfigError(f"{name}={value!r} is not one of {list(choices)}")
+      raise ConfigError(f"{name}={value!r} is not one of {list(choices)}{doc}")
     if bound is not None and not bound.holds(value):
-      raise ConfigError(f"{name}={value} {bound.message()}")
+      raise ConfigError(f"{name}={value} {bound.message()}{doc}")
 
 
 def _resolved_value(f: dataclasses.Field, value):
