@@ -93,7 +93,8 @@ def base_config() -> ml_collections.ConfigDict:
   mo.mlp_balance = 0.01  # entropy regulariser coefficients
   mo.att_balance = 0.001
   mo.norm_style = "peri"  # peri | pre
-  mo.dispatch = "auto"  # auto | loop | blocks | ragged | dense (auto: loop on CPU, blocks on GPU, ragged on TPU)
+  # auto | loop | blocks | ragged | megablox (TPU) | ragged_mgpu (Hopper GPU) | dense
+  mo.dispatch = "auto"  # auto: loop on CPU, blocks on GPU, megablox on TPU
   mo.block_rows = 512  # largest rows per expert block of the loop dispatch (sigma-MoE: tiers down to 32)
 
   c.data = d = ml_collections.ConfigDict()

@@ -187,6 +187,8 @@ REMAT = ("none", "full", "dots", "dots_no_batch", "nested")
 MESH_RULES = ("replicated", "data", "fsdp", "fsdp_tensor", "fsdp_tensor_expert")
 ATTENTION_KERNELS = ("auto", "xla", "cudnn", "splash", "blocked")
 DENSE_KERNELS = ("auto", "custom_vjp", "xla")
+# model.moe.dispatch (recursive_lm.model.dispatch): the grouped matmuls of sigma-MoE and SwitchHead.
+MOE_DISPATCH = ("auto", "loop", "blocks", "ragged", "megablox", "ragged_mgpu", "dense")
 INJECTIONS = ("concat", "add", "parcae")
 INIT_STATES = ("normal", "zeros", "prelude")
 LOOP_SAMPLES = ("fixed", "poisson_lognormal", "uniform")

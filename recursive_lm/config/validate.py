@@ -13,9 +13,9 @@ from recursive_lm.config import tasks as synthetic
 from recursive_lm.config.defaults import base_config
 from recursive_lm.config.errors import ConfigError
 from recursive_lm.config.schema import (ATTENTION_KERNELS, DENSE_KERNELS, INIT_STATES, INJECTIONS, LOOP_SAMPLES,
-                                        LORA_TARGETS, MESH_RULES, MLP_TYPES, PLAN_PRESETS, REMAT, Config, DataConfig,
-                                        KernelsConfig, LoraConfig, MeshConfig, MoEConfig, ModelConfig, OptimConfig,
-                                        PlanConfig, RecurrentConfig, TrainConfig)
+                                        LORA_TARGETS, MESH_RULES, MLP_TYPES, MOE_DISPATCH, PLAN_PRESETS, REMAT, Config,
+                                        DataConfig, KernelsConfig, LoraConfig, MeshConfig, MoEConfig, ModelConfig,
+                                        OptimConfig, PlanConfig, RecurrentConfig, TrainConfig)
 
 
 def _choice(field: str, value: str, allowed) -> str:
@@ -72,7 +72,7 @@ def _moe(m, mesh) -> MoEConfig:
   _positive("model.moe.mlp_balance", mo.mlp_balance, allow_zero=True)
   _positive("model.moe.att_balance", mo.att_balance, allow_zero=True)
   _choice("model.moe.norm_style", mo.norm_style, ("peri", "pre"))
-  _choice("model.moe.dispatch", mo.dispatch, ("auto", "loop", "blocks", "ragged", "dense"))
+  _choice("model.moe.dispatch", mo.dispatch, MOE_DISPATCH)
   if mo.block_rows < 8 or mo.block_rows & (mo.block_rows - 1):
     raise ConfigError(f"model.moe.block_rows={mo.block_rows} must be a power of two >= 8")
   if m.num_kv_heads != m.num_heads:
