@@ -42,6 +42,7 @@ def sigma_inputs():
   return x, jnp.abs(x), router, rand((E, D, S), 2, D**-0.5), rand((E, S, D), 3, S**-0.5)
 
 
+@functools.lru_cache(maxsize=None)  # each (mode, dtype) compiled once per session
 def sigma_grad(mode, interpret=False, dtype=jnp.float32):
   fn = functools.partial(moe._sigma_moe, top_k=K, mode=mode, cap=16, interpret=interpret)
 
@@ -58,6 +59,7 @@ def switch_inputs():
   return x_r, sel
 
 
+@functools.lru_cache(maxsize=None)
 def switch_grad(which, mode, interpret=False, dtype=jnp.float32):
   x_r, sel = switch_inputs()
   if which == "v":

@@ -10,8 +10,9 @@
 #   2. `benchmark train` (tokens/s, MFU against the card's bf16 peak, compile
 #      time, XLA's memory estimate) for the ~350M dense model, its relaxed
 #      recursive sibling (configs/lm350m.py), MoEUT 244M and its dense
-#      sibling (configs/moeut.py:accel=1, configs/moeut_dense.py:accel=1), all
-#      bfloat16 with the kernels `auto` picks (logged: grep 'kernels on');
+#      sibling (configs/moeut.py:accel=1, configs/moeut_dense.py:accel=1:
+#      remat dots, 64 x 1024 tokens as 4 micro-batches), all bfloat16 with the
+#      kernels `auto` picks (logged: grep 'kernels on');
 #   3. `benchmark moe`: the sigma-MoE layer against a dense MLP of equal
 #      active FLOPs, per dispatch: 44M float32 (auto = blocks, as the earlier
 #      records), 244M bfloat16 with `blocks` and with `ragged_mgpu` (the
@@ -52,9 +53,10 @@ train() {  # name, then the benchmark's arguments
 }
 train lm350m_dense --config configs/lm350m.py
 train lm350m_relaxed --config configs/lm350m.py:plan=relaxed
-# MoEUT 244M and its dense sibling: bf16, remat dots (accel=1); 16 x 1024 tokens to keep the run short.
-train moeut244m --config configs/moeut.py:size=244m,accel=1 --config.data.batch_size=16
-train dense244m --config configs/moeut_dense.py:size=244m,accel=1 --config.data.batch_size=16
+# MoEUT 244M and its dense sibling as configured for one GPU (accel=1: bf16, remat dots, 64 x 1024 tokens per
+# step as 4 micro-batches of 16).
+train moeut244m --config configs/moeut.py:size=244m,accel=1
+train dense244m --config configs/moeut_dense.py:size=244m,accel=1
 
 # 3. The sigma-MoE layer against the dense MLP of equal active FLOPs, 4k and 16k tokens, per dispatch.
 moe() {  # name, then the benchmark's arguments
@@ -69,7 +71,7 @@ moe 244m_bf16_mgpu --moe_size 244m --moe_dtype bfloat16 --moe_dispatch ragged_mg
 
 # 4. MoEUT 244M with the Mosaic GPU ragged dot, while the run stays near 10 minutes.
 if [ $((SECONDS - T0)) -lt 480 ]; then
-  train moeut244m_mgpu --config configs/moeut.py:size=244m,accel=1,dispatch=ragged_mgpu --config.data.batch_size=16
+  train moeut244m_mgpu --config configs/moeut.py:size=244m,accel=1,dispatch=ragged_mgpu
 fi
 
 # Summary: one line per train record.

@@ -45,7 +45,8 @@ with group g_j:
           grouped matmul multiples of 64 (`mgpu_problem`). Mosaic GPU has no
           CPU interpret mode for its TMA copies (jax 0.10.2: "No state
           discharge rule implemented for primitive: copy_gmem_to_smem"), so
-          it is tested only on a GPU (tests/test_moe.py, gpu_benchmarks).
+          it is tested only on a GPU (tests/test_moe_kernels.py, run by
+          experiments/gpu_benchmarks/run.sh).
   dense   every expert for every token, unselected ones weighted 0: the
           reference the others are tested against (E/K times the work).
 
@@ -475,7 +476,8 @@ def _megablox_gmm(xs: jax.Array, w: jax.Array, layout: Layout, interpret: bool) 
   from jax.experimental.pallas.ops.tpu import megablox
   sizes = layout.group_sizes.astype(jnp.int32)
   sizes = sizes.at[-1].add(xs.shape[0] - jnp.sum(sizes))
-  return megablox.gmm(xs, w, sizes, xs.dtype, _megablox_tiling(layout.block), None, None, False, interpret)
+  return megablox.gmm(xs, w, sizes, preferred_element_type=xs.dtype, tiling=_megablox_tiling(layout.block),
+                      interpret=interpret)
 
 
 MGPU_DTYPES = ("bfloat16", "float16")
