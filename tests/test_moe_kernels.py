@@ -106,6 +106,30 @@ def test_megablox_sigma_moe_matches_dense_with_gradients():
   assert (np.abs(np.asarray(g[2])).sum((1, 2)) > 0).sum() == E - 1  # every used expert gets a gradient
 
 
+def test_megablox_with_several_k_and_n_tiles_matches_ragged_dot():
+  """A grouped linear of 256 -> 384 features (2 x 3 tiles of 128, accumulated over k in the kernel;
+  dW's k and n tiles too) with gates and a scatter to tokens, against `jax.lax.ragged_dot`; the last
+  group is empty, so the padding rows form it alone."""
+  n, g, a = 20, 5, 40
+  # groups 0-3; the last group (4), which also takes the padding rows, is empty
+  group = jnp.asarray(np.where(np.arange(a) % 7 == 0, 0, np.random.default_rng(2).integers(1, g - 1, a)), jnp.int32)
+  src, dst = jnp.arange(a) // 2, (jnp.arange(a) * 7) % n
+  x, w, gate = rand((n, 256), 10), rand((g, 256, 384), 11, 256**-0.5), jax.nn.sigmoid(rand((a,), 12))
+
+  def run(mode, interpret):
+    lay = dispatch.plan_layout(group, g, mode, cap=16)
+    f = lambda x, w, gate: dispatch.grouped_linear(x, w, lay, mode, src=src, dst=dst, gate=gate, n_out=n,
+                                                   interpret=interpret)
+    y, vjp = jax.vjp(f, x, w, gate)
+    return y, vjp(rand((n, 384), 13))
+
+  y, grads = jax.jit(lambda: run("megablox", True))()
+  y_ref, grads_ref = jax.jit(lambda: run("ragged", False))()
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  for name, a_, b in zip(("x", "w", "gate"), grads, grads_ref):
+    np.testing.assert_allclose(a_, b, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
 @pytest.mark.parametrize("which", ["v", "o"])
 def test_megablox_switchhead_matches_dense_with_gradients(which):
   (_, (y, counts)), g = switch_grad(which, "megablox", interpret=True)

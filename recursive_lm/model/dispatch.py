@@ -464,10 +464,12 @@ _mlp_loop.defvjp(_mlp_loop_fwd, _mlp_loop_bwd)
 @functools.lru_cache(maxsize=None)
 def _megablox_tiling(tm: int):
   """megablox's tiling callback (m, k, n) -> (tm, tk, tn), one object per row tile (it is a static
-  argument of the kernel's custom VJP). k/n tiles of 128 (the kernel's default), or the whole dim
-  when smaller (a TPU block is a multiple of 128 lanes or the full dim); the backward calls it with
-  its own (m, k, n), so dx and dW get tiles that fit their shapes too."""
-  return lambda m, k, n: (tm, min(128, k), min(128, n))
+  argument of the kernel's custom VJP). k/n tiles of 128 (the kernel's default) where 128 divides
+  the dim, else the whole dim (a TPU block is a multiple of 128 lanes or the full dim, and whole
+  tiles need no edge masking: the 44M layer's D is 412); the backward calls it with its own
+  (m, k, n), so dx and dW get tiles that fit their shapes too."""
+  tile = lambda dim: 128 if dim % 128 == 0 else dim
+  return lambda m, k, n: (tm, tile(k), tile(n))
 
 
 def _megablox_gmm(xs: jax.Array, w: jax.Array, layout: Layout, interpret: bool) -> jax.Array:
