@@ -6,6 +6,7 @@ against float32); the Mosaic GPU ragged dot on a GPU only (Mosaic GPU has no
 CPU interpret mode); the dispatch choice per backend name and its error lines.
 """
 
+import dataclasses
 import functools
 import logging
 import os
@@ -191,11 +192,24 @@ def test_mgpu_shape_and_dtype_limits_are_named():
   assert "412 -> 128" in dispatch.mgpu_problem(412, 128, jnp.bfloat16)  # the 44M preset's d_model
 
 
-def moeut_cfg(dispatch_mode="auto"):
+def moeut_cfg(dispatch_mode="auto", **model):
   c = config_lib.base_config()
   c.model.block, c.model.norm, c.model.num_kv_heads = "moeut", "layer", c.model.num_heads
   c.model.moe.experts, c.model.moe.expert_size, c.model.moe.dispatch = 8, 16, dispatch_mode
+  for k, v in model.items():
+    c.model[k] = v
   return config_lib.load(c).model
+
+
+def test_ragged_mgpu_on_a_model_it_cannot_take_is_an_error_at_build():
+  ok = moeut_cfg("ragged_mgpu", compute_dtype="bfloat16", d_model=128, num_heads=2, num_kv_heads=2, head_dim=64)
+  assert kernels.choose(dataclasses.replace(ok, moe=dataclasses.replace(ok.moe, expert_size=64)), "gpu").moe == \
+      "ragged_mgpu"
+  with pytest.raises(ConfigError, match=r"model.moe.dispatch='ragged_mgpu' cannot run this model on the gpu "
+                                        r"backend: a grouped matmul of 128 -> 16 features"):
+    kernels.choose(ok, "gpu")  # expert_size 16
+  with pytest.raises(ConfigError, match="compute dtype float32"):
+    kernels.choose(moeut_cfg("ragged_mgpu"), "gpu")
 
 
 def test_auto_logs_the_moe_dispatch_with_the_other_kernels(caplog, monkeypatch):

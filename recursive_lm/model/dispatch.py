@@ -496,6 +496,13 @@ def mgpu_problem(d_in: int, d_out: int, dtype) -> str | None:
   return None
 
 
+def mgpu_model_problem(cfg) -> str | None:
+  """`mgpu_problem` for a MoEUT ModelConfig's grouped matmuls: sigma-MoE D <-> S, SwitchHead D <-> head_dim."""
+  dims = [(cfg.d_model, cfg.moe.expert_size)] + ([(cfg.d_model, cfg.head_dim)] if cfg.moe.att_experts > 1 else [])
+  problems = [mgpu_problem(d_in, d_out, cfg.compute_dtype) for d_in, d_out in dims]
+  return next((p for p in problems if p), None)
+
+
 def _mgpu_tile(n: int) -> int:
   return 128 if n % 128 == 0 else MGPU_BLOCK_K
 

@@ -143,6 +143,10 @@ def choose(cfg: ModelConfig, backend: str | None = None) -> Choice:
   if cfg.block == "moeut":
     moe, moe_why = dispatch.choose_dispatch(cfg.moe.dispatch, backend)
     why += [moe_why] if moe_why else []
+    problem = moe == "ragged_mgpu" and dispatch.mgpu_model_problem(cfg)
+    if problem:
+      raise ConfigError(f"model.moe.dispatch='ragged_mgpu' cannot run this model on the {backend} backend: "
+                        f"{problem}; use 'blocks' or 'auto'")
   return Choice(backend, att, dense, "; ".join(why), moe)
 
 
