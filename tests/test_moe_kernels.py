@@ -238,6 +238,16 @@ def test_cli_reports_a_dispatch_the_backend_cannot_run_as_one_line():
 # The Mosaic GPU ragged dot (Hopper): only where a GPU runs it.
 
 
+def test_ragged_mgpu_forward_and_dx_trace_against_the_installed_kernel():
+  """Shape-level check on CPU that the calls match the installed kernel's signature (the forward, and dx
+  with the transposed weights). dW's kernel reads the device's SM count while tracing, so it traces on a
+  GPU only."""
+  sizes = jnp.array([40, 0, 60, 50, 50, 50, 25, 25], jnp.int32)
+  x, w, g = (jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((300, 128), (8, 128, 192), (300, 192)))
+  assert jax.eval_shape(lambda x, w: dispatch._mgpu_dot(x, w, sizes), x, w).shape == (300, 192)
+  assert jax.eval_shape(lambda g, w: dispatch._mgpu_dot(g, w, sizes, transpose_rhs=True), g, w).shape == (300, 128)
+
+
 @pytest.mark.skipif(kernels.backend_name() != "gpu", reason="the Mosaic GPU ragged dot needs an NVIDIA Hopper GPU")
 def test_ragged_mgpu_on_a_gpu_is_close_to_the_float32_reference():
   """bf16 sigma-MoE through the Mosaic GPU kernels (d 128, expert size 64, an empty expert) against the

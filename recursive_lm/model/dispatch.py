@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 from typing import Callable, NamedTuple
 
 import jax
@@ -508,11 +509,16 @@ def _mgpu_tile(n: int) -> int:
 
 
 def _mgpu_dot(x, w, sizes, transpose_rhs: bool = False):
+  """x [A, k] @ w[g] ([G, k, n], or [G, n, k] with transpose_rhs) per group -> [A, n]."""
   from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
-  n = w.shape[1] if transpose_rhs else w.shape[2]
-  return ragged_dot_mgpu.ragged_dot(x, w, group_sizes=sizes, block_m=128, block_n=_mgpu_tile(n),
-                                    block_k=MGPU_BLOCK_K, max_concurrent_steps=4, grid_block_n=1,
-                                    transpose_rhs=transpose_rhs)
+  fn = ragged_dot_mgpu.ragged_dot
+  opts = {}
+  if transpose_rhs and "transpose_rhs" in inspect.signature(fn).parameters:
+    opts["transpose_rhs"] = True
+  elif transpose_rhs:  # older versions of the kernel take w[g] as [k, n] only: transpose it here
+    w = jnp.swapaxes(w, 1, 2)
+  return fn(x, w, group_sizes=sizes, block_m=128, block_n=_mgpu_tile(w.shape[1] if opts else w.shape[2]),
+            block_k=MGPU_BLOCK_K, max_concurrent_steps=4, grid_block_n=1, **opts)
 
 
 @jax.custom_vjp
