@@ -19,9 +19,10 @@ SwiGLU 2816, 32768-token tied embedding, 24 effective layers, sequences of
 2048 tokens in batches of 16 (32k tokens per step). bfloat16 compute on
 float32 parameters. remat 'dots' keeps the matmul outputs and recomputes the
 element-wise work and the attention core in the backward pass (a few percent
-more FLOPs), so the activations of 32k tokens x 24 layers stay well inside an
-80 GB card (chosen from the sizes, not yet measured: the device benchmark
-records XLA's memory estimate of the compiled step).
+more FLOPs). The step runs as 2 micro-batches of 8 x 2048 (optim.grad_accum):
+XLA:CPU's memory estimate of the loss+grad at all 16 rows at once is 71.7 GiB
+(arguments + temporaries, before the optimizer state), too close to an 80 GB
+card; the device benchmark records XLA:GPU's estimate of the compiled step.
 
 Variants (`:key=value,...`): plan=dense|relaxed, size=350m|tiny (tiny:
 d_model 64, 4 effective layers, byte data; for tests), lora_rank (relaxed).
@@ -60,7 +61,7 @@ def get_config(arg=None):
     c.train.steps, c.train.log_every, c.train.eval_every, c.train.eval_batches = 20, 5, 10, 2
     c.train.checkpoint_every = 10
   else:
-    m.compute_dtype, m.remat = "bfloat16", "dots"
+    m.compute_dtype, m.remat, c.optim.grad_accum = "bfloat16", "dots", 2
     c.optim.lr, c.optim.warmup_steps, c.optim.weight_decay = 3e-4, 2000, 0.1
     c.train.steps, c.train.log_every, c.train.eval_every, c.train.checkpoint_every = 100_000, 100, 2000, 2000
   return c

@@ -22,7 +22,10 @@ batch 64 x 1024 tokens, 100k steps (the paper trains in bf16; set
 model.compute_dtype=bfloat16 on accelerators).
 
 Variants (`:key=value,...`): size=tiny|44m|126m|244m, norm=peri|pre (the
-layernorm ablation), dispatch=auto|loop|ragged|dense.
+layernorm ablation), dispatch=auto|loop|blocks|ragged|megablox|ragged_mgpu|dense,
+accel=0|1 (1: bfloat16 compute, remat 'dots' and the paper's batch of 64 x
+1024 as 4 micro-batches, for one 80-140 GB GPU or a TPU; the device benchmark's
+setting).
 """
 
 from recursive_lm.config import ConfigError, base_config, parse_arg
@@ -37,7 +40,7 @@ GROUP = 2  # unique layers (G)
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, size="tiny", norm="peri", dispatch="auto")
+  a = parse_arg(arg, size="tiny", norm="peri", dispatch="auto", accel=0)
   c = base_config()
   m, p, mo = c.model, c.model.plan, c.model.moe
   m.block, m.norm, m.norm_eps, m.tie_embeddings = "moeut", "layer", 1e-5, False
@@ -67,6 +70,9 @@ def get_config(arg=None):
     c.optim.schedule, c.optim.final_lr_fraction, c.optim.b2 = "cosine", 0.1, 0.999
     c.optim.warmup_steps = 4000
     c.train.steps, c.train.log_every, c.train.eval_every, c.train.checkpoint_every = 100_000, 100, 2000, 2000
+    if a["accel"]:  # one 80-140 GB GPU or a TPU: bf16 matmuls; the backward recomputes all but the matmul outputs;
+      # 4 micro-batches of 16 x 1024 (XLA's estimate for 244M MoEUT at 64 rows at once: 218 GiB)
+      m.compute_dtype, m.remat, c.optim.grad_accum = "bfloat16", "dots", 4
   else:
     raise ConfigError(f"config arg size={a['size']!r} is not one of ['tiny', {', '.join(map(repr, SIZES))}]")
   m.num_kv_heads = m.num_heads  # SwitchHead: no grouped-query sharing

@@ -16,7 +16,8 @@ The paper's MLP layers and LM head carry biases, ours do not (0.04-0.1% of the
 parameters). tiny matches configs/moeut.py:size=tiny exactly (151,168).
 Training settings are those of configs/moeut.py.
 
-Variants (`:key=value,...`): size=tiny|44m|126m|244m.
+Variants (`:key=value,...`): size=tiny|44m|126m|244m, accel=0|1 (as configs/moeut.py:
+bfloat16 compute, remat 'dots', 4 micro-batches, for one 80-140 GB accelerator).
 """
 
 from recursive_lm.config import ConfigError, base_config, parse_arg
@@ -31,7 +32,7 @@ SIZES = {
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, size="tiny")
+  a = parse_arg(arg, size="tiny", accel=0)
   if a["size"] not in SIZES:
     raise ConfigError(f"config arg size={a['size']!r} is not one of {list(SIZES)}")
   c = base_config()
@@ -55,4 +56,7 @@ def get_config(arg=None):
     c.optim.schedule, c.optim.final_lr_fraction, c.optim.b2 = "cosine", 0.1, 0.999
     c.optim.warmup_steps = 4000
     c.train.steps, c.train.log_every, c.train.eval_every, c.train.checkpoint_every = 100_000, 100, 2000, 2000
+    if a["accel"]:  # one 80-140 GB GPU or a TPU: bf16 matmuls; the backward recomputes all but the matmul outputs;
+      # 4 micro-batches of 16 x 1024 (XLA's estimate for 244M MoEUT at 64 rows at once: 218 GiB)
+      m.compute_dtype, m.remat, c.optim.grad_accum = "bfloat16", "dots", 4
   return c

@@ -54,7 +54,10 @@ _STEPS = flags.DEFINE_integer("steps", 8, "train: timed steps after two warm-up 
 _MOE_SIZE = flags.DEFINE_string("moe_size", "44m", "moe: layer size (44m | 126m | 244m | tiny); needs no --config.")
 _MOE_BATCHES = flags.DEFINE_list("moe_batches", ["4", "16", "64"], "moe: batches of 1024-token sequences to "
                                  "measure, one call each (the configs/moeut.py presets train on 64).")
-_MOE_DISPATCH = flags.DEFINE_string("moe_dispatch", "auto", "moe: model.moe.dispatch (auto | loop | blocks | ragged | dense).")
+_MOE_DISPATCH = flags.DEFINE_string("moe_dispatch", "auto", "moe: model.moe.dispatch (auto | loop | blocks | ragged | "
+                                    "megablox | ragged_mgpu | dense).")
+_MOE_DTYPE = flags.DEFINE_enum("moe_dtype", "float32", ["float32", "bfloat16"], "moe: dtype of the layer's input "
+                                "and matmuls (ragged_mgpu takes bfloat16 only).")
 # generate mode:
 _WORKDIR = flags.DEFINE_string("workdir", None, "generate: a run directory to load (instead of --config's "
                                "randomly initialised model).")
@@ -239,8 +242,8 @@ def run_moe(cd) -> dict:
     batches = [int(b) for b in _MOE_BATCHES.value]
   except ValueError:
     raise ConfigError(f"--moe_batches={','.join(_MOE_BATCHES.value)} must be comma-separated integers") from None
-  return {"mode": "moe", **moe_bench.benchmark_moe(size=_MOE_SIZE.value, batches=batches,
-                                                   dispatch=_MOE_DISPATCH.value), **_environment()}
+  return {"mode": "moe", **moe_bench.benchmark_moe(size=_MOE_SIZE.value, batches=batches, dispatch=_MOE_DISPATCH.value,
+                                                   dtype=_MOE_DTYPE.value), **_environment()}
 
 
 # ----------------------------------------------------------------------------

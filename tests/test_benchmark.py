@@ -24,9 +24,20 @@ def test_moe_mode_writes_one_record_per_batch(tmp_path):
     assert abs(r["ratio_fwd_bwd"] - r["moe_fwd_bwd_tok_s"] / r["dense_fwd_bwd_tok_s"]) < 1e-9
 
 
+def test_moe_mode_in_bfloat16_with_an_explicit_dispatch(tmp_path):
+  out = tmp_path / "moe.json"
+  proc = _run("moe", "--moe_size", "tiny", "--moe_batches", "1", "--moe_dtype", "bfloat16", "--moe_dispatch", "blocks",
+              "--out", str(out))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rec = json.loads(out.read_text())
+  assert (rec["dtype"], rec["dispatch"]) == ("bfloat16", "blocks") and rec["results"][0]["moe_fwd_bwd_tok_s"] > 0
+
+
 def test_bad_moe_flags_exit_2_with_one_line():
   for args, word in [(("--moe_batches", "1,x"), "--moe_batches"), (("--moe_size", "7b"), "size"),
-                     (("--moe_dispatch", "fast", "--moe_batches", "1"), "dispatch")]:
+                     (("--moe_dispatch", "fast", "--moe_batches", "1"), "dispatch"),
+                     (("--moe_dispatch", "ragged_mgpu", "--moe_batches", "1"), "does not run on the cpu backend"),
+                     (("--moe_dtype", "float16", "--moe_batches", "1"), "--moe_dtype")]:
     proc = _run("moe", *args)
     assert proc.returncode == 2, (args, proc.stderr[-2000:])
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

@@ -84,6 +84,10 @@ def test_typed_variants_reach_the_config():
   assert (p.preset, p.num_layers, p.repeats, cfg.model.lora.rank) == ("sequence", 6, 3, 2)
   mid = load_module(os.path.join(REPO, "configs", "middle.py"))
   assert config_lib.load(mid.get_config("order=sequence")).model.plan.preset == "middle_sequence"
+  for name in ("moeut", "moeut_dense"):  # accel=1: the device benchmark's bf16 + remat setting
+    cfg = config_lib.load(load_module(os.path.join(REPO, "configs", f"{name}.py")).get_config("size=244m,accel=1"))
+    assert (cfg.model.compute_dtype, cfg.model.remat, cfg.data.batch_size, cfg.optim.grad_accum) == \
+        ("bfloat16", "dots", 64, 4)
   # A variant that breaks the plan is caught by load() with the plan's own message.
   with pytest.raises(ConfigError, match="model.plan"):
     config_lib.load(rec.get_config("repeats=4"))  # 6 layers, 4 repeats

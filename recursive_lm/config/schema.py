@@ -29,7 +29,7 @@ MESH_RULES = ("replicated", "data", "fsdp", "fsdp_tensor", "fsdp_tensor_expert")
 ATTENTION_KERNELS = ("auto", "xla", "cudnn", "splash", "blocked")
 DENSE_KERNELS = ("auto", "custom_vjp", "xla")
 MOE_NORM_STYLES = ("peri", "pre")
-MOE_DISPATCH = ("auto", "loop", "blocks", "ragged", "dense")
+MOE_DISPATCH = ("auto", "loop", "blocks", "ragged", "megablox", "ragged_mgpu", "dense")
 INJECTIONS = ("concat", "add", "parcae")
 INIT_STATES = ("normal", "zeros", "prelude")
 LOOP_SAMPLES = ("fixed", "poisson_lognormal", "uniform")
@@ -119,7 +119,7 @@ class MoEConfig:
   att_balance: float = option(0.001, "entropy regulariser coefficient of the attention router", check=">= 0",
                               when=_moeut)
   norm_style: str = option("peri", "layer-norm placement", choices=MOE_NORM_STYLES)
-  dispatch: str = option("auto", "expert dispatch (auto: loop on CPU, blocks on GPU, ragged on TPU)",
+  dispatch: str = option("auto", "expert dispatch (auto: loop on CPU, blocks on GPU, megablox on TPU; ragged_mgpu: Hopper GPUs)",
                          choices=MOE_DISPATCH)
   block_rows: int = option(512, "largest rows per expert block of the loop dispatch (sigma-MoE: tiers down to 32)")
 

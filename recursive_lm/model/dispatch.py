@@ -24,12 +24,29 @@ with group g_j:
           in one batched matmul with its group's weights gathered (padding
           at most about a quarter). Plain autodiff. On an H100 22x faster
           than `ragged` for forward+backward at the 44M sizes.
-  ragged  `jax.lax.ragged_dot` on the sorted rows (no padding), `auto` on
-          TPU. On XLA:CPU it lowers to a dense masked product over all
-          groups (2.3 GFLOP/s vs 190 for a plain matmul of the same FLOPs at
-          E=32, i.e. E times the work), and on XLA:GPU (jax 0.11.2) its
-          weight gradient does too (f32[E, A, D]: out of memory at 44M), so
-          `auto` picks `loop` on CPU and `blocks` on GPU.
+  ragged  `jax.lax.ragged_dot` on the sorted rows (no padding). On XLA:CPU
+          it lowers to a dense masked product over all groups (2.3 GFLOP/s
+          vs 190 for a plain matmul of the same FLOPs at E=32, i.e. E times
+          the work), and on XLA:GPU (jax 0.11.2) its weight gradient does too
+          (f32[E, A, D]: out of memory at 44M), so `auto` picks `loop` on CPU
+          and `blocks` on GPU.
+  megablox  (TPU, `auto` there) the Pallas TPU grouped matmul
+          (`jax.experimental.pallas.ops.tpu.megablox.gmm`, its custom VJP:
+          `gmm` with the transposed weights for dx, `tgmm` for dW) on the
+          sorted rows padded to a multiple of the row tile (`megablox_rows`);
+          the padding rows join the last group with gate 0. Tiles may
+          straddle groups (the kernel masks them); empty groups are skipped
+          forward and get a zero weight gradient. Tested in Pallas interpret
+          mode on CPU; never measured on a TPU.
+  ragged_mgpu  (Hopper GPUs, explicit only) the Mosaic GPU ragged dot
+          (`jax.experimental.pallas.ops.gpu.ragged_dot_mgpu`, forward and
+          dx with the transposed weights; `transposed_ragged_dot_mgpu` for
+          dW) in a custom VJP. bfloat16/float16 only, both dims of every
+          grouped matmul multiples of 64 (`mgpu_problem`). Mosaic GPU has no
+          CPU interpret mode for its TMA copies (jax 0.10.2: "No state
+          discharge rule implemented for primitive: copy_gmem_to_smem"), so
+          it is tested only on a GPU (tests/test_moe_kernels.py, run by
+          experiments/gpu_benchmarks/run.sh).
   dense   every expert for every token, unselected ones weighted 0: the
           reference the others are tested against (E/K times the work).
 
@@ -52,24 +69,67 @@ with group g_j:
 from __future__ import annotations
 
 import functools
+import importlib
+import inspect
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from recursive_lm.config import ConfigError
+from recursive_lm.config import MOE_DISPATCH, ConfigError
 
-DISPATCH = ("auto", "loop", "blocks", "ragged", "dense")
+DISPATCH = MOE_DISPATCH
 # What `auto` picks per backend (see the module docstring for the measurements).
-AUTO = {"cpu": "loop", "gpu": "blocks", "cuda": "blocks", "rocm": "blocks", "tpu": "ragged"}
+AUTO = {"cpu": "loop", "gpu": "blocks", "tpu": "megablox"}
+# The Pallas dispatches: the backends that run them and the modules of the installed jax they need
+# (loop, blocks, ragged and dense are plain jax: every backend).
+RUNS_ON = {"megablox": ("tpu",), "ragged_mgpu": ("gpu",)}
+MODULES = {"megablox": ("jax.experimental.pallas.ops.tpu.megablox",),
+           "ragged_mgpu": ("jax.experimental.pallas.ops.gpu.ragged_dot_mgpu",
+                           "jax.experimental.pallas.ops.gpu.transposed_ragged_dot_mgpu")}
 
 
-def resolve_dispatch(mode: str) -> str:
+def _backend_name(backend: str | None) -> str:
+  name = backend or jax.default_backend()
+  return "gpu" if name in ("cuda", "rocm") else name
+
+
+def kernel_missing(mode: str) -> str | None:
+  """Why the installed jax cannot import dispatch `mode`'s kernel (None: it can, or it needs none)."""
+  for module in MODULES.get(mode, ()):
+    try:
+      importlib.import_module(module)
+    except ImportError as e:
+      return f"jax {jax.__version__} has no {module} ({e})"
+  return None
+
+
+def choose_dispatch(mode: str, backend: str | None = None) -> tuple[str, str]:
+  """(dispatch, why auto did not take its first choice or '') for model.moe.dispatch=`mode` on `backend`
+  (default: jax's). ConfigError for a dispatch the backend or the installed jax cannot run."""
   if mode not in DISPATCH:
     raise ConfigError(f"model.moe.dispatch={mode!r} is not one of {list(DISPATCH)}")
-  if mode != "auto":
-    return mode
-  return AUTO.get(jax.default_backend(), "blocks")
+  backend = _backend_name(backend)
+  if mode == "auto":
+    mode = AUTO.get(backend, "blocks")
+    problem = kernel_missing(mode)
+    if problem:  # megablox missing from this jax: ragged_dot is what TPUs ran before it
+      return "ragged", f"megablox dispatch not used: {problem}"
+    return mode, ""
+  if mode in RUNS_ON and backend not in RUNS_ON[mode]:
+    works = [m for m in DISPATCH[1:] if backend in RUNS_ON.get(m, (backend,))]
+    raise ConfigError(f"model.moe.dispatch={mode!r} does not run on the {backend} backend (it runs on "
+                      f"{'/'.join(RUNS_ON[mode])}; on {backend} use one of {works} or 'auto')")
+  problem = kernel_missing(mode)
+  if problem:
+    raise ConfigError(f"model.moe.dispatch={mode!r} is not available on the {backend} backend: {problem}; "
+                      f"use 'auto' or one of {[m for m in DISPATCH[1:] if m not in RUNS_ON]}")
+  return mode, ""
+
+
+def resolve_dispatch(mode: str, backend: str | None = None) -> str:
+  """`choose_dispatch`'s dispatch (the model's build logs it with the other kernels: `kernels.resolved`)."""
+  return choose_dispatch(mode, backend)[0]
 
 
 # ----------------------------------------------------------------------------
@@ -128,15 +188,29 @@ def batched_block_rows(n_assign: int, n_groups: int, cap: int) -> int:
   return int(min(cap, max(8, 1 << (quarter.bit_length() - 1))))
 
 
+def megablox_rows(n_assign: int, n_groups: int, cap: int) -> int:
+  """Row tile of the megablox dispatch: `block_rows` capped at 128 (the kernel's default tile), at least
+  16 (a TPU bfloat16 tile holds 16 sublanes) unless `cap` is smaller. Tiles straddling a group boundary
+  are computed once per group, so tiles near the mean group size waste least."""
+  return max(min(16, cap), block_rows(n_assign, n_groups, min(cap, 128)))
+
+
 def plan_layout(group: jax.Array, n_groups: int, mode: str, cap: int = 128) -> Layout:
   """Layout for assignments with group ids `group` [A] (int32 in [0, n_groups)); mode 'loop',
-  'blocks' or 'ragged' (the dense reference needs none)."""
+  'blocks', 'ragged', 'megablox' or 'ragged_mgpu' (the dense reference needs none)."""
   a = group.shape[0]
   group = group.astype(jnp.int32)
   sizes = jnp.zeros((n_groups,), jnp.int32).at[group].add(1)
   sorted_group, order = sort_by_group(group, n_groups)
-  if mode == "ragged":
+  if mode in ("ragged", "ragged_mgpu"):
     return Layout(order, jnp.ones((a,), bool), sorted_group, jnp.int32(0), sizes)
+  if mode == "megablox":  # sorted rows padded to whole tiles; block_group: the group of each tile's first row
+    t = megablox_rows(a, n_groups, cap)
+    p = -(-a // t) * t
+    valid = jnp.arange(p) < a
+    slot = jnp.zeros((p,), jnp.int32).at[:a].set(order)
+    first = jnp.concatenate([sorted_group, jnp.full((p - a,), n_groups - 1, jnp.int32)])[::t]
+    return Layout(slot, valid, first.astype(jnp.int32), jnp.int32(p // t), sizes)
   b = batched_block_rows(a, n_groups, cap) if mode == "blocks" else block_rows(a, n_groups, cap)
   padded = (sizes + b - 1) // b * b
   pend = jnp.cumsum(padded)
@@ -384,31 +458,120 @@ def _mlp_loop_bwd(blocks, res, g):
 _mlp_loop.defvjp(_mlp_loop_fwd, _mlp_loop_bwd)
 
 
+# ----------------------------------------------------------------------------
+# The Pallas grouped matmuls: megablox (TPU) and the Mosaic GPU ragged dot (Hopper).
+
+
+@functools.lru_cache(maxsize=None)
+def _megablox_tiling(tm: int):
+  """megablox's tiling callback (m, k, n) -> (tm, tk, tn), one object per row tile (it is a static
+  argument of the kernel's custom VJP). k/n tiles of 128 (the kernel's default) where 128 divides
+  the dim, else the whole dim (a TPU block is a multiple of 128 lanes or the full dim, and whole
+  tiles need no edge masking: the 44M layer's D is 412); the backward calls it with its own
+  (m, k, n), so dx and dW get tiles that fit their shapes too."""
+  tile = lambda dim: 128 if dim % 128 == 0 else dim
+  return lambda m, k, n: (tm, tile(k), tile(n))
+
+
+def _megablox_gmm(xs: jax.Array, w: jax.Array, layout: Layout, interpret: bool) -> jax.Array:
+  """xs [P, d_in] in layout order @ w [G, d_in, d_out] per group -> [P, d_out] (x's dtype, float32
+  accumulation). The P - A padding rows join the last group so every row is written."""
+  from jax.experimental.pallas.ops.tpu import megablox
+  sizes = layout.group_sizes.astype(jnp.int32)
+  sizes = sizes.at[-1].add(xs.shape[0] - jnp.sum(sizes))
+  return megablox.gmm(xs, w, sizes, preferred_element_type=xs.dtype, tiling=_megablox_tiling(layout.block),
+                      interpret=interpret)
+
+
+MGPU_DTYPES = ("bfloat16", "float16")
+MGPU_BLOCK_K = 64  # the contraction tile of both Mosaic GPU kernels (and of jax's own tuning sweep)
+
+
+def mgpu_problem(d_in: int, d_out: int, dtype) -> str | None:
+  """Why the Mosaic GPU ragged dot cannot take x [A, d_in] @ w [G, d_in, d_out] in `dtype` (None: it can):
+  the forward contracts d_in, dx contracts d_out, dW tiles both, all in blocks of 64."""
+  if jnp.dtype(dtype).name not in MGPU_DTYPES:
+    return f"compute dtype {jnp.dtype(dtype).name} (it takes {' or '.join(MGPU_DTYPES)})"
+  if d_in % MGPU_BLOCK_K or d_out % MGPU_BLOCK_K:
+    return f"a grouped matmul of {d_in} -> {d_out} features (both must be multiples of {MGPU_BLOCK_K})"
+  return None
+
+
+def mgpu_model_problem(cfg) -> str | None:
+  """`mgpu_problem` for a MoEUT ModelConfig's grouped matmuls: sigma-MoE D <-> S, SwitchHead D <-> head_dim."""
+  dims = [(cfg.d_model, cfg.moe.expert_size)] + ([(cfg.d_model, cfg.head_dim)] if cfg.moe.att_experts > 1 else [])
+  problems = [mgpu_problem(d_in, d_out, cfg.compute_dtype) for d_in, d_out in dims]
+  return next((p for p in problems if p), None)
+
+
+def _mgpu_tile(n: int) -> int:
+  return 128 if n % 128 == 0 else MGPU_BLOCK_K
+
+
+def _mgpu_dot(x, w, sizes, transpose_rhs: bool = False):
+  """x [A, k] @ w[g] ([G, k, n], or [G, n, k] with transpose_rhs) per group -> [A, n]."""
+  from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+  fn = ragged_dot_mgpu.ragged_dot
+  opts = {}
+  if transpose_rhs and "transpose_rhs" in inspect.signature(fn).parameters:
+    opts["transpose_rhs"] = True
+  elif transpose_rhs:  # older versions of the kernel take w[g] as [k, n] only: transpose it here
+    w = jnp.swapaxes(w, 1, 2)
+  return fn(x, w, group_sizes=sizes, block_m=128, block_n=_mgpu_tile(w.shape[1] if opts else w.shape[2]),
+            block_k=MGPU_BLOCK_K, max_concurrent_steps=4, grid_block_n=1, **opts)
+
+
+@jax.custom_vjp
+def _mgpu_gmm(x, w, sizes):
+  """x [A, d_in] sorted by group @ w [G, d_in, d_out] -> [A, d_out] (x's dtype, float32 accumulation)."""
+  return _mgpu_dot(x, w, sizes)
+
+
+def _mgpu_gmm_fwd(x, w, sizes):
+  return _mgpu_dot(x, w, sizes), (x, w, sizes)
+
+
+def _mgpu_gmm_bwd(res, g):
+  from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
+  x, w, sizes = res
+  g = g.astype(x.dtype)
+  dx = _mgpu_dot(g, w, sizes, transpose_rhs=True)
+  dw = transposed_ragged_dot_mgpu.transposed_ragged_dot(
+      x, g, group_sizes=sizes, block_m=_mgpu_tile(x.shape[1]), block_n=_mgpu_tile(g.shape[1]),
+      block_k=MGPU_BLOCK_K, max_concurrent_steps=4, grid_block_n=1)
+  return dx, dw.astype(w.dtype), None
+
+
+_mgpu_gmm.defvjp(_mgpu_gmm_fwd, _mgpu_gmm_bwd)
+
+
 def expert_mlp(x: jax.Array, keys: jax.Array, values: jax.Array, layout, mode: str, token: jax.Array,
-               gate: jax.Array) -> jax.Array:
+               gate: jax.Array, interpret: bool = False) -> jax.Array:
   """sigma-MoE experts: out[token[a]] += gate[a] * relu(x[token[a]] @ keys[g_a]) @ values[g_a].
 
   x [N, D]; keys [E, D, S]; values [E, S, D]; token, gate [A]; layout of the
-  group ids [A]: `plan_tiers` (loop) or `plan_layout` (ragged).
+  group ids [A]: `plan_tiers` (loop) or `plan_layout` (the others).
+  interpret: run a Pallas kernel in interpret mode (tests on CPU).
   """
   keys, values = keys.astype(x.dtype), values.astype(x.dtype)
   if mode == "loop":
     gate_rows = jnp.where(layout.valid, gate[layout.slot].astype(x.dtype), 0)
     return _mlp_loop(x, keys, values, gate_rows, token[layout.slot].astype(jnp.int32), layout.start,
                      layout.count, layout.group, layout.block)
-  h = jax.nn.relu(grouped_linear(x, keys, layout, mode, src=token))
-  return grouped_linear(h, values, layout, mode, dst=token, gate=gate, n_out=x.shape[0])
+  h = jax.nn.relu(grouped_linear(x, keys, layout, mode, src=token, interpret=interpret))
+  return grouped_linear(h, values, layout, mode, dst=token, gate=gate, n_out=x.shape[0], interpret=interpret)
 
 
 def grouped_linear(x: jax.Array, w: jax.Array, layout: Layout, mode: str, *, src: jax.Array | None = None,
-                   dst: jax.Array | None = None, gate: jax.Array | None = None, n_out: int = 0) -> jax.Array:
+                   dst: jax.Array | None = None, gate: jax.Array | None = None, n_out: int = 0,
+                   interpret: bool = False) -> jax.Array:
   """Per assignment a: out[dst[a]] += gate[a] * (x[src[a]] @ w[group[a]]).
 
   x: [N_in, d_in] rows indexed by `src` [A], or (src=None) already in the
   layout's row order [P, d_in] (the output of an earlier call with dst=None).
   w: [G, d_in, d_out]. dst [A] rows of an [n_out, d_out] output, or None for
   output in the layout's row order [P, d_out] (padding rows are 0).
-  gate: [A] (None: 1).
+  gate: [A] (None: 1). interpret: run the megablox kernel in Pallas interpret mode (tests on CPU).
   """
   a = layout.slot.shape[0]
   gate_rows = jnp.ones((a,), x.dtype) if gate is None else gate[layout.slot].astype(x.dtype)
@@ -425,8 +588,15 @@ def grouped_linear(x: jax.Array, w: jax.Array, layout: Layout, mode: str, *, src
                    preferred_element_type=jnp.float32).reshape(nb * b, -1)
   elif mode == "ragged":
     y = jax.lax.ragged_dot(xs, w, layout.group_sizes, preferred_element_type=jnp.float32)
+  elif mode == "megablox":
+    y = _megablox_gmm(xs, w, layout, interpret)
+  elif mode == "ragged_mgpu":
+    problem = mgpu_problem(w.shape[1], w.shape[2], x.dtype)
+    if problem:
+      raise ConfigError(f"model.moe.dispatch='ragged_mgpu' cannot take {problem}; use 'blocks' or 'auto'")
+    y = _mgpu_gmm(xs, w, layout.group_sizes.astype(jnp.int32))
   else:
-    raise ConfigError(f"grouped_linear: dispatch {mode!r} is not 'loop', 'blocks' or 'ragged'")
+    raise ConfigError(f"grouped_linear: dispatch {mode!r} is not one of {list(DISPATCH[1:-1])}")
   y = y * gate_rows[:, None].astype(jnp.float32)
   if dst_rows is not None:
     y = jnp.zeros((n_out, w.shape[2]), jnp.float32).at[dst_rows].add(y)

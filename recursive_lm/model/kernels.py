@@ -11,6 +11,9 @@ custom-VJP `layers.linear`) and takes the vendor kernels elsewhere:
                                            cannot take the dtype /     installed jax lacks it
                                            head size (`cudnn_problem`)
   model.kernels.dense        custom_vjp    xla                         xla
+  model.moe.dispatch         loop          blocks                      megablox, or ragged where the
+  (MoEUT models; resolved by                                           installed jax lacks it
+  `dispatch.choose_dispatch`)
 
 The choice is made once when a module is built (`choose`, `attention_kernel`,
 `dense_kernel`), so the modules' `__call__` stays straight-line; a kernel the
@@ -39,7 +42,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from recursive_lm.config import ATTENTION_KERNELS, ConfigError, ModelConfig
-from recursive_lm.model import layers
+from recursive_lm.model import dispatch, layers
 from recursive_lm.model.moe import data_parallel
 
 BACKENDS = ("cpu", "gpu", "tpu")
@@ -59,10 +62,11 @@ class Choice:
   attention: str
   dense: str
   why: str = ""
+  moe: str = ""  # model.moe.dispatch of a MoEUT model ('' for models without experts)
 
   def describe(self) -> str:
     return (f"kernels on {self.backend}: attention={self.attention}, dense={self.dense}"
-            + (f" ({self.why})" if self.why else ""))
+            + (f", moe dispatch={self.moe}" if self.moe else "") + (f" ({self.why})" if self.why else ""))
 
 
 def backend_name(backend: str | None = None) -> str:
@@ -135,7 +139,15 @@ def choose(cfg: ModelConfig, backend: str | None = None) -> Choice:
                         "use 'xla' or 'auto'")
   if dense == "auto":
     dense = "custom_vjp" if backend == "cpu" else "xla"
-  return Choice(backend, att, dense, "; ".join(why))
+  moe = ""
+  if cfg.block == "moeut":
+    moe, moe_why = dispatch.choose_dispatch(cfg.moe.dispatch, backend)
+    why += [moe_why] if moe_why else []
+    problem = moe == "ragged_mgpu" and dispatch.mgpu_model_problem(cfg)
+    if problem:
+      raise ConfigError(f"model.moe.dispatch='ragged_mgpu' cannot run this model on the {backend} backend: "
+                        f"{problem}; use 'blocks' or 'auto'")
+  return Choice(backend, att, dense, "; ".join(why), moe)
 
 
 _logged: set[Choice] = set()

@@ -11,7 +11,7 @@ concatenation of the experts (tests/test_moe.py checks this).
 Dispatch: routing yields (token, expert) assignments with a gate each; the
 experts run as grouped matmuls over assignments sorted by expert, in
 `recursive_lm.model.dispatch` (model.moe.dispatch: loop on CPU, blocks on GPU,
-ragged on TPU, dense as the reference; the measurements are there).
+megablox on TPU, dense as the reference; the measurements are there).
 
 Data parallelism: under an Auto mesh with logical rules (see
 `recursive_lm.sharding.under_mesh`) the routing and dispatch run inside a
@@ -114,8 +114,9 @@ def normalised_rows(key, shape, axis: int, std: float, dtype) -> jax.Array:
   return w.astype(dtype)
 
 
-def _sigma_moe(x, r_in, router, keys, values, *, top_k: int, mode: str, cap: int):
-  """x, r_in [B, T, D] -> (y [B, T, D], mean softmax [B, E], expert counts [E])."""
+def _sigma_moe(x, r_in, router, keys, values, *, top_k: int, mode: str, cap: int, interpret: bool = False):
+  """x, r_in [B, T, D] -> (y [B, T, D], mean softmax [B, E], expert counts [E]). interpret: Pallas
+  dispatch kernels in interpret mode (tests on CPU)."""
   b, t, d = x.shape
   e = router.shape[1]
   n = b * t
@@ -132,7 +133,7 @@ def _sigma_moe(x, r_in, router, keys, values, *, top_k: int, mode: str, cap: int
     token = jnp.arange(n * top_k, dtype=jnp.int32) // top_k
     group = idx.reshape(-1)
     layout = plan_tiers(group, e, cap) if mode == "loop" else plan_layout(group, e, mode, cap)
-    y = expert_mlp(xf, keys, values, layout, mode, token, gate.reshape(-1))
+    y = expert_mlp(xf, keys, values, layout, mode, token, gate.reshape(-1), interpret)
     counts = layout.group_sizes.astype(jnp.float32)
   return y.reshape(b, t, d), mean_softmax(logits, b), counts
 

@@ -44,33 +44,33 @@ def _min_time(fn, args, reps: int) -> float:
 
 
 def benchmark_moe(out_path: str | None = None, size: str = "44m", batches=(4, 16, 64), seq: int = 1024,
-                  rounds: int = 5, dispatch: str = "auto", block_cap: int = 512) -> dict:
+                  rounds: int = 5, dispatch: str = "auto", block_cap: int = 512, dtype: str = "float32") -> dict:
   if size not in SIZES:
     raise ConfigError(f"moe benchmark size {size!r} is not one of {list(SIZES)}")
   if not batches or min(batches) < 1:
     raise ConfigError(f"moe benchmark batches={list(batches)} must be one or more integers >= 1")
   d, e, k, s = SIZES[size]
   rec = {"size": size, "d_model": d, "experts": e, "top_k": k, "expert_size": s, "block_cap": block_cap,
-         "dispatch": resolve_dispatch(dispatch), "backend": jax.default_backend(), "seq": seq,
-         "results": [_measure(size, b, seq, rounds, dispatch, block_cap) for b in batches]}
+         "dispatch": resolve_dispatch(dispatch), "dtype": dtype, "backend": jax.default_backend(), "seq": seq,
+         "results": [_measure(size, b, seq, rounds, dispatch, block_cap, dtype) for b in batches]}
   if out_path:
     with open(out_path, "w") as f:
       json.dump(rec, f, indent=2)
   return rec
 
 
-def _measure(size: str, batch: int, seq: int, rounds: int, dispatch: str, block_cap: int) -> dict:
+def _measure(size: str, batch: int, seq: int, rounds: int, dispatch: str, block_cap: int, dtype: str) -> dict:
   """One batch: best-of-`rounds` times of the four functions, timed alternately."""
   d, e, k, s = SIZES[size]
   n = batch * seq
   keys = jax.random.split(jax.random.PRNGKey(0), 4)
-  x = jax.random.normal(keys[0], (batch, seq, d), jnp.float32)
+  x = jax.random.normal(keys[0], (batch, seq, d), jnp.float32).astype(dtype)
   with nnx.use_eager_sharding(False):
     layer = SigmaMoE(d, e, s, k, 1.0, nnx.Rngs(0), dispatch=dispatch, block_cap=block_cap)
   moe_params = (layer.router[...], layer.keys[...], layer.values[...])
   graphdef = nnx.graphdef(layer)
-  w1 = jax.random.normal(keys[1], (d, k * s)) * d**-0.5
-  w2 = jax.random.normal(keys[2], (k * s, d)) * (k * s) ** -0.5
+  w1 = (jax.random.normal(keys[1], (d, k * s)) * d**-0.5).astype(dtype)
+  w2 = (jax.random.normal(keys[2], (k * s, d)) * (k * s) ** -0.5).astype(dtype)
 
   def moe_fwd(x, params):
     m = nnx.merge(graphdef, nnx.State({"router": params[0], "keys": params[1], "values": params[2]}))
@@ -80,7 +80,7 @@ def _measure(size: str, batch: int, seq: int, rounds: int, dispatch: str, block_
     return linear(jax.nn.relu(linear(x, params[0])), params[1])
 
   def loss(f):
-    return lambda x, p: jnp.sum(jnp.square(f(x, p)))
+    return lambda x, p: jnp.sum(jnp.square(f(x, p).astype(jnp.float32)))
 
   fns = {
       "moe_fwd": (jax.jit(moe_fwd), (x, moe_params)),

@@ -56,7 +56,7 @@ def _counts(group: jax.Array, n_groups: int) -> jax.Array:
   return jnp.zeros((n_groups,), jnp.int32).at[group.astype(jnp.int32)].add(1).astype(jnp.float32)
 
 
-def _switch_v(x_r, x_v, sel, w, *, k: int, mode: str, cap: int):
+def _switch_v(x_r, x_v, sel, w, *, k: int, mode: str, cap: int, interpret: bool = False):
   """Values after the V-expert mixture [B, T, H, Hd], mean softmax [B, H, E], counts [H * E]."""
   b, t, d = x_v.shape
   n, (h, e, _, hd) = b * t, w.shape
@@ -71,11 +71,11 @@ def _switch_v(x_r, x_v, sel, w, *, k: int, mode: str, cap: int):
     a = jnp.arange(n * h * k, dtype=jnp.int32)
     layout = plan_layout(group, h * e, mode, cap)
     v = grouped_linear(xf, w.reshape(h * e, d, hd), layout, mode, src=a // (h * k), dst=a // k,
-                       gate=gate.reshape(-1), n_out=n * h)
+                       gate=gate.reshape(-1), n_out=n * h, interpret=interpret)
   return v.reshape(b, t, h, hd), mean_softmax(logits, b), _counts(group, h * e)
 
 
-def _switch_o(x_r, att, sel, w, *, k: int, mode: str, cap: int):
+def _switch_o(x_r, att, sel, w, *, k: int, mode: str, cap: int, interpret: bool = False):
   """att [B, T, H, Hd] -> output [B, T, D], mean softmax [B, H, E], counts [H * E]."""
   b, t, h, hd = att.shape
   n, (_, e, _, d) = b * t, w.shape
@@ -89,7 +89,7 @@ def _switch_o(x_r, att, sel, w, *, k: int, mode: str, cap: int):
     a = jnp.arange(n * h * k, dtype=jnp.int32)
     layout = plan_layout(group, h * e, mode, cap)
     y = grouped_linear(att.reshape(n * h, hd), w.reshape(h * e, hd, d), layout, mode, src=a // k,
-                       dst=a // (h * k), gate=gate.reshape(-1), n_out=n)
+                       dst=a // (h * k), gate=gate.reshape(-1), n_out=n, interpret=interpret)
   return y.reshape(b, t, d), mean_softmax(logits, b), _counts(group, h * e)
 
 
