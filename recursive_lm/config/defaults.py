@@ -78,6 +78,10 @@ def base_config() -> ml_collections.ConfigDict:
   rc.sigma = 0.5  # poisson_lognormal: std of the log-normal rate
   rc.min_loops = 1  # uniform: loop counts in [min_loops, max_loops]; both sampled kinds clip to it
   rc.max_loops = 32
+  # Loop-count curriculum (uptraining a retrofitted model): the mean r-bar rises from min_loops to `mean`
+  # over the first curriculum_steps steps (recursive_lm.model.recurrent.curriculum_mean).
+  rc.curriculum = "none"  # none | linear | 1-sqrt (fixed and poisson_lognormal only)
+  rc.curriculum_steps = 0  # steps the rise spans (>= 1 with a curriculum)
   m.lora = lo = ml_collections.ConfigDict()
   lo.rank = 0  # 0: strict tying
   lo.targets = "all"  # all: every projection the block has; or a list such as "q,v,down"

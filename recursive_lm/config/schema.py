@@ -32,6 +32,8 @@ class RecurrentConfig:
   sigma: float = 0.5
   min_loops: int = 1
   max_loops: int = 32
+  curriculum: str = "none"
+  curriculum_steps: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +192,7 @@ DENSE_KERNELS = ("auto", "custom_vjp", "xla")
 INJECTIONS = ("concat", "add", "parcae")
 INIT_STATES = ("normal", "zeros", "prelude")
 LOOP_SAMPLES = ("fixed", "poisson_lognormal", "uniform")
+CURRICULA = ("none", "linear", "1-sqrt")
 
 
 def from_json(text: str, where: str = "config.json") -> Config:

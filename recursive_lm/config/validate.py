@@ -12,10 +12,10 @@ from recursive_lm import plan as plan_lib
 from recursive_lm.config import tasks as synthetic
 from recursive_lm.config.defaults import base_config
 from recursive_lm.config.errors import ConfigError
-from recursive_lm.config.schema import (ATTENTION_KERNELS, DENSE_KERNELS, INIT_STATES, INJECTIONS, LOOP_SAMPLES,
-                                        LORA_TARGETS, MESH_RULES, MLP_TYPES, PLAN_PRESETS, REMAT, Config, DataConfig,
-                                        KernelsConfig, LoraConfig, MeshConfig, MoEConfig, ModelConfig, OptimConfig,
-                                        PlanConfig, RecurrentConfig, TrainConfig)
+from recursive_lm.config.schema import (ATTENTION_KERNELS, CURRICULA, DENSE_KERNELS, INIT_STATES, INJECTIONS,
+                                        LOOP_SAMPLES, LORA_TARGETS, MESH_RULES, MLP_TYPES, PLAN_PRESETS, REMAT, Config,
+                                        DataConfig, KernelsConfig, LoraConfig, MeshConfig, MoEConfig, ModelConfig,
+                                        OptimConfig, PlanConfig, RecurrentConfig, TrainConfig)
 
 
 def _choice(field: str, value: str, allowed) -> str:
@@ -108,6 +108,12 @@ def _recurrent(m) -> RecurrentConfig:
   if rc.max_loops < rc.min_loops:
     raise ConfigError(f"model.recurrent.max_loops={rc.max_loops} must be >= model.recurrent.min_loops="
                       f"{rc.min_loops}")
+  _choice("model.recurrent.curriculum", rc.curriculum, CURRICULA)
+  if rc.curriculum != "none":
+    if rc.sample == "uniform":
+      raise ConfigError(f"model.recurrent.curriculum={rc.curriculum!r} moves the mean loop count: it needs "
+                        "model.recurrent.sample='fixed' or 'poisson_lognormal' (got 'uniform')")
+    _positive("model.recurrent.curriculum_steps", rc.curriculum_steps)
   if m.plan.preset == "recurrent":
     if m.block != "dense" or m.kv_sharing != "none":
       raise ConfigError(f"model.plan.preset='recurrent' needs model.block='dense' and model.kv_sharing='none' "
