@@ -30,6 +30,9 @@ pytest.importorskip("safetensors")
 from test_convert import GEMMA3, LLAMA, REPO, hf_weights, reference_logits, tokens, write_hf  # noqa: E402
 
 ENV = {**os.environ, "PYTHONPATH": REPO}
+# One CPU device for train (the run's mesh is 1 device; the suite simulates 8).
+ONE_DEVICE = {**ENV, "XLA_FLAGS": " ".join(f for f in ENV.get("XLA_FLAGS", "").split()
+                                           if not f.startswith("--xla_force_host_platform_device_count"))}
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +164,7 @@ def test_cli_retrofit_evaluates_samples_and_trains_at_any_loop_count(llama, tmp_
   # configs/retrofit.py continues it; the loops drawn follow the curriculum from (seed, step).
   train = subprocess.run([sys.executable, "-m", "recursive_lm.train", "--config",
                           f"{REPO}/configs/retrofit.py:workdir={work}", "--workdir", str(work)],
-                         capture_output=True, text=True, env=ENV, timeout=600)
+                         capture_output=True, text=True, env=ONE_DEVICE, timeout=600)
   assert train.returncode == 0, train.stderr
   with open(work / "metrics.jsonl") as f:
     logged = [r["loops"] for r in map(json.loads, f) if "loops" in r]

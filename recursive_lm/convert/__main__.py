@@ -56,7 +56,6 @@ def retrofit_map(source, args, split, repeats, rank, overrides) -> list[int]:
   """The retrofit's layer map (effective -> source layer), checked: drops, split, config, layer kinds."""
   from recursive_lm import config as config_lib
   from recursive_lm.convert import retrofit, workdir as wd
-  retrofit.check_split_args(*split)  # before building a config, whose plan error would be less direct
   cfg = config_lib.load(wd.make_config(source, "recurrent", repeats, rank, args.lora_alpha, args.per_depth_norms,
                                        "byte", overrides, split))
   return retrofit.checked_map(source, args.drop, cfg.model)
@@ -90,6 +89,9 @@ def main(argv=None) -> int:
   repeats = args.repeats if args.repeats is not None else (1 if args.plan in ("vanilla", "recurrent") else 2)
   split = (args.prelude, args.core, args.coda) if recurrent else None
   try:
+    if recurrent:  # before reading the source (and before the plan's own, less direct, error)
+      from recursive_lm.convert import retrofit
+      retrofit.check_split_args(*split)
     source = readers.read(args.source)
     print(f"read {source.origin}: {source.family}, {source.num_layers} layers, d_model {source.model['d_model']}",
           file=sys.stderr)
@@ -106,7 +108,8 @@ def main(argv=None) -> int:
   except (ConfigError, CheckpointWriteError) as e:  # the latter: a full disk, say
     cli.fail(e)
   print(json.dumps(record))
-  print(f"continue with: python -m recursive_lm.train --config configs/converted.py:workdir={args.workdir} "
+  config = "retrofit" if recurrent else "converted"
+  print(f"continue with: python -m recursive_lm.train --config configs/{config}.py:workdir={args.workdir} "
         f"--workdir {args.workdir}", file=sys.stderr)
   return 0
 
