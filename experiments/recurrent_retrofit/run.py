@@ -60,6 +60,8 @@ def run(args, variant: str, src, workdir: str) -> dict:
     cd = wd.make_config(src, "cycle", 2, 64, 0.0, True, tok, ov)
     init = "average"
   record = wd.write_run(src, cd, workdir, init, log=log, layer_map=layer_map)
+  if args.variants.split(",")[-1] == variant:
+    src.layers.clear()  # the last conversion: training needs the memory (the source holds ~1 GB)
   convert_s = time.time() - t
   loops = [int(x) for x in args.loops.split(",")] if variant == "retrofit" else None
 
