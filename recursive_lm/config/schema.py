@@ -33,6 +33,7 @@ MOE_DISPATCH = ("auto", "loop", "blocks", "ragged", "megablox", "ragged_mgpu", "
 INJECTIONS = ("concat", "add", "parcae")
 INIT_STATES = ("normal", "zeros", "prelude")
 LOOP_SAMPLES = ("fixed", "poisson_lognormal", "uniform")
+CURRICULA = ("none", "linear", "1-sqrt")
 SOURCES = ("stdlib", "text", "tokens", "synthetic")
 SCHEDULES = ("cosine", "wsd", "constant")
 ON_NONFINITE = ("stop", "skip")
@@ -86,6 +87,11 @@ class RecurrentConfig:
   min_loops: int = option(1, "uniform: loop counts in [min_loops, max_loops]; both sampled kinds clip to it",
                           check="> 0")
   max_loops: int = option(32, "see min_loops")
+  curriculum: str = option("none", "loop-count curriculum: the mean r-bar rises from min_loops to `mean` (fixed: "
+                           "plan.repeats) over the first curriculum_steps steps (model.recurrent.curriculum_mean)",
+                           choices=CURRICULA)
+  curriculum_steps: int = option(0, "steps the curriculum's rise spans", check="> 0",
+                                 when=lambda c: c.model.recurrent.curriculum != "none")
 
 
 @dataclasses.dataclass(frozen=True)

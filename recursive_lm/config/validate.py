@@ -107,6 +107,9 @@ def _recurrent(m) -> None:
   if rc.max_loops < rc.min_loops:
     raise ConfigError(f"model.recurrent.max_loops={rc.max_loops} must be >= model.recurrent.min_loops="
                       f"{rc.min_loops}")
+  if rc.curriculum != "none" and rc.sample == "uniform":
+    raise ConfigError(f"model.recurrent.curriculum={rc.curriculum!r} moves the mean loop count: it needs "
+                      "model.recurrent.sample='fixed' or 'poisson_lognormal' (got 'uniform')")
   if m.plan.preset == "recurrent":
     if m.block != "dense" or m.kv_sharing != "none":
       raise ConfigError(f"model.plan.preset='recurrent' needs model.block='dense' and model.kv_sharing='none' "

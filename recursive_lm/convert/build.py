@@ -1,7 +1,9 @@
 """A pretrained N-layer model -> this package's parameters under any depth plan.
 
 Effective layer l of the converted model plays source layer l: same depth, so
-the per-depth layer kinds (sliding window, rotary base) match the source.
+the per-depth layer kinds (sliding window, rotary base) match the source. A
+retrofit to prelude / core / coda (`recursive_lm.convert.retrofit`) passes an
+explicit map from effective to source layers instead.
 
 Shared blocks (a stage that repeats) are initialised by one rule
 (Relaxed Recursive Transformers, Bae et al. 2024); a stage spanning source
@@ -33,6 +35,7 @@ from __future__ import annotations
 import numpy as np
 
 from recursive_lm.config import ConfigError, ModelConfig
+from recursive_lm.convert import retrofit
 from recursive_lm.convert.readers import KERNELS, NORMS, Source
 from recursive_lm import plan as plan_lib
 from recursive_lm.model.block import lora_shapes
@@ -94,16 +97,38 @@ def _set(tree: dict, path: tuple, value: np.ndarray) -> None:
   node[path[-1]] = np.asarray(value, dtype=np.float32)
 
 
+def mapped_layers(plan: plan_lib.Plan, lmap: list[int]) -> list[list[list[int]]]:
+  """`source_layers` for an explicit layer map (a retrofit: every effective
+  layer of a block copies the same source layer, which initialises the block)."""
+  layers = plan.layers()
+  out = []
+  for i, spec in enumerate(plan.stages):
+    picked = []
+    for k in range(spec.unique_blocks):
+      srcs = {lmap[l.depth] for l in layers if l.stage == i and l.block == k}
+      assert len(srcs) == 1, f"stage {spec.name} block {k} maps to source layers {sorted(srcs)}"
+      picked.append(sorted(srcs))
+    out.append(picked)
+  return out
+
+
 def convert_params(source: Source, cfg: ModelConfig, params: dict, init: str = "stepwise",
-                   log=lambda s: None) -> dict:
+                   log=lambda s: None, layer_map: list[int] | None = None) -> dict:
   """Fill `params` (nnx.to_pure_dict of the model's nnx.Param state, numpy or
   jax leaves) with the source's weights under cfg's plan; returns the new
-  pure dict (numpy float32 leaves). Blocks of repeated stages follow `init`."""
+  pure dict (numpy float32 leaves). Blocks of repeated stages follow `init`.
+  layer_map: per effective layer, the source layer it copies (a retrofit,
+  `recursive_lm.convert.retrofit.layer_map`; `init` is then unused); default:
+  effective layer l is source layer l."""
   if cfg.kv_sharing != "none":
     raise ConfigError(f"model.kv_sharing={cfg.kv_sharing!r}: a converted model keeps every layer's own K/V "
                       "projections (use model.kv_sharing='none')")
   plan = plan_lib.from_config(cfg)
-  check_depth(source, plan)
+  if layer_map is None:
+    check_depth(source, plan)
+  elif len(layer_map) != plan.depth:
+    raise ConfigError(f"the layer map has {len(layer_map)} entries but the plan {plan.depth} effective layers")
+  lmap = list(range(plan.depth)) if layer_map is None else layer_map
   params = _to_numpy(params)
   _set(params, ("embed", "table"), source.embed)
   _set(params, ("final_norm", "scale"), source.final_norm)
@@ -111,7 +136,9 @@ def convert_params(source: Source, cfg: ModelConfig, params: dict, init: str = "
     if source.head is None:
       raise ConfigError("the target model has an untied head but the source ties its embeddings")
     _set(params, ("head", "kernel"), source.head)
-  picks = source_layers(plan, source.num_layers, init)
+  if cfg.plan.preset == "recurrent":  # the first core iteration hands the core the prelude output unchanged
+    retrofit.init_injection(cfg.recurrent.injection, params)
+  picks = source_layers(plan, source.num_layers, init) if layer_map is None else mapped_layers(plan, lmap)
   shapes = lora_shapes(cfg)
   for i, spec in enumerate(plan.stages):
     stage = params["stages"][i]
@@ -120,7 +147,7 @@ def convert_params(source: Source, cfg: ModelConfig, params: dict, init: str = "
     per_depth_norms = slots is not None and any(n in slots for n in NORMS)
     shared = []  # per unique block: {key: weights}
     for k, src in enumerate(picks[i]):
-      random = init == "random" and spec.repeats > 1
+      random = init == "random" and spec.repeats > 1 and layer_map is None
       w = {}
       for key in source.layers[0]:
         if key in NORMS and per_depth_norms:
@@ -132,7 +159,7 @@ def convert_params(source: Source, cfg: ModelConfig, params: dict, init: str = "
           w[key] = np.mean([source.layers[j][key] for j in src], axis=0, dtype=np.float64).astype(np.float32)
           _get(blocks, path)[k] = w[key]
       shared.append(w)
-    if spec.repeats > 1:
+    if spec.repeats > 1 and layer_map is None:
       log(f"stage {spec.name}: {spec.unique_blocks} blocks x {spec.repeats} ({spec.order}), init {init}: "
           f"source layers {picks[i] if init != 'random' else 'none (random)'}")
     if slots is None:
@@ -141,7 +168,7 @@ def convert_params(source: Source, cfg: ModelConfig, params: dict, init: str = "
     for slot in range(spec.depth):
       depth = first + slot
       k, _ = spec.block_and_repeat(slot)
-      layer = source.layers[depth]
+      layer = source.layers[lmap[depth]]
       if per_depth_norms:
         for key in NORMS:
           if key in layer:
@@ -192,17 +219,20 @@ def _to_numpy(tree):
   return np.array(tree, dtype=np.float32)  # a writable copy
 
 
-def relative_residuals(source: Source, cfg: ModelConfig, params: dict) -> dict[str, float]:
+def relative_residuals(source: Source, cfg: ModelConfig, params: dict,
+                       layer_map: list[int] | None = None) -> dict[str, float]:
   """||W_l - W_shared - s A B|| / ||W_l|| averaged over depths, per target: how
-  much of each layer the tied weights plus its adapter miss (0 at full rank)."""
+  much of each layer the tied weights plus its adapter miss (0 at full rank).
+  layer_map: as in convert_params (W_l is then source layer layer_map[l])."""
   plan = plan_lib.from_config(cfg)
+  lmap = list(range(plan.depth)) if layer_map is None else layer_map
   out = {t: [] for t in KERNELS if t in source.layers[0]}
   for i, spec in enumerate(plan.stages):
     first = sum(s.depth for s in plan.stages[:i])
     stage = params["stages"][i]
     for slot in range(spec.depth):
       k, _ = spec.block_and_repeat(slot)
-      layer = source.layers[first + slot]
+      layer = source.layers[lmap[first + slot]]
       for t in out:
         w = _get(stage["blocks"], PARAM_PATHS[t])[k].astype(np.float64)
         lora = (stage.get("slots") or {}).get("lora", {}).get(t)
@@ -212,10 +242,12 @@ def relative_residuals(source: Source, cfg: ModelConfig, params: dict) -> dict[s
   return {t: float(np.mean(v)) for t, v in out.items()}
 
 
-def converted_model(source: Source, cfg: ModelConfig, init: str = "stepwise", log=lambda s: None):
+def converted_model(source: Source, cfg: ModelConfig, init: str = "stepwise", log=lambda s: None,
+                    layer_map: list[int] | None = None):
   """The converted `Transformer` in memory (one device, no optimiser): shapes
   from nnx.eval_shape, values from the source (the random rule alone builds a
-  randomly initialised model first). Returns (model, pure params dict)."""
+  randomly initialised model first). layer_map: as in convert_params.
+  Returns (model, pure params dict)."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -229,7 +261,7 @@ def converted_model(source: Source, cfg: ModelConfig, init: str = "stepwise", lo
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   start = jax.tree.map(lambda x: np.zeros(x.shape, np.float32) if init != "random" else np.asarray(x),
                        nnx.to_pure_dict(params))
-  pure = convert_params(source, cfg, start, init, log)
+  pure = convert_params(source, cfg, start, init, log, layer_map)
   nnx.replace_by_pure_dict(params, jax.tree.map(lambda x: jnp.asarray(x, jnp.dtype(cfg.param_dtype)), pure))
   rest = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x, rest)
   return nnx.merge(graphdef, params, rest), pure

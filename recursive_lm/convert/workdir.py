@@ -19,6 +19,7 @@ the directory like any other run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -31,7 +32,7 @@ from flax import nnx
 from recursive_lm import checkpoint, data, sharding
 from recursive_lm import config as config_lib
 from recursive_lm.config import Config, ConfigError
-from recursive_lm.convert import build
+from recursive_lm.convert import build, retrofit
 from recursive_lm.convert.readers import KERNELS, Source
 from recursive_lm.state import make_state
 
@@ -70,13 +71,24 @@ def set_key(c: ml_collections.ConfigDict, key: str, value) -> None:
 
 def make_config(source: Source, plan: str = "vanilla", repeats: int = 1, lora_rank: int | str = 0,
                 lora_alpha: float = 0.0, per_depth_norms: bool = False, tokenizer: str = "byte",
-                overrides: dict | None = None) -> ml_collections.ConfigDict:
+                overrides: dict | None = None, split: tuple[int, int, int] | None = None) -> ml_collections.ConfigDict:
   """base_config() with the source's architecture, the requested plan and LoRA,
-  the uptraining defaults, then `overrides` ({dotted key: value})."""
+  the uptraining defaults, then `overrides` ({dotted key: value}).
+
+  split: (prelude, core, coda) blocks of a retrofit (plan 'recurrent',
+  `recursive_lm.convert.retrofit`): the plan has prelude + core * repeats +
+  coda layers, the retrofit recipe precedes the overrides, and unless
+  overridden, init_state follows the injection (retrofit.INIT_STATE) and a
+  curriculum spans train.steps."""
   c = config_lib.base_config()
   for key, value in source.model.items():
     set_key(c, f"model.{key}", value)
   c.model.plan.preset, c.model.plan.num_layers = plan, source.num_layers
+  defaults = dict(UPTRAIN)
+  if split is not None:
+    prelude, core, coda = split
+    c.model.plan.num_layers, c.model.plan.prelude, c.model.plan.coda = prelude + core * repeats + coda, prelude, coda
+    defaults.update(retrofit.RECIPE)
   c.model.plan.repeats, c.model.plan.per_depth_norms = repeats, per_depth_norms
   if lora_rank == "full":
     c.model.lora.rank, c.model.lora.ranks = 0, full_ranks(source.model)
@@ -84,9 +96,15 @@ def make_config(source: Source, plan: str = "vanilla", repeats: int = 1, lora_ra
     c.model.lora.rank = int(lora_rank)
   c.model.lora.alpha = float(lora_alpha)
   c.data.tokenizer = tokenizer
-  for key, value in {**UPTRAIN, **(overrides or {})}.items():
+  overrides = overrides or {}
+  for key, value in {**defaults, **overrides}.items():
     set_key(c, key, value)
   c.data.seq_len = min(c.data.seq_len, c.model.max_seq_len)
+  rc = c.model.recurrent
+  if split is not None and "model.recurrent.init_state" not in overrides:
+    rc.init_state = retrofit.INIT_STATE.get(rc.injection, rc.init_state)  # a bad injection: config.load names it
+  if split is not None and "model.recurrent.curriculum_steps" not in overrides and rc.curriculum != "none":
+    rc.curriculum_steps = c.train.steps
   return c
 
 
@@ -105,8 +123,9 @@ def write_tokenizer(source: Source, workdir: str, log=print) -> str:
 
 
 def write_run(source: Source, cd: ml_collections.ConfigDict, workdir: str, init: str = "stepwise",
-              log=print) -> dict:
-  """Convert `source` into `workdir` as a step-0 run. Returns the conversion record."""
+              log=print, layer_map: list[int] | None = None) -> dict:
+  """Convert `source` into `workdir` as a step-0 run. layer_map: per effective
+  layer its source layer (a retrofit; see build.convert_params). Returns the conversion record."""
   started = time.time()
   cfg = config_lib.load(cd)
   ckpt_dir = os.path.join(workdir, "checkpoints")
@@ -119,8 +138,8 @@ def write_run(source: Source, cd: ml_collections.ConfigDict, workdir: str, init:
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
   model, opt = sharding.create_sharded(_init_fn(cfg), mesh, cfg.mesh.rules)
   param_state = nnx.state(model, nnx.Param)
-  pure = build.convert_params(source, cfg.model, nnx.to_pure_dict(param_state), init, log)
-  residuals = build.relative_residuals(source, cfg.model, pure)
+  pure = build.convert_params(source, cfg.model, nnx.to_pure_dict(param_state), init, log, layer_map)
+  residuals = build.relative_residuals(source, cfg.model, pure, layer_map)
   old_leaves = jax.tree.leaves(nnx.to_pure_dict(param_state))
   new = jax.tree.map(lambda new, old: jax.device_put(np.asarray(new, old.dtype), old.sharding),
                      pure, nnx.to_pure_dict(param_state))
@@ -135,12 +154,16 @@ def write_run(source: Source, cd: ml_collections.ConfigDict, workdir: str, init:
   ckpt.save(0, state, train_iter, {"step": 0, "tokens": 0, "seed": cfg.seed, "converted_from": source.origin})
   ckpt.wait()
   ckpt.close()
+  plan = build.plan_lib.from_config(cfg.model)
+  blocks = build.source_layers(plan, source.num_layers, init) if layer_map is None else \
+      build.mapped_layers(plan, layer_map)
   record = {"source": source.origin, "family": source.family, "source_layers": source.num_layers,
             "plan": cfg.model.plan.preset, "repeats": cfg.model.plan.repeats, "init": init,
             "per_depth_norms": cfg.model.plan.per_depth_norms, "lora_ranks": dict(cfg.model.lora.ranks),
-            "blocks_from_source_layers": build.source_layers(build.plan_lib.from_config(cfg.model),
-                                                             source.num_layers, init),
+            "blocks_from_source_layers": blocks,
             "relative_residual": residuals, "tokenizer": cfg.data.tokenizer,
+            **({} if layer_map is None else {"effective_from_source_layers": layer_map,
+                                             "recurrent": dataclasses.asdict(cfg.model.recurrent)}),
             "seconds": round(time.time() - started, 1)}
   with open(os.path.join(workdir, "conversion.json"), "w") as f:
     json.dump(record, f, indent=1)

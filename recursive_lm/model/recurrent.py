@@ -98,16 +98,36 @@ def draw(rc: RecurrentConfig, repeats: int, seed: int, step: int) -> dict[str, n
                               (Huginn; mean 0: the plan's repeats)
            uniform            uniform in [min_loops, max_loops]
            the sampled kinds are clipped to [min_loops, max_loops].
+           With a curriculum, fixed and poisson_lognormal use curriculum_mean(step)
+           as their mean (fixed: rounded half up).
     key    uint32 [2]: key data of the random initial state (`initial_state`).
   """
   rng = np.random.default_rng([seed, step, 0x6C6F6F70])  # 'loop': a stream of its own
   key = rng.integers(0, 2**32, 2, dtype=np.uint32)
   if rc.sample == "fixed":
-    loops = repeats
+    loops = repeats if rc.curriculum == "none" else max(1, math.floor(curriculum_mean(rc, repeats, step) + 0.5))
   elif rc.sample == "uniform":
     loops = int(rng.integers(rc.min_loops, rc.max_loops + 1))
   else:
-    mean, sigma = rc.mean or repeats, rc.sigma
+    mean, sigma = curriculum_mean(rc, repeats, step), rc.sigma
     tau = rng.normal(math.log(mean) - sigma**2 / 2, sigma)
     loops = int(np.clip(rng.poisson(math.exp(tau)) + 1, rc.min_loops, rc.max_loops))
   return {"loops": np.int32(loops), "key": key}
+
+
+def curriculum_mean(rc: RecurrentConfig, repeats: int, step: int) -> float:
+  """The mean loop count r-bar at train step `step` (model.recurrent.curriculum).
+
+  With target m = rc.mean (0: the plan's repeats), start m0 = rc.min_loops and
+  x = min(step / rc.curriculum_steps, 1):
+    none    m
+    linear  m0 + (m - m0) x
+    1-sqrt  m0 + (m - m0) (1 - sqrt(1 - x))   (slow at first, steep at the end:
+            most steps run few loops, as the 1-sqrt cooldown keeps the LR high)
+  """
+  target = rc.mean or repeats
+  if rc.curriculum == "none":
+    return float(target)
+  x = min(step / rc.curriculum_steps, 1.0)
+  f = x if rc.curriculum == "linear" else 1.0 - math.sqrt(1.0 - x)
+  return rc.min_loops + (target - rc.min_loops) * f
