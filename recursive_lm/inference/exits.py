@@ -183,3 +183,37 @@ def forward_with_exits(model, tokens, cache, cache_index, rule: ExitRule):
     loops = jnp.where(go, j + 1, loops)
     exited = exited | go
   return model.readout(x), cache, loops
+
+
+def teacher_forced(model, tokens, rule):
+  """tokens [B, T] -> (logits [B, T, V] float32, loops int32 [B, T]).
+
+  The cache-free forward of a whole sequence with every position exiting on
+  its own by `rule`, as decoding with exits treats a token: an exited
+  position keeps its exit state through the rest of the depth (its logits
+  are the readout of that state, and the later layers' K/V at that position
+  are projected from it, which is what later positions attend to). For the
+  loss with exits of teacher-forced text. Plans without KV sharing.
+  """
+  plan, cfg = model.plan, model.cfg
+  if plan.kv_sharing != "none":
+    raise ValueError(f"teacher-forced exits need model.kv_sharing='none', not {plan.kv_sharing!r}")
+  bounds = loop_boundaries(plan)
+  b, t = tokens.shape
+  ctx, _ = model.context(t)
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  x = model.embed(tokens, jnp.dtype(cfg.compute_dtype))
+  exited = jnp.zeros((b, t), bool)
+  loops = jnp.full((b, t), len(bounds) + 1, jnp.int32)
+  prev, j = None, 0
+  for layer in plan.layers():
+    new, _, _ = apply_layer(model.stages[layer.stage], layer, x, ctx, None)
+    x = jnp.where(exited[..., None], x, new)
+    if layer.depth in bounds:
+      j += 1
+      logp = jax.nn.log_softmax(model.readout(x), axis=-1)  # [B, T, V]
+      go = decide(rule, logp, logp if prev is None else prev, j, positions) & ~exited
+      prev = logp
+      loops = jnp.where(go, j, loops)
+      exited = exited | go
+  return model.readout(x), loops
