@@ -64,7 +64,10 @@ _GEN_MAX_PROMPT = flags.DEFINE_integer("gen_max_prompt", 48, "generate: prompt l
 _GEN_MAX_NEW = flags.DEFINE_integer("gen_max_new", 64, "generate: new tokens per request are drawn from "
                                     "[this / 8, this].")
 _GEN_EXIT = flags.DEFINE_string("gen_exit", "none", "generate: also serve with this early-exit rule "
-                                 "(confidence:TAU | kl:EPS; needs a looped model).")
+                                 "(confidence:TAU | kl:EPS; needs a looped model), waiting for the deepest row "
+                                 "and by depth-wise batching, and evaluate the loss with it.")
+_GEN_EVAL_BATCHES = flags.DEFINE_integer("gen_eval_batches", 4, "generate with --gen_exit: validation batches of the "
+                                         "model's data config for the eval loss with and without exits (0: skip).")
 _WARMUP = flags.DEFINE_bool("warmup", True, "compile: compile the first setting once, untimed, before timing "
                             "(so one-time JAX/XLA start-up is not charged to the first R).")
 
@@ -267,7 +270,7 @@ def run_generate(cd) -> dict:
   import numpy as np
   from flax import nnx
 
-  from recursive_lm.inference import Engine, exits, generate, load_checkpoint
+  from recursive_lm.inference import Engine, depthwise, exits, generate, load_checkpoint
   from recursive_lm.model.transformer import Transformer
 
   if _WORKDIR.value:
@@ -292,6 +295,13 @@ def run_generate(cd) -> dict:
     loops = len(exits.loop_boundaries(model.plan)) + 1 if rule is not None else None
   except ValueError as e:
     raise ConfigError(f"--gen_{e}") from None
+  if rule is not None:
+    try:
+      depthwise.check_plan(model.plan)
+    except ValueError as e:
+      raise ConfigError(f"--gen_exit={_GEN_EXIT.value}: {e}") from None
+  if _GEN_EVAL_BATCHES.value < 0:
+    raise ConfigError(f"--gen_eval_batches={_GEN_EVAL_BATCHES.value} must be >= 0")
   work = generate_workload(n, max_prompt, max_new, cfg.model.vocab_size)
   useful = sum(m for _, m in work)
 
@@ -307,9 +317,10 @@ def run_generate(cd) -> dict:
       outs += [toks[i, p.size:p.size + m].tolist() for i, (p, m) in enumerate(batch)][:n - lo]
     return outs
 
-  def continuous(exit_rule=None):
+  def continuous(exit_rule=None, depthwise=False):
     # The cache as long as the static side's (attention reads all of it at every step).
-    engine = Engine(model, slots=slots, max_len=max_prompt + max_new, max_top_k=0, exit=exit_rule)
+    engine = Engine(model, slots=slots, max_len=max_prompt + max_new, max_top_k=0, exit=exit_rule,
+                    depthwise=depthwise)
     outs = []
     for _ in range(2):  # compile, then timed
       for p, m in work:
@@ -333,6 +344,7 @@ def run_generate(cd) -> dict:
       "static_tokens_per_s": round(static_tps, 1), "continuous_tokens_per_s": round(cont_tps, 1),
       "continuous_vs_static": round(cont_tps / static_tps, 3), "greedy_agreement": agree,
       **(_exit_record(continuous, _GEN_EXIT.value, loops, useful, c_out) if rule is not None else {}),
+      **(_exit_eval(model, cfg, rule, _GEN_EVAL_BATCHES.value) if rule is not None and _GEN_EVAL_BATCHES.value else {}),
       "config": {"preset": cfg.model.plan.preset, "d_model": cfg.model.d_model,
                  "effective_depth": cfg.model.plan.num_layers},
       **_environment(),
@@ -340,18 +352,57 @@ def run_generate(cd) -> dict:
 
 
 def _exit_record(continuous, spec: str, loops: int, useful: int, full: list) -> dict:
-  """The engine with per-token exits against the full-depth engine run `full` (greedy tokens per request)."""
+  """The engine with per-token exits, waiting for the deepest row (exit_static) and by depth-wise batching,
+  against the full-depth engine run `full` (greedy tokens per request)."""
   import numpy as np
 
   done, seconds = continuous(spec)
   toks = [c.tokens for c in done]
   same = sum(int(a == b) for x, y in zip(toks, full) for a, b in zip(x, y))
-  return {"exit": spec, "loops": loops, "exit_continuous_tokens_per_s": round(useful / seconds, 1),
+  d_done, d_seconds = continuous(spec, depthwise=True)
+  d_same = sum(int(a == b) for x, y in zip([c.tokens for c in d_done], toks) for a, b in zip(x, y))
+  static_tps, depthwise_tps = useful / seconds, useful / d_seconds
+  return {"exit": spec, "loops": loops, "exit_static_tokens_per_s": round(static_tps, 1),
+          "exit_depthwise_tokens_per_s": round(depthwise_tps, 1),
+          "depthwise_vs_static": round(depthwise_tps / static_tps, 3),
           "mean_exit_loop": round(float(np.mean(np.concatenate([c.exit_loops for c in done if c.exit_loops]))), 3),
           # Fraction of the requested positions holding the full-depth token (once a token differs, the
           # continuation after it usually does too).
           "greedy_agreement_with_full_depth": round(same / useful, 4),
-          "note": "a step skips the loops after an exit only when every slot has exited (K/V projections only)"}
+          # The two exit engines decode the same tokens (up to float reassociation flipping a near tie).
+          "depthwise_agreement_with_exit_static": round(d_same / useful, 4),
+          "note": "exit_static: a step runs every loop's layers while any slot still runs (then K/V projections "
+                  "only); exit_depthwise: a step is one loop for every slot, each at its own loop index"}
+
+
+def _exit_eval(model, cfg, rule, n: int) -> dict:
+  """Mean token cross-entropy over n validation batches of the model's data config, at full depth and with
+  every token exiting by `rule` (`exits.teacher_forced`), and the mean exit loop there."""
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  from recursive_lm import data
+  from recursive_lm.evaluate import evaluate
+  from recursive_lm.inference import exits
+  from recursive_lm.train_step import token_losses
+
+  batches = data.eval_batches(cfg.data, n)
+  full, count = evaluate(model, batches)
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def step(state, inputs, targets):
+    logits, loops = exits.teacher_forced(nnx.merge(graphdef, state), inputs, rule)
+    losses, valid = token_losses(logits, targets)
+    return losses.sum(), (loops * valid).sum(), valid.sum()
+
+  total = used = 0.0
+  for b in batches:
+    s, l, _ = step(state, np.asarray(b["inputs"]), np.asarray(b["targets"]))
+    total, used = total + float(s), used + float(l)
+  return {"eval_loss": round(full, 4), "eval_loss_with_exits": round(total / count, 4),
+          "eval_mean_exit_loop": round(used / count, 3), "eval_tokens": count}
 
 
 def _environment() -> dict:
