@@ -389,6 +389,9 @@ def _exit_eval(model, cfg, rule, n: int) -> dict:
 
   batches = data.eval_batches(cfg.data, n)
   full, count = evaluate(model, batches)
+  if model.recurrent or model.plan.kv_sharing != "none":
+    return {"eval_loss": round(full, 4), "eval_loss_with_exits": None,
+            "eval_note": "no loss with exits: exits.teacher_forced needs a non-recurrent plan without KV sharing"}
   graphdef, state = nnx.split(model)
 
   @jax.jit

@@ -198,6 +198,8 @@ def teacher_forced(model, tokens, rule):
   plan, cfg = model.plan, model.cfg
   if plan.kv_sharing != "none":
     raise ValueError(f"teacher-forced exits need model.kv_sharing='none', not {plan.kv_sharing!r}")
+  if model.recurrent:  # the walk below has no input injection (nor has forward_with_exits)
+    raise ValueError("teacher-forced exits do not support the recurrent preset (input injection)")
   bounds = loop_boundaries(plan)
   b, t = tokens.shape
   ctx, _ = model.context(t)
