@@ -221,7 +221,8 @@ class Engine:
 
   def __init__(self, model, tokenizer=None, slots: int = 8, max_len: int | None = None,
                buckets: Sequence[int] | None = None, max_top_k: int = 64, stop_at_eos: bool = True, seed: int = 0,
-               chunk: int = 8, exit: str | None = None, unrolled: bool = True, depthwise: bool = False):  # pylint: disable=redefined-builtin
+               chunk: int = 8, exit: str | None = None, unrolled: bool = True,  # pylint: disable=redefined-builtin
+               depthwise: bool = False):
     cap = model.cfg.max_seq_len
     max_len = cap if max_len is None else int(max_len)
     if int(slots) < 1:
