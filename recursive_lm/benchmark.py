@@ -66,6 +66,8 @@ _GEN_MAX_NEW = flags.DEFINE_integer("gen_max_new", 64, "generate: new tokens per
 _GEN_EXIT = flags.DEFINE_string("gen_exit", "none", "generate: also serve with this early-exit rule "
                                  "(confidence:TAU | kl:EPS; needs a looped model), waiting for the deepest row "
                                  "and by depth-wise batching, and evaluate the loss with it.")
+_GEN_PROMPTS = flags.DEFINE_enum("gen_prompts", "random", ["random", "text"], "generate: prompts of random token ids, "
+                                 "or prefixes of the model's validation text (data config).")
 _GEN_EVAL_BATCHES = flags.DEFINE_integer("gen_eval_batches", 4, "generate with --gen_exit: validation batches of the "
                                          "model's data config for the eval loss with and without exits (0: skip).")
 _WARMUP = flags.DEFINE_bool("warmup", True, "compile: compile the first setting once, untimed, before timing "
@@ -250,14 +252,28 @@ def run_moe(cd) -> dict:
 # generate mode
 
 
-def generate_workload(n: int, max_prompt: int, max_new: int, vocab: int, seed: int = 0):
+def generate_workload(n: int, max_prompt: int, max_new: int, vocab: int, seed: int = 0, text=None):
   """n requests of varied size: (prompt ids int32 [P_i] with P_i in [4, max_prompt], new tokens in
-  [max_new // 8, max_new])."""
+  [max_new // 8, max_new]). Prompts are random ids, or with text (int [rows, >= max_prompt]) the first
+  P_i tokens of row i % rows."""
   import numpy as np
   rng = np.random.default_rng(seed)
   lengths = rng.integers(min(4, max_prompt), max_prompt + 1, n)
   news = rng.integers(max(1, max_new // 8), max_new + 1, n)
+  if text is not None:
+    return [(np.asarray(text[i % len(text), :p], np.int32), int(m)) for i, (p, m) in enumerate(zip(lengths, news))]
   return [(rng.integers(0, vocab, p).astype(np.int32), int(m)) for p, m in zip(lengths, news)]
+
+
+def _text_rows(cfg, n: int, length: int):
+  """n rows of the validation split's inputs (data config of the model), at least `length` tokens each."""
+  import numpy as np
+  from recursive_lm import data
+
+  if cfg.data.seq_len < length:
+    raise ConfigError(f"--gen_prompts=text: --gen_max_prompt {length} exceeds data.seq_len={cfg.data.seq_len}")
+  rows = np.concatenate([np.asarray(b["inputs"]) for b in data.eval_batches(cfg.data, -(-n // cfg.data.batch_size))])
+  return rows[:n]
 
 
 def run_generate(cd) -> dict:
@@ -302,7 +318,8 @@ def run_generate(cd) -> dict:
       raise ConfigError(f"--gen_exit={_GEN_EXIT.value}: {e}") from None
   if _GEN_EVAL_BATCHES.value < 0:
     raise ConfigError(f"--gen_eval_batches={_GEN_EVAL_BATCHES.value} must be >= 0")
-  work = generate_workload(n, max_prompt, max_new, cfg.model.vocab_size)
+  text = _text_rows(cfg, n, max_prompt) if _GEN_PROMPTS.value == "text" else None
+  work = generate_workload(n, max_prompt, max_new, cfg.model.vocab_size, text=text)
   useful = sum(m for _, m in work)
 
   def static():
@@ -339,7 +356,7 @@ def run_generate(cd) -> dict:
   static_tps, cont_tps = useful / s_time, useful / c_time
   return {
       "mode": "generate", "model": source, "requests": n, "slots": slots, "max_prompt": max_prompt,
-      "max_new": max_new, "requested_tokens": useful, "static_computed_tokens": -(-n // slots) * slots * max_new,
+      "max_new": max_new, "prompts": _GEN_PROMPTS.value, "requested_tokens": useful, "static_computed_tokens": -(-n // slots) * slots * max_new,
       "static_s": round(s_time, 3), "continuous_s": round(c_time, 3),
       "static_tokens_per_s": round(static_tps, 1), "continuous_tokens_per_s": round(cont_tps, 1),
       "continuous_vs_static": round(cont_tps / static_tps, 3), "greedy_agreement": agree,
