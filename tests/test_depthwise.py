@@ -140,3 +140,14 @@ def test_plans_it_cannot_batch_by_depth():
                       "kv_sharing")):
     with pytest.raises(ValueError, match=needle):
       Engine(build(**kw), depthwise=True)
+
+
+def test_sampling_draws_what_the_plain_engine_draws():
+  """Token j of a request is drawn with its seed and j, whatever the decode:
+  temperature / top-k sampling gives the plain engine's tokens."""
+  model = build(**WINDOWED)
+  prompts = _prompts([3, 8, 5, 2], seed=7)
+  kw = dict(max_new_tokens=7, temperature=1.3, top_k=5)
+  plain = Engine(model, slots=2, max_top_k=8).generate(prompts, **kw)
+  deep = Engine(model, slots=2, max_top_k=8, depthwise=True, chunk=3).generate(prompts, **kw)
+  assert [c.tokens for c in deep] == [c.tokens for c in plain]
