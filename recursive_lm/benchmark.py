@@ -67,7 +67,12 @@ _GEN_MAX_PROMPT = flags.DEFINE_integer("gen_max_prompt", 48, "generate: prompt l
 _GEN_MAX_NEW = flags.DEFINE_integer("gen_max_new", 64, "generate: new tokens per request are drawn from "
                                     "[this / 8, this].")
 _GEN_EXIT = flags.DEFINE_string("gen_exit", "none", "generate: also serve with this early-exit rule "
-                                 "(confidence:TAU | kl:EPS; needs a looped model).")
+                                 "(confidence:TAU | kl:EPS; needs a looped model), waiting for the deepest row "
+                                 "and by depth-wise batching, and evaluate the loss with it.")
+_GEN_PROMPTS = flags.DEFINE_enum("gen_prompts", "random", ["random", "text"], "generate: prompts of random token ids, "
+                                 "or prefixes of the model's validation text (data config).")
+_GEN_EVAL_BATCHES = flags.DEFINE_integer("gen_eval_batches", 4, "generate with --gen_exit: validation batches of the "
+                                         "model's data config for the eval loss with and without exits (0: skip).")
 _WARMUP = flags.DEFINE_bool("warmup", True, "compile: compile the first setting once, untimed, before timing "
                             "(so one-time JAX/XLA start-up is not charged to the first R).")
 
@@ -250,14 +255,28 @@ def run_moe(cd) -> dict:
 # generate mode
 
 
-def generate_workload(n: int, max_prompt: int, max_new: int, vocab: int, seed: int = 0):
+def generate_workload(n: int, max_prompt: int, max_new: int, vocab: int, seed: int = 0, text=None):
   """n requests of varied size: (prompt ids int32 [P_i] with P_i in [4, max_prompt], new tokens in
-  [max_new // 8, max_new])."""
+  [max_new // 8, max_new]). Prompts are random ids, or with text (int [rows, >= max_prompt]) the first
+  P_i tokens of row i % rows."""
   import numpy as np
   rng = np.random.default_rng(seed)
   lengths = rng.integers(min(4, max_prompt), max_prompt + 1, n)
   news = rng.integers(max(1, max_new // 8), max_new + 1, n)
+  if text is not None:
+    return [(np.asarray(text[i % len(text), :p], np.int32), int(m)) for i, (p, m) in enumerate(zip(lengths, news))]
   return [(rng.integers(0, vocab, p).astype(np.int32), int(m)) for p, m in zip(lengths, news)]
+
+
+def _text_rows(cfg, n: int, length: int):
+  """n rows of the validation split's inputs (data config of the model), at least `length` tokens each."""
+  import numpy as np
+  from recursive_lm import data
+
+  if cfg.data.seq_len < length:
+    raise ConfigError(f"--gen_prompts=text: --gen_max_prompt {length} exceeds data.seq_len={cfg.data.seq_len}")
+  rows = np.concatenate([np.asarray(b["inputs"]) for b in data.eval_batches(cfg.data, -(-n // cfg.data.batch_size))])
+  return rows[:n]
 
 
 def run_generate(cd) -> dict:
@@ -270,7 +289,7 @@ def run_generate(cd) -> dict:
   import numpy as np
   from flax import nnx
 
-  from recursive_lm.inference import Engine, exits, generate, load_checkpoint
+  from recursive_lm.inference import Engine, depthwise, exits, generate, load_checkpoint
   from recursive_lm.model.transformer import Transformer
 
   if _WORKDIR.value:
@@ -295,7 +314,15 @@ def run_generate(cd) -> dict:
     loops = len(exits.loop_boundaries(model.plan)) + 1 if rule is not None else None
   except ValueError as e:
     raise ConfigError(f"--gen_{e}") from None
-  work = generate_workload(n, max_prompt, max_new, cfg.model.vocab_size)
+  if rule is not None:
+    try:
+      depthwise.check_plan(model.plan)
+    except ValueError as e:
+      raise ConfigError(f"--gen_exit={_GEN_EXIT.value}: {e}") from None
+  if _GEN_EVAL_BATCHES.value < 0:
+    raise ConfigError(f"--gen_eval_batches={_GEN_EVAL_BATCHES.value} must be >= 0")
+  text = _text_rows(cfg, n, max_prompt) if _GEN_PROMPTS.value == "text" else None
+  work = generate_workload(n, max_prompt, max_new, cfg.model.vocab_size, text=text)
   useful = sum(m for _, m in work)
 
   def static():
@@ -310,9 +337,10 @@ def run_generate(cd) -> dict:
       outs += [toks[i, p.size:p.size + m].tolist() for i, (p, m) in enumerate(batch)][:n - lo]
     return outs
 
-  def continuous(exit_rule=None):
+  def continuous(exit_rule=None, depthwise=False):
     # The cache as long as the static side's (attention reads all of it at every step).
-    engine = Engine(model, slots=slots, max_len=max_prompt + max_new, max_top_k=0, exit=exit_rule)
+    engine = Engine(model, slots=slots, max_len=max_prompt + max_new, max_top_k=0, exit=exit_rule,
+                    depthwise=depthwise)
     outs = []
     for _ in range(2):  # compile, then timed
       for p, m in work:
@@ -331,11 +359,12 @@ def run_generate(cd) -> dict:
   static_tps, cont_tps = useful / s_time, useful / c_time
   return {
       "mode": "generate", "model": source, "requests": n, "slots": slots, "max_prompt": max_prompt,
-      "max_new": max_new, "requested_tokens": useful, "static_computed_tokens": -(-n // slots) * slots * max_new,
+      "max_new": max_new, "prompts": _GEN_PROMPTS.value, "requested_tokens": useful, "static_computed_tokens": -(-n // slots) * slots * max_new,
       "static_s": round(s_time, 3), "continuous_s": round(c_time, 3),
       "static_tokens_per_s": round(static_tps, 1), "continuous_tokens_per_s": round(cont_tps, 1),
       "continuous_vs_static": round(cont_tps / static_tps, 3), "greedy_agreement": agree,
       **(_exit_record(continuous, _GEN_EXIT.value, loops, useful, c_out) if rule is not None else {}),
+      **(_exit_eval(model, cfg, rule, _GEN_EVAL_BATCHES.value) if rule is not None and _GEN_EVAL_BATCHES.value else {}),
       "config": {"preset": cfg.model.plan.preset, "d_model": cfg.model.d_model,
                  "effective_depth": cfg.model.plan.num_layers},
       **_environment(),
@@ -343,18 +372,60 @@ def run_generate(cd) -> dict:
 
 
 def _exit_record(continuous, spec: str, loops: int, useful: int, full: list) -> dict:
-  """The engine with per-token exits against the full-depth engine run `full` (greedy tokens per request)."""
+  """The engine with per-token exits, waiting for the deepest row (exit_static) and by depth-wise batching,
+  against the full-depth engine run `full` (greedy tokens per request)."""
   import numpy as np
 
   done, seconds = continuous(spec)
   toks = [c.tokens for c in done]
   same = sum(int(a == b) for x, y in zip(toks, full) for a, b in zip(x, y))
-  return {"exit": spec, "loops": loops, "exit_continuous_tokens_per_s": round(useful / seconds, 1),
+  d_done, d_seconds = continuous(spec, depthwise=True)
+  d_same = sum(int(a == b) for x, y in zip([c.tokens for c in d_done], toks) for a, b in zip(x, y))
+  static_tps, depthwise_tps = useful / seconds, useful / d_seconds
+  return {"exit": spec, "loops": loops, "exit_static_tokens_per_s": round(static_tps, 1),
+          "exit_depthwise_tokens_per_s": round(depthwise_tps, 1),
+          "depthwise_vs_static": round(depthwise_tps / static_tps, 3),
           "mean_exit_loop": round(float(np.mean(np.concatenate([c.exit_loops for c in done if c.exit_loops]))), 3),
           # Fraction of the requested positions holding the full-depth token (once a token differs, the
           # continuation after it usually does too).
           "greedy_agreement_with_full_depth": round(same / useful, 4),
-          "note": "a step skips the loops after an exit only when every slot has exited (K/V projections only)"}
+          # The two exit engines decode the same tokens (up to float reassociation flipping a near tie).
+          "depthwise_agreement_with_exit_static": round(d_same / useful, 4),
+          "note": "exit_static: a step runs every loop's layers while any slot still runs (then K/V projections "
+                  "only); exit_depthwise: a step is one loop for every slot, each at its own loop index"}
+
+
+def _exit_eval(model, cfg, rule, n: int) -> dict:
+  """Mean token cross-entropy over n validation batches of the model's data config, at full depth and with
+  every token exiting by `rule` (`exits.teacher_forced`), and the mean exit loop there."""
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  from recursive_lm import data
+  from recursive_lm.evaluate import evaluate
+  from recursive_lm.inference import exits
+  from recursive_lm.train_step import token_losses
+
+  batches = data.eval_batches(cfg.data, n)
+  full, count = evaluate(model, batches)
+  if model.recurrent or model.plan.kv_sharing != "none":
+    return {"eval_loss": round(full, 4), "eval_loss_with_exits": None,
+            "eval_note": "no loss with exits: exits.teacher_forced needs a non-recurrent plan without KV sharing"}
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def step(state, inputs, targets):
+    logits, loops = exits.teacher_forced(nnx.merge(graphdef, state), inputs, rule)
+    losses, valid = token_losses(logits, targets)
+    return losses.sum(), (loops * valid).sum(), valid.sum()
+
+  total = used = 0.0
+  for b in batches:
+    s, l, _ = step(state, np.asarray(b["inputs"]), np.asarray(b["targets"]))
+    total, used = total + float(s), used + float(l)
+  return {"eval_loss": round(full, 4), "eval_loss_with_exits": round(total / count, 4),
+          "eval_mean_exit_loop": round(used / count, 3), "eval_tokens": count}
 
 
 def _environment() -> dict:

@@ -1,7 +1,7 @@
 """Batch generation from a checkpoint through the serving engine:
 `python -m recursive_lm.generate --workdir runs/demo --input prompts.jsonl --output out.jsonl
  [--max_new_tokens 64 --temperature 0 --top_k 0 --seed 0 --slots 8 --step N --ignore_eos
-  --exit none|confidence:TAU|kl:EPS]`.
+  --exit none|confidence:TAU|kl:EPS --depthwise]`.
 
 Input: one JSON object per line, {"id": ..., "prompt": "...", "max_new_tokens": n?, "stop": ["..."]?}
 (max_new_tokens defaults to the flag). Output: exactly one line per input
@@ -34,6 +34,7 @@ from absl import app, flags
 from recursive_lm import cli, data
 from recursive_lm.config import ConfigError
 from recursive_lm.data.tokenizers import encode_prompt
+from recursive_lm.inference import depthwise as depthwise_lib
 from recursive_lm.inference import exits
 from recursive_lm.inference.decode import load_checkpoint
 from recursive_lm.inference.engine import Engine
@@ -52,6 +53,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_bool("ignore_eos", False, "Do not stop at the tokenizer's EOS.")
   flags.DEFINE_string("exit", "none", "Per-token early exit: none | confidence:TAU | kl:EPS (inference/exits.py).")
+  flags.DEFINE_bool("depthwise", False, "Continuous depth-wise batching: one loop of the shared stage per step, "
+                    "every slot at its own loop (inference/depthwise.py); needs one repeated cycle-order stage.")
 
 
 def parse_line(n: int, line: str, default_new: int) -> tuple[object, dict | None, str | None]:
@@ -80,7 +83,7 @@ def parse_line(n: int, line: str, default_new: int) -> tuple[object, dict | None
 
 def run(workdir: str, input_path: str, output_path: str, max_new_tokens: int = 64, temperature: float = 0.0,
         top_k: int = 0, seed: int = 0, slots: int = 8, step: int | None = None, ignore_eos: bool = False,
-        exit_rule: str = "none") -> dict:
+        exit_rule: str = "none", depthwise: bool = False) -> dict:
   """Generate for every line of input_path into output_path; returns a summary
   {requests, failed, new_tokens, seconds, tokens_per_s}. Raises ConfigError for user errors."""
   for name, value, low in (("slots", slots, 1), ("max_new_tokens", max_new_tokens, 0), ("top_k", top_k, 0)):
@@ -111,9 +114,14 @@ def run(workdir: str, input_path: str, output_path: str, max_new_tokens: int = 6
     if error is None:
       n = len(encode_prompt(tokenizer, kw["prompt"])) + kw["max_new_tokens"]
       need = max(need, n) if n <= cap else need
+  if depthwise:
+    try:
+      depthwise_lib.check_plan(model.plan)
+    except ValueError as e:  # no loop to batch by, or a plan it cannot
+      raise ConfigError(f"--depthwise: {e}") from None
   try:
     engine = Engine(model, tokenizer, slots=slots, max_len=need, max_top_k=top_k, stop_at_eos=not ignore_eos,
-                    exit=exit_rule)
+                    exit=exit_rule, depthwise=depthwise)
   except ValueError as e:  # exits on a model without loops
     raise ConfigError(f"--exit={exit_rule}: {e}") from None
 
@@ -153,7 +161,7 @@ def main(argv):
       cli.fail(f"--{name} is required")
   try:
     summary = run(f.workdir, f.input, f.output, f.max_new_tokens, f.temperature, f.top_k, f.seed, f.slots, f.step,
-                  f.ignore_eos, f.exit)
+                  f.ignore_eos, f.exit, f.depthwise)
   except ConfigError as e:
     cli.fail(e)
   print(f"generate: {summary['requests']} requests ({summary['failed']} failed), {summary['new_tokens']} new tokens "

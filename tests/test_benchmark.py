@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def _run(*args):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -47,16 +49,20 @@ def test_bad_moe_flags_exit_2_with_one_line():
 def test_generate_mode_compares_static_and_continuous(tmp_path):
   out = tmp_path / "gen.json"
   proc = _run("generate", "--config", "configs/recursive.py:size=tiny", "--gen_requests", "6", "--gen_slots", "2",
-              "--gen_max_prompt", "12", "--gen_max_new", "8", "--gen_exit", "confidence:1.0", "--out", str(out))
+              "--gen_max_prompt", "12", "--gen_max_new", "8", "--gen_exit", "confidence:1.0", "--gen_prompts", "text",
+              "--out", str(out))
   assert proc.returncode == 0, proc.stderr[-2000:]
   rec = json.loads(out.read_text())
-  assert rec["mode"] == "generate" and rec["requests"] == 6 and rec["slots"] == 2
+  assert rec["mode"] == "generate" and rec["requests"] == 6 and rec["slots"] == 2 and rec["prompts"] == "text"
   assert rec["static_tokens_per_s"] > 0 and rec["continuous_tokens_per_s"] > 0
   assert abs(rec["continuous_vs_static"] - rec["continuous_tokens_per_s"] / rec["static_tokens_per_s"]) < 0.01
   assert rec["greedy_agreement"] == 1.0  # same greedy tokens both ways
   # A rule that never fires: every token runs all loops and matches full depth.
   assert rec["loops"] == 2 and rec["mean_exit_loop"] == 2.0 and rec["greedy_agreement_with_full_depth"] == 1.0
-  assert rec["exit_continuous_tokens_per_s"] > 0
+  assert rec["exit_static_tokens_per_s"] > 0 and rec["exit_depthwise_tokens_per_s"] > 0
+  assert rec["depthwise_vs_static"] > 0 and rec["depthwise_agreement_with_exit_static"] == 1.0
+  # A rule that never fires: the loss with exits is the full-depth loss.
+  assert rec["eval_loss_with_exits"] == pytest.approx(rec["eval_loss"], abs=1e-3) and rec["eval_mean_exit_loop"] == 2
   proc = _run("generate", "--config", "configs/recursive.py:size=tiny", "--gen_slots", "0")
   assert proc.returncode == 2 and proc.stderr.count("error:") == 1 and "--gen_slots" in proc.stderr
   proc = _run("generate")

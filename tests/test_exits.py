@@ -92,3 +92,20 @@ def test_bad_exit_settings():
   assert parse_exit("none") is None and parse_exit("kl:0.01") == ExitRule("kl", 0.01)
   with pytest.raises(ValueError, match="repeated stage"):
     Engine(build(preset="vanilla", num_layers=2), exit="confidence:0.9")
+
+
+def test_teacher_forced_exits_equal_decoding_with_exits():
+  """The whole-sequence forward with per-position exits gives, at every
+  position, the logits and exit loop of decoding the sequence token by token
+  with `forward_with_exits` (exited tokens' later K/V from their exit state)."""
+  model = build(**LOOPED)
+  seq = jnp.asarray(np.random.default_rng(4).integers(0, V, (2, 7)), jnp.int32)
+  rule = ExitRule("confidence", 0.1)
+  logits, loops = jax.jit(lambda t: exits.teacher_forced(model, t, rule))(seq)
+  cache = model.init_cache(2, 8)
+  step = jax.jit(lambda t, c, i: forward_with_exits(model, t, c, i, rule))
+  for p in range(seq.shape[1]):
+    want, cache, want_loops = step(seq[:, p:p + 1], cache, jnp.full((2,), p, jnp.int32))
+    np.testing.assert_allclose(logits[:, p], want[:, 0], rtol=1e-4, atol=1e-4)
+    assert loops[:, p].tolist() == want_loops.tolist(), p
+  assert set(np.asarray(loops).ravel().tolist()) == {1, 2, 3}

@@ -95,3 +95,37 @@ def test_generate_cli_with_exits(run_dir, tmp_path):
   for a, b in zip(recs["none"], recs["confidence:1.0"]):
     assert b["completion"] == a["completion"] and b["mean_exit_loop"] == 2.0
   assert all(r["mean_exit_loop"] == 1.0 for r in recs["confidence:0.000001"])
+
+
+def test_generate_cli_depthwise(run_dir, tmp_path):
+  """--depthwise decodes the same completions (and exit loops) as the engine without it, with exits off and
+  on (a threshold at which this run's tokens exit after either loop)."""
+  inp = tmp_path / "in.jsonl"
+  _write(inp, [json.dumps({"id": i, "prompt": p, "max_new_tokens": n})
+               for i, (p, n) in enumerate([("def ", 6), ("class A", 9), ("import", 3)])])
+  recs = {}
+  for rule in ("none", "confidence:0.1"):
+    for flag in ((), ("--depthwise",)):
+      out = tmp_path / f"{rule}{len(flag)}.jsonl"
+      r = cli("recursive_lm.generate", f"--workdir={run_dir}", f"--input={inp}", f"--output={out}",
+              f"--exit={rule}", "--slots=2", *flag)
+      assert r.returncode == 0, r.stderr
+      recs[rule, bool(flag)] = [json.loads(l) for l in open(out)]
+  for rule in ("none", "confidence:0.1"):
+    assert recs[rule, True] == recs[rule, False]
+  loops = [r["mean_exit_loop"] for r in recs["confidence:0.1", True]]
+  assert min(loops) < 2 and max(loops) > 1, loops  # tokens exit after loop 1 and after loop 2
+
+
+def test_generate_cli_depthwise_needs_a_loop(tmp_path):
+  """A model without a repeated stage: one error line naming --depthwise, exit 2, no output."""
+  from recursive_lm import train
+  workdir = str(tmp_path / "vanilla")
+  train.run(tiny(**{"model.plan.preset": "vanilla", "model.plan.repeats": 1, "model.lora.rank": 0,
+                    "train.steps": 1, "train.eval_every": 1, "train.checkpoint_every": 1}), workdir)
+  inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+  _write(inp, [json.dumps({"id": 1, "prompt": "a"})])
+  r = cli("recursive_lm.generate", f"--workdir={workdir}", f"--input={inp}", f"--output={out}", "--depthwise")
+  assert r.returncode == 2
+  assert r.stderr.count("error:") == 1 and "--depthwise: depth-wise batching needs" in r.stderr, r.stderr
+  assert not os.path.exists(out)

@@ -39,10 +39,13 @@ class ExitRule(NamedTuple):
 
 
 def parse_exit(spec: str | None) -> ExitRule | None:
-  """'none' / None -> None; 'confidence:TAU' (0 < TAU <= 1) or 'kl:EPS' (EPS > 0) -> ExitRule.
+  """'none' / None -> None; 'confidence:TAU' (0 < TAU <= 1) or 'kl:EPS' (EPS > 0) -> ExitRule;
+  a rule object (an ExitRule, or one with `decide`, see there) as it is.
   Raises ValueError naming the spec otherwise."""
   if spec is None or spec == "none":
     return None
+  if hasattr(spec, "decide") or isinstance(spec, ExitRule):  # a rule object (see `decide`)
+    return spec
   kind, _, value = str(spec).partition(":")
   try:
     threshold = float(value)
@@ -53,6 +56,23 @@ def parse_exit(spec: str | None) -> ExitRule | None:
   if kind == "kl" and threshold is not None and threshold > 0:
     return ExitRule(kind, threshold)
   raise ValueError(f"exit={spec!r} must be 'none', 'confidence:TAU' with 0 < TAU <= 1 or 'kl:EPS' with EPS > 0")
+
+
+def decide(rule, logp, prev, loop, positions):
+  """Per row: whether its token exits after `loop` loops (int, or int [B]).
+
+  logp [B, V]: log-probabilities of the readout after this loop; prev [B, V]:
+  those after the previous loop (meaningless where loop == 1); positions [B]:
+  the tokens' positions. An ExitRule decides by its kind; any other hashable
+  object with a method `decide(logp, prev, loop, positions) -> bool [B]` by
+  that (deterministic rules for tests and experiments).
+  """
+  if not isinstance(rule, ExitRule):
+    return rule.decide(logp, prev, loop, positions)
+  if rule.kind == "confidence":
+    return jnp.exp(logp.max(-1)) >= rule.threshold
+  kl = jnp.sum(jnp.exp(logp) * (logp - prev), -1)
+  return (jnp.asarray(loop) > 1) & (kl < rule.threshold)  # the first loop has no predecessor
 
 
 def loop_boundaries(plan) -> tuple[int, ...]:
@@ -157,12 +177,45 @@ def forward_with_exits(model, tokens, cache, cache_index, rule: ExitRule):
     if j == len(segments) - 1:
       break
     logp = jax.nn.log_softmax(model.readout(x[:, -1]), axis=-1)  # [B, V]
-    if rule.kind == "confidence":
-      go = jnp.exp(logp.max(-1)) >= rule.threshold
-    else:
-      go = jnp.zeros((b,), bool) if prev is None else jnp.sum(jnp.exp(logp) * (logp - prev), -1) < rule.threshold
+    go = decide(rule, logp, logp if prev is None else prev, j + 1, cache_index)
     prev = logp
     go = go & ~exited
     loops = jnp.where(go, j + 1, loops)
     exited = exited | go
   return model.readout(x), cache, loops
+
+
+def teacher_forced(model, tokens, rule):
+  """tokens [B, T] -> (logits [B, T, V] float32, loops int32 [B, T]).
+
+  The cache-free forward of a whole sequence with every position exiting on
+  its own by `rule`, as decoding with exits treats a token: an exited
+  position keeps its exit state through the rest of the depth (its logits
+  are the readout of that state, and the later layers' K/V at that position
+  are projected from it, which is what later positions attend to). For the
+  loss with exits of teacher-forced text. Plans without KV sharing.
+  """
+  plan, cfg = model.plan, model.cfg
+  if plan.kv_sharing != "none":
+    raise ValueError(f"teacher-forced exits need model.kv_sharing='none', not {plan.kv_sharing!r}")
+  if model.recurrent:  # the walk below has no input injection (nor has forward_with_exits)
+    raise ValueError("teacher-forced exits do not support the recurrent preset (input injection)")
+  bounds = loop_boundaries(plan)
+  b, t = tokens.shape
+  ctx, _ = model.context(t)
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  x = model.embed(tokens, jnp.dtype(cfg.compute_dtype))
+  exited = jnp.zeros((b, t), bool)
+  loops = jnp.full((b, t), len(bounds) + 1, jnp.int32)
+  prev, j = None, 0
+  for layer in plan.layers():
+    new, _, _ = apply_layer(model.stages[layer.stage], layer, x, ctx, None)
+    x = jnp.where(exited[..., None], x, new)
+    if layer.depth in bounds:
+      j += 1
+      logp = jax.nn.log_softmax(model.readout(x), axis=-1)  # [B, T, V]
+      go = decide(rule, logp, logp if prev is None else prev, j, positions) & ~exited
+      prev = logp
+      loops = jnp.where(go, j, loops)
+      exited = exited | go
+  return model.readout(x), loops

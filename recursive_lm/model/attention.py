@@ -162,8 +162,10 @@ def write_cache(cache: jax.Array, x: jax.Array, index: jax.Array) -> jax.Array:
 def _visible(q_pos, k_pos, window):
   """[Tq, S] bool ([B, 1, 1, Tq, S] for per-row q_pos [B, Tq], to broadcast over
   [B, K, G, Tq, S] scores): key j is visible to query i when k_pos[j] <= q_pos[i]
-  and, for a nonzero window, q_pos[i] - k_pos[j] < window."""
+  and, for a nonzero window, q_pos[i] - k_pos[j] < window (a scalar, or one per row [B] with per-row q_pos)."""
   visible = k_pos <= q_pos[..., None]
+  if window is not None and jnp.ndim(window) == 1:  # one window per row [B] (depth-wise batching)
+    window = window[:, None, None]
   if window is not None:
     visible &= (window == 0) | (q_pos[..., None] - k_pos < window)
   return visible if q_pos.ndim == 1 else visible[:, None, None]

@@ -113,6 +113,14 @@ class Block(nnx.Module):
     rms = jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32))))
     return x, cache, {"resid_rms": rms}
 
+  def project_kv(self, x: jax.Array, slot: DepthSlot | None, ctx: Context, kv_proj: KVProjection | None = None,
+                 kv_lora: DepthSlot | None = None):
+    """This layer's keys/values of x [B, T, D] as the cache stores them: (k, v)
+    [B, T, K, Hd], or (None, None) for a layer reading a shared KV slot."""
+    lora = _adapters(slot, kv_lora)
+    n = self if self.attn_norm is not None else slot
+    return self.attn.project_kv(n.attn_norm(x), ctx, lora, n.k_norm, kv_proj)
+
   def write_kv(self, x: jax.Array, slot: DepthSlot | None, ctx: Context, cache: dict,
                kv_proj: KVProjection | None = None, kv_lora: DepthSlot | None = None) -> dict:
     """Only this layer's keys/values of x [B, T, D], written into `cache`
@@ -120,9 +128,7 @@ class Block(nnx.Module):
     writes for the same x, without the attention or MLP. For tokens that
     exited before this layer (inference/exits.py). A layer reading a shared
     KV slot writes nothing: the cache comes back unchanged."""
-    lora = _adapters(slot, kv_lora)
-    n = self if self.attn_norm is not None else slot
-    k, v = self.attn.project_kv(n.attn_norm(x), ctx, lora, n.k_norm, kv_proj)
+    k, v = self.project_kv(x, slot, ctx, kv_proj, kv_lora)
     if k is None:
       return cache
     return {"k": write_cache(cache["k"], k, ctx.cache_index), "v": write_cache(cache["v"], v, ctx.cache_index)}
