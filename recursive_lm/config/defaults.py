@@ -135,6 +135,9 @@ def base_config() -> ml_collections.ConfigDict:
   t.keep_checkpoints = 2
   t.on_nonfinite = "stop"  # stop | skip
   t.peak_flops = 0.0  # per device FLOP/s for MFU; 0: known table or measured matmul peak
+  # Per-loop readout losses for early exit: one weight per loop of the repeated stage, e.g. "0.25,0.25,0.5,1"
+  # (the last weighs the model's output; "" off). Logged as loss_loop_1 .. loss_loop_N.
+  t.exit_loss_weights = ""
 
   c.mesh = me = ml_collections.ConfigDict()
   me.data = -1  # -1: all remaining devices

@@ -155,6 +155,7 @@ class TrainConfig:
   keep_checkpoints: int
   on_nonfinite: str
   peak_flops: float
+  exit_loss_weights: tuple[float, ...] = ()  # per-loop readout losses (train_step.loss_fn); () off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,5 +213,6 @@ def _from_raw(raw: dict) -> Config:
   lo = raw["model"]["lora"]
   raw["model"]["lora"] = LoraConfig(rank=lo["rank"], targets=tuple(lo["targets"]),
                                     ranks=tuple(tuple(x) for x in lo["ranks"]), alpha=lo["alpha"])
+  raw["train"]["exit_loss_weights"] = tuple(raw["train"].get("exit_loss_weights", ()))
   return Config(seed=raw["seed"], model=ModelConfig(**raw["model"]), data=DataConfig(**raw["data"]),
                 optim=OptimConfig(**raw["optim"]), train=TrainConfig(**raw["train"]), mesh=MeshConfig(**raw["mesh"]))

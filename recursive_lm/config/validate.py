@@ -56,6 +56,30 @@ def _lora(c, model_dims: dict[str, tuple[int, int]]) -> LoraConfig:
                     alpha=float(c.alpha))
 
 
+def _exit_weights(value, plan: plan_lib.Plan, preset: str) -> tuple[float, ...]:
+  """train.exit_loss_weights ('w1,w2,...' or a sequence; '' off) -> one float >= 0
+  per loop of the plan's repeated cycle-order stages (boundaries + 1)."""
+  field = "train.exit_loss_weights"
+  items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+  if not items:
+    return ()
+  try:
+    weights = tuple(float(v) for v in items)
+  except (TypeError, ValueError):
+    raise ConfigError(f"{field}={value!r} must be comma-separated numbers, one per loop") from None
+  if preset == "recurrent":
+    raise ConfigError(f"{field}: the recurrent preset's run-time loop count is not supported; leave it empty")
+  loops = 1 + sum(1 for l in plan.layers() if plan.stages[l.stage].ends_loop(l.block, l.repeat))
+  if loops == 1:
+    raise ConfigError(f"{field}={value!r}: the plan has no repeated cycle-order stage (no loops to read out)")
+  if len(weights) != loops:
+    raise ConfigError(f"{field}={value!r} has {len(weights)} weights; the plan has {loops} loops (one weight each, "
+                      "the last for the model's output)")
+  if any(not w >= 0 for w in weights) or not sum(weights) > 0:
+    raise ConfigError(f"{field}={value!r}: weights must be >= 0 (finite) with a positive sum")
+  return weights
+
+
 def _moe(m, mesh) -> MoEConfig:
   _choice("model.block", m.block, ("dense", "moeut"))
   mo = m.moe
@@ -217,8 +241,8 @@ def load(cd: ml_collections.ConfigDict) -> Config:
     raise ConfigError(f"model.kv_sharing={m.kv_sharing!r} is only supported with model.block='dense' "
                       f"(model.block={m.block!r})")
   # The whole depth plan is checked here (divisibility, KV sharing, layer kinds), one named error each.
-  plan_lib.build(plan.preset, plan.num_layers, plan.repeats, plan.per_depth_norms, m.kv_sharing,
-                 m.sliding_window, m.global_every, (plan.prelude, plan.coda))
+  depth_plan = plan_lib.build(plan.preset, plan.num_layers, plan.repeats, plan.per_depth_norms, m.kv_sharing,
+                              m.sliding_window, m.global_every, (plan.prelude, plan.coda))
 
   d_q, d_kv = m.num_heads * head_dim, m.num_kv_heads * head_dim
   dims = {"q": (m.d_model, d_q), "k": (m.d_model, d_kv), "v": (m.d_model, d_kv), "o": (d_q, m.d_model),
@@ -282,7 +306,8 @@ def load(cd: ml_collections.ConfigDict) -> Config:
     _positive(f"train.{f}", t[f])
   _choice("train.on_nonfinite", t.on_nonfinite, ("stop", "skip"))
   _positive("train.peak_flops", t.peak_flops, allow_zero=True)
-  train = TrainConfig(**{f.name: t[f.name] for f in dataclasses.fields(TrainConfig)})
+  train = TrainConfig(**{f.name: t[f.name] for f in dataclasses.fields(TrainConfig) if f.name != "exit_loss_weights"},
+                      exit_loss_weights=_exit_weights(t.exit_loss_weights, depth_plan, plan.preset))
 
   me = cd.mesh
   for f in ("data", "fsdp", "tensor", "expert"):
