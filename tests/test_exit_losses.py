@@ -13,8 +13,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +28,7 @@ from recursive_lm.model.recursion import apply_layer
 from recursive_lm.train_step import loss_fn, make_train_step, token_losses
 
 from test_decode import V, build
-
-import tiny_run
+from test_train_e2e import tiny
 
 WINDOWED = dict(preset="cycle", num_layers=6, repeats=3, lora_rank=2, **{
     "model.sliding_window": 3, "model.global_every": 2, "model.rope_base_local": 100.0})
@@ -153,12 +150,10 @@ def test_weights_on_a_plan_without_loops_are_refused():
 
 
 def test_training_run_writes_loop_losses(tmp_path):
+  from recursive_lm import train
   workdir = str(tmp_path / "run")
-  env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.path.dirname(tiny_run.PATH)}
-  proc = subprocess.run([sys.executable, "-m", "recursive_lm.train", f"--config={tiny_run.PATH}:steps=2,eval_every=2,batch=8",
-                         f"--workdir={workdir}", "--config.train.exit_loss_weights=0.5,1"],
-                        capture_output=True, text=True, env=env, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-2000:]
+  train.run(tiny(**{"train.steps": 2, "train.eval_every": 2, "train.checkpoint_every": 2,
+                    "train.exit_loss_weights": "0.5,1"}), workdir)
   records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   train = [r for r in records if "loss" in r]
   assert len(train) == 2
