@@ -207,10 +207,12 @@ def main():
       d for pat in ("exit_s*", "plain_s*") for d in glob.glob(os.path.join(args.runs, pat)) if os.path.isdir(d))
   if not dirs:
     sys.exit(f"error: no run directories under {args.runs}")
-  records = [measure(d, args) for d in dirs]
-  with open(args.out + ".tmp", "w") as f:
-    json.dump({"runs": records, "settings": {k: v for k, v in vars(args).items()}}, f, indent=1)
-  os.replace(args.out + ".tmp", args.out)
+  records = []
+  for d in dirs:  # the file is rewritten after every run, so a long sweep keeps what it has measured
+    records.append(measure(d, args))
+    with open(args.out + ".tmp", "w") as f:
+      json.dump({"runs": records, "settings": {k: v for k, v in vars(args).items()}}, f, indent=1)
+    os.replace(args.out + ".tmp", args.out)
 
 
 if __name__ == "__main__":
