@@ -1,7 +1,7 @@
 """Batch generation from a checkpoint through the serving engine:
 `python -m recursive_lm.generate --workdir runs/demo --input prompts.jsonl --output out.jsonl
  [--max_new_tokens 64 --temperature 0 --top_k 0 --seed 0 --slots 8 --step N --ignore_eos
-  --exit none|confidence:TAU|kl:EPS --depthwise]`.
+  --exit none|confidence:TAU|kl:EPS --depthwise --speculate K --draft_loops N]`.
 
 Input: one JSON object per line, {"id": ..., "prompt": "...", "max_new_tokens": n?, "stop": ["..."]?}
 (max_new_tokens defaults to the flag). Output: exactly one line per input
@@ -12,7 +12,10 @@ run per decoded token, null when none was decoded), or {"id", "error"} for a lin
 (broken JSON, no prompt, bad fields, prompt + new tokens beyond
 model.max_seq_len): the error names the line and what is wrong, the other
 lines still run, and the exit status is 1. Prompts are encoded after BOS when
-the run's tokenizer expects it, as `sample` does. Request i samples with seed
+the run's tokenizer expects it, as `sample` does. --speculate K > 0 decodes
+by few-loop self-speculation (K tokens drafted by the model cut after
+--draft_loops loops, verified at full depth; the same completions, see
+inference/speculate.py); the summary line then gives the draft acceptance. Request i samples with seed
 --seed + i (i: its line number from 0), so a line's completion does not
 depend on the lines around it.
 
@@ -55,6 +58,8 @@ def define_flags() -> None:
   flags.DEFINE_string("exit", "none", "Per-token early exit: none | confidence:TAU | kl:EPS (inference/exits.py).")
   flags.DEFINE_bool("depthwise", False, "Continuous depth-wise batching: one loop of the shared stage per step, "
                     "every slot at its own loop (inference/depthwise.py); needs one repeated cycle-order stage.")
+  flags.DEFINE_integer("speculate", 0, "Self-speculation: tokens drafted per round (0: off; inference/speculate.py).")
+  flags.DEFINE_integer("draft_loops", 1, "Loops of the repeated stage the --speculate draft runs.")
 
 
 def parse_line(n: int, line: str, default_new: int) -> tuple[object, dict | None, str | None]:
@@ -83,9 +88,10 @@ def parse_line(n: int, line: str, default_new: int) -> tuple[object, dict | None
 
 def run(workdir: str, input_path: str, output_path: str, max_new_tokens: int = 64, temperature: float = 0.0,
         top_k: int = 0, seed: int = 0, slots: int = 8, step: int | None = None, ignore_eos: bool = False,
-        exit_rule: str = "none", depthwise: bool = False) -> dict:
+        exit_rule: str = "none", depthwise: bool = False, speculate: int = 0, draft_loops: int = 1) -> dict:
   """Generate for every line of input_path into output_path; returns a summary
-  {requests, failed, new_tokens, seconds, tokens_per_s}. Raises ConfigError for user errors."""
+  {requests, failed, new_tokens, seconds, tokens_per_s} (with speculate, also
+  acceptance: accepted / drafted tokens). Raises ConfigError for user errors."""
   for name, value, low in (("slots", slots, 1), ("max_new_tokens", max_new_tokens, 0), ("top_k", top_k, 0)):
     if value < low:
       raise ConfigError(f"--{name}={value} must be >= {low}")
@@ -106,6 +112,8 @@ def run(workdir: str, input_path: str, output_path: str, max_new_tokens: int = 6
   except (OSError, UnicodeDecodeError) as e:
     raise ConfigError(f"--input {input_path}: cannot read it ({e})") from None
   cfg, model, _ = load_checkpoint(workdir, step)
+  if not 0 <= speculate <= cfg.model.max_seq_len:
+    raise ConfigError(f"--speculate={speculate} must lie in [0, the model's context {cfg.model.max_seq_len}] (0: off)")
   tokenizer = data.get_tokenizer(cfg.data.tokenizer)
   parsed = [parse_line(i + 1, line, max_new_tokens) for i, line in enumerate(lines)]
   # The cache only as long as the longest request that fits the model needs: attention reads all of it per step.
@@ -121,9 +129,10 @@ def run(workdir: str, input_path: str, output_path: str, max_new_tokens: int = 6
       raise ConfigError(f"--depthwise: {e}") from None
   try:
     engine = Engine(model, tokenizer, slots=slots, max_len=need, max_top_k=top_k, stop_at_eos=not ignore_eos,
-                    exit=exit_rule, depthwise=depthwise)
-  except ValueError as e:  # exits on a model without loops
-    raise ConfigError(f"--exit={exit_rule}: {e}") from None
+                    exit=exit_rule, depthwise=depthwise, speculate=speculate, draft_loops=draft_loops)
+  except ValueError as e:  # exits or speculation on a model without loops
+    flag = f"--speculate={speculate} --draft_loops={draft_loops}" if speculate else f"--exit={exit_rule}"
+    raise ConfigError(f"{flag}: {e}") from None
 
   results: list[dict | None] = [None] * len(lines)
   for i, (rid, kw, error) in enumerate(parsed):
@@ -147,8 +156,12 @@ def run(workdir: str, input_path: str, output_path: str, max_new_tokens: int = 6
       f.write(json.dumps(r, ensure_ascii=False) + "\n")
   os.replace(tmp, output_path)
   failed = sum("error" in r for r in results)
-  return {"requests": len(lines), "failed": failed, "new_tokens": total, "seconds": round(seconds, 3),
-          "tokens_per_s": round(total / seconds, 1) if seconds > 0 else None}
+  summary = {"requests": len(lines), "failed": failed, "new_tokens": total, "seconds": round(seconds, 3),
+             "tokens_per_s": round(total / seconds, 1) if seconds > 0 else None}
+  if speculate:
+    spec = engine.speculation
+    summary["acceptance"] = round(spec["accepted"] / spec["drafted"], 4) if spec["drafted"] else None
+  return summary
 
 
 def main(argv):
@@ -161,11 +174,12 @@ def main(argv):
       cli.fail(f"--{name} is required")
   try:
     summary = run(f.workdir, f.input, f.output, f.max_new_tokens, f.temperature, f.top_k, f.seed, f.slots, f.step,
-                  f.ignore_eos, f.exit, f.depthwise)
+                  f.ignore_eos, f.exit, f.depthwise, f.speculate, f.draft_loops)
   except ConfigError as e:
     cli.fail(e)
+  spec = f", draft acceptance {summary['acceptance']}" if "acceptance" in summary else ""
   print(f"generate: {summary['requests']} requests ({summary['failed']} failed), {summary['new_tokens']} new tokens "
-        f"in {summary['seconds']} s ({summary['tokens_per_s']} tokens/s) -> {f.output}")
+        f"in {summary['seconds']} s ({summary['tokens_per_s']} tokens/s{spec}) -> {f.output}")
   if summary["failed"]:
     print(f"error: {summary['failed']} of {summary['requests']} input lines failed (see their \"error\" in "
           f"{f.output})", file=sys.stderr)

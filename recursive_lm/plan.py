@@ -74,6 +74,11 @@ class Stage:
     """[outer, inner, ...] -> [outer * inner, ...] (inverse of fold)."""
     return x.reshape((x.shape[0] * x.shape[1],) + tuple(x.shape[2:]))
 
+  def ends_loop(self, block: int, repeat: int) -> bool:
+    """Whether the effective layer (block, repeat) closes a loop of this stage
+    that another loop follows (a loop boundary: cycle order, repeated)."""
+    return self.order == "cycle" and block == self.unique_blocks - 1 and repeat < self.repeats - 1
+
   def per_block(self, x):
     """[U*C, ...] per-depth values -> [U, C, ...] (unique block, repeat)."""
     x = self.fold(x)

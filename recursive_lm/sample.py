@@ -7,6 +7,8 @@ config.json), after BOS when the tokenizer expects it (a converted pretrained
 model); stdout gets the decoded prompt + continuation, without that BOS. The
 continuation ends before the tokenizer's EOS, if it has one and the model
 produces it, unless --ignore_eos. Temperature 0 (the default) is greedy.
+One request of the serving engine (`inference.engine.Engine`, one slot, its
+cache as long as prompt + new tokens), so `sample` and `generate` decode alike.
 Errors (no run directory, config or checkpoint, a prompt that encodes to no
 tokens, prompt + new tokens beyond model.max_seq_len) print one line on stderr
 and exit 2.
@@ -22,7 +24,8 @@ from absl import app, flags
 from recursive_lm import cli, data
 from recursive_lm.config import ConfigError
 from recursive_lm.data.tokenizers import encode_prompt
-from recursive_lm.inference.decode import generate, load_checkpoint
+from recursive_lm.inference.decode import load_checkpoint
+from recursive_lm.inference.engine import Engine
 
 
 def define_flags() -> None:
@@ -46,17 +49,15 @@ def sample(workdir: str, prompt: str, max_new_tokens: int, temperature: float = 
   ids = np.asarray(encode_prompt(tokenizer, prompt), np.int32)
   if ids.size == 0:
     raise ConfigError(f"--prompt={prompt!r} encodes to no tokens; give at least one character")
-  eos = None if ignore_eos else tokenizer.eos_id
+  cap = cfg.model.max_seq_len
   try:
-    out = generate(model, ids[None, :], max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
-                   eos_id=eos)
+    engine = Engine(model, tokenizer, slots=1, max_len=min(max(ids.size + max_new_tokens, 1), cap),
+                    max_top_k=max(top_k, 0), stop_at_eos=not ignore_eos, seed=seed)
+    out = engine.generate([ids], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)[0]
   except ValueError as e:  # max_seq_len, negative counts: the user's arguments
     raise ConfigError(str(e)) from None
-  out = np.asarray(out[0])
-  new = out[ids.size:]
-  if eos is not None and (new == eos).any():
-    new = new[:np.argmax(new == eos)]
-  return tokenizer.decode(np.concatenate([ids[1 if tokenizer.add_bos else 0:], new]))
+  new = out.tokens[:-1] if out.finish_reason == "eos" else out.tokens
+  return tokenizer.decode(np.concatenate([ids[1 if tokenizer.add_bos else 0:], np.asarray(new, np.int32)]))
 
 
 def main(argv):

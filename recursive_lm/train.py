@@ -184,7 +184,8 @@ def _run(cfg: Config, workdir: str, lock: workdir_lock.Holder, stop_at: int | No
 
   train_step = sharding.under_mesh(
       make_train_step(graphdef, state_shardings, sharding.batch_sharding(mesh, preset),
-                      grad_accum=cfg.optim.grad_accum, recurrent=looped), mesh, preset)
+                      grad_accum=cfg.optim.grad_accum, recurrent=looped,
+                      exit_weights=cfg.train.exit_loss_weights), mesh, preset)
   eval_step = sharding.under_mesh(make_eval_step(model_graphdef), mesh, preset)
   flops = flops_per_token(cfg, cfg.data.seq_len)
   peak_flops, peak_source = peak.total_peak(cfg.train.peak_flops)

@@ -37,7 +37,7 @@ def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.
 
 
 def loss_fn(params: nnx.State, graphdef, rest: nnx.State, batch: dict, n_targets: jax.Array, n_micro: int,
-            recurrent: dict | None = None):
+            recurrent: dict | None = None, exit_weights: tuple[float, ...] = ()):
   """The training objective of one micro-batch, scaled so that the k micro-batch
   objectives of a step sum to the objective of the whole batch:
 
@@ -49,14 +49,30 @@ def loss_fn(params: nnx.State, graphdef, rest: nnx.State, batch: dict, n_targets
   regulariser is a mean over sequences, so the mean over equal micro-batches
   is the whole batch's value. recurrent: the step's {'loops', 'key'}
   (`recursive_lm.model.recurrent.draw`) for a recurrent plan, else None.
-  Returns (objective, (its cross-entropy part, aux, regulariser metrics))."""
+
+  exit_weights (train.exit_loss_weights): w_1 .. w_N, one per loop of the
+  repeated stage (N = loop boundaries + 1). The cross-entropy part is then
+  sum_j w_j * CE_j, where CE_j (j < N) reads out the residual stream after
+  loop j through the shared final norm and head (as the exits do) and CE_N
+  is the model's own output; (0, ..., 0, 1) is the plain objective.
+  Returns (objective, (the output's cross-entropy CE_N, aux, regulariser
+  metrics, {'loss_loop_j': CE_j} or {}))."""
   model: Transformer = nnx.merge(graphdef, params, rest)
   run = {} if recurrent is None else dict(loops=recurrent["loops"], key=jax.random.wrap_key_data(recurrent["key"]))
+  if exit_weights:
+    run["loop_states"] = True
   logits, _, aux = model(batch["inputs"], **run)
   losses, _ = token_losses(logits.astype(jnp.float32), batch["targets"])
   ce = losses.sum() / n_targets
+  objective, loop_losses = ce, {}
+  if exit_weights:
+    states = aux.pop("loop_states")  # [N - 1, B, T, D]
+    loop_ces = [token_losses(model.readout(states[j]), batch["targets"])[0].sum() / n_targets
+                for j in range(states.shape[0])] + [ce]
+    objective = sum(w * l for w, l in zip(exit_weights, loop_ces))
+    loop_losses = {f"loss_loop_{j + 1}": l for j, l in enumerate(loop_ces)}
   reg, reg_metrics = model.regulariser(aux)
-  return ce + reg / n_micro, (ce, aux, reg_metrics)
+  return objective + reg / n_micro, (ce, aux, reg_metrics, loop_losses)
 
 
 def _norm(tree) -> jax.Array:
@@ -83,7 +99,7 @@ def _combine(stats: dict) -> dict:
 
 
 def make_train_step(graphdef, state_shardings=None, batch_sharding=None, *, grad_accum: int = 1,
-                    recurrent: bool = False) -> Callable:
+                    recurrent: bool = False, exit_weights: tuple[float, ...] = ()) -> Callable:
   """Jitted `(state, batch) -> (state, metrics)`; `state` is donated.
 
   recurrent=True (recurrent plans): `(state, batch, draw) -> (state, metrics)`
@@ -102,6 +118,8 @@ def make_train_step(graphdef, state_shardings=None, batch_sharding=None, *, grad
   finite, the regulariser's metrics (means over the micro-batches: exact for
   the balance loss and expert shares; `moe/*_dead` then counts experts unused
   in a micro-batch, on average) and `depth/<name>` [L_eff] (see `_combine`).
+  exit_weights: per-loop readout losses (`loss_fn`); metrics then include
+  `loss_loop_1` .. `loss_loop_N` (the last equals `loss`).
   """
   k = grad_accum
 
@@ -111,17 +129,20 @@ def make_train_step(graphdef, state_shardings=None, batch_sharding=None, *, grad
     n_targets = jnp.maximum((batch["targets"] >= 0).sum(), 1).astype(jnp.float32)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if k == 1:
-      (loss, (ce, aux, reg_metrics)), grads = grad_fn(params, m_def, rest, batch, n_targets, 1, recurrent)
+      (loss, (ce, aux, reg_metrics, loop_losses)), grads = grad_fn(params, m_def, rest, batch, n_targets, 1,
+                                                                   recurrent, exit_weights)
     else:
       def micro_step(acc, micro):
-        (obj, (ce, aux, reg_metrics)), g = grad_fn(params, m_def, rest, micro, n_targets, k, recurrent)
+        (obj, (ce, aux, reg_metrics, loop_losses)), g = grad_fn(params, m_def, rest, micro, n_targets, k, recurrent,
+                                                                exit_weights)
         aux = {name: v for name, v in aux.items() if v.ndim == 1}  # only the per-depth statistics are reported
-        return jax.tree.map(jnp.add, acc, g), (obj, ce, aux, reg_metrics)
+        return jax.tree.map(jnp.add, acc, g), (obj, ce, aux, reg_metrics, loop_losses)
 
       micro_batches = jax.tree.map(lambda x: split_micro(x, k), batch)
-      grads, (objs, ces, aux, reg_metrics) = jax.lax.scan(
+      grads, (objs, ces, aux, reg_metrics, loop_losses) = jax.lax.scan(
           micro_step, jax.tree.map(jnp.zeros_like, params), micro_batches)
       loss, ce = objs.sum(), ces.sum()
+      loop_losses = jax.tree.map(lambda v: v.sum(0), loop_losses)  # parts of the whole batch's mean, like ce
       aux, reg_metrics = _combine(aux), jax.tree.map(lambda v: v.mean(0), reg_metrics)
     old_params = nnx.as_pure(params)  # plain arrays: the update rewrites the Variables in place
     opt.update(model, grads)
@@ -136,6 +157,7 @@ def make_train_step(graphdef, state_shardings=None, batch_sharding=None, *, grad
         "learning_rate": optim.learning_rate(opt.opt_state),
         "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
         **reg_metrics,
+        **loop_losses,
         **{f"depth/{name}": v for name, v in aux.items() if v.ndim == 1},
         **({} if recurrent is None else {"loops": recurrent["loops"]}),
     }

@@ -222,6 +222,9 @@ class TrainConfig:
   on_nonfinite: str = option("stop", "a non-finite loss, gradient or norm: stop the run or skip the update",
                              choices=ON_NONFINITE)
   peak_flops: float = option(0.0, "per device FLOP/s for MFU; 0: known table or measured matmul peak", check=">= 0")
+  exit_loss_weights: tuple[float, ...] = option(
+      (), "per-loop readout losses for early exit, e.g. '0.25,0.25,0.5,1': one weight per loop of the repeated "
+      "stage, the last for the model's output ('' off; logged as loss_loop_j); resolved: the weights", raw="")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -143,6 +143,30 @@ def _synthetic(d) -> None:
                         f"{need} (got {d.seq_len})")
 
 
+def _exit_weights(value, plan: plan_lib.Plan, preset: str) -> tuple[float, ...]:
+  """train.exit_loss_weights ('w1,w2,...' or a sequence; '' off) -> one float >= 0
+  per loop of the plan's repeated cycle-order stages (boundaries + 1)."""
+  field = "train.exit_loss_weights"
+  items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+  if not items:
+    return ()
+  try:
+    weights = tuple(float(v) for v in items)
+  except (TypeError, ValueError):
+    raise ConfigError(f"{field}={value!r} must be comma-separated numbers, one per loop") from None
+  if preset == "recurrent":
+    raise ConfigError(f"{field}: the recurrent preset's run-time loop count is not supported; leave it empty")
+  loops = 1 + sum(1 for l in plan.layers() if plan.stages[l.stage].ends_loop(l.block, l.repeat))
+  if loops == 1:
+    raise ConfigError(f"{field}={value!r}: the plan has no repeated cycle-order stage (no loops to read out)")
+  if len(weights) != loops:
+    raise ConfigError(f"{field}={value!r} has {len(weights)} weights; the plan has {loops} loops (one weight each, "
+                      "the last for the model's output)")
+  if any(not w >= 0 for w in weights) or not sum(weights) > 0:
+    raise ConfigError(f"{field}={value!r}: weights must be >= 0 (finite) with a positive sum")
+  return weights
+
+
 def load(cd: ml_collections.ConfigDict) -> Config:
   """Validate a ConfigDict into the frozen `Config`. Raises ConfigError."""
   fields.check_types(cd, Config)
@@ -158,8 +182,8 @@ def load(cd: ml_collections.ConfigDict) -> Config:
     raise ConfigError(f"model.kv_sharing={m.kv_sharing!r} is only supported with model.block='dense' "
                       f"(model.block={m.block!r})")
   # The whole depth plan is checked here (divisibility, KV sharing, layer kinds), one named error each.
-  plan_lib.build(p.preset, p.num_layers, p.repeats, bool(p.per_depth_norms), m.kv_sharing,
-                 m.sliding_window, m.global_every, (p.prelude, p.coda))
+  depth_plan = plan_lib.build(p.preset, p.num_layers, p.repeats, bool(p.per_depth_norms), m.kv_sharing,
+                              m.sliding_window, m.global_every, (p.prelude, p.coda))
   lora = _lora(m.lora, _lora_dims(m, head_dim))
   _moe(m, cd.mesh)
   _recurrent(m)
@@ -184,4 +208,6 @@ def load(cd: ml_collections.ConfigDict) -> Config:
       raise ConfigError(f"mesh.{f}={me[f]} must be a positive size or -1 (the rest)")
   if sum(me[f] == -1 for f in axes) > 1:
     raise ConfigError("mesh: at most one of data/fsdp/tensor/expert may be -1")
-  return fields.build(Config, cd, resolved={"model.head_dim": head_dim, "model.lora": lora})
+  exit_weights = _exit_weights(cd.train.exit_loss_weights, depth_plan, p.preset)
+  return fields.build(Config, cd, resolved={"model.head_dim": head_dim, "model.lora": lora,
+                                            "train.exit_loss_weights": exit_weights})

@@ -62,7 +62,7 @@ from flax import nnx
 
 from recursive_lm.data.tokenizers import encode_prompt
 from recursive_lm.inference import depthwise as depthwise_lib
-from recursive_lm.inference import exits
+from recursive_lm.inference import exits, speculate
 
 
 @dataclasses.dataclass
@@ -217,12 +217,17 @@ class Engine:
   device step runs one loop of the shared stage, every slot at its own loop,
   and an exiting slot draws its next token at once); a tick then runs
   chunk * loops such steps. Needs a plan with one repeated cycle-order stage.
+  speculate: K > 0 decodes by few-loop self-speculation (`speculate`): each
+  round drafts K tokens with the model cut after `draft_loops` loops of its
+  repeated stage and verifies them in one full-depth call; the tokens are
+  plain decoding's (any temperature). `chunk` then counts rounds. Not with
+  `exit` nor `depthwise`. `speculation` holds the drafted / accepted counts so far.
   """
 
   def __init__(self, model, tokenizer=None, slots: int = 8, max_len: int | None = None,
                buckets: Sequence[int] | None = None, max_top_k: int = 64, stop_at_eos: bool = True, seed: int = 0,
                chunk: int = 8, exit: str | None = None, unrolled: bool = True,  # pylint: disable=redefined-builtin
-               depthwise: bool = False):
+               depthwise: bool = False, speculate: int = 0, draft_loops: int = 1):
     cap = model.cfg.max_seq_len
     max_len = cap if max_len is None else int(max_len)
     if int(slots) < 1:
@@ -243,9 +248,12 @@ class Engine:
     self.exit_rule = exits.parse_exit(exit)
     if self.exit_rule is not None:
       exits.loop_boundaries(model.plan)  # ValueError for a model without loops
+    if depthwise and speculate:
+      raise ValueError("speculate and depthwise cannot be combined (the verifier runs every token at full depth)")
     self.depthwise = depthwise_lib.Decoder(model, self.slots, self.exit_rule) if depthwise else None
+    self.speculate, self.speculation = self._speculation(speculate, draft_loops, cap), {"drafted": 0, "accepted": 0}
     self._graphdef, self._state = nnx.split(model)
-    self._cache = model.init_cache(self.slots, max_len)
+    self._cache = model.init_cache(self.slots, max_len + self.speculate)  # drafts may run k positions past max_len
     self._waiting: collections.deque[_Request] = collections.deque()
     self._running: list[_Request | None] = [None] * self.slots
     self._submitted = 0
@@ -343,15 +351,28 @@ class Engine:
       seeds[s], steps[s], temps[s], topks[s] = r.seed, len(r.tokens), r.temperature, r.top_k
       remaining[s] = r.max_new_tokens - len(r.tokens)
     eos = np.int32(-1 if self.eos_id is None else self.eos_id)
+    if self.speculate:
+      self._cache, drawn, drafted, accepted = speculate.decode(
+          self._graphdef, self._state, self._cache, tokens, positions, seeds, steps, temps, topks, remaining, eos,
+          k=self.speculate, depth=self._draft_depth, chunk=self.chunk, max_top_k=self.max_top_k,
+          unrolled=self.unrolled)
+      self.speculation["drafted"] += int(np.sum(drafted))
+      self.speculation["accepted"] += int(np.sum(accepted))
+      return finished + self._collect(live, np.asarray(drawn), None)
     decode = self.depthwise or functools.partial(_decode, exit_rule=self.exit_rule, unrolled=self.unrolled)
     self._cache, drawn, used = decode(self._graphdef, self._state, self._cache, tokens, positions, seeds, steps,
                                       temps, topks, remaining, eos, chunk=self.chunk, max_top_k=self.max_top_k)
-    drawn, used = np.asarray(drawn), np.asarray(used)
+    return finished + self._collect(live, np.asarray(drawn), np.asarray(used))
+
+  def _collect(self, live: list[int], drawn: np.ndarray, used: np.ndarray | None) -> list[Completion]:
+    """Record the tokens the live slots drew in a tick (-1: none; used: their loops
+    with exits); returns the requests that finished, freeing their slots."""
+    finished = []
     for s in live:
       r = self._running[s]
-      for token, loops in zip(drawn[s], used[s]):
+      for i, token in enumerate(drawn[s]):
         if token >= 0 and self.exit_rule is not None:
-          r.loops.append(int(loops))
+          r.loops.append(int(used[s, i]))
         # The device stops a slot at its count or EOS; a stop string is found here, and what the
         # slot drew after it in this chunk is dropped.
         reason = self._append(r, int(token)) if token >= 0 else None
@@ -360,6 +381,16 @@ class Engine:
           self._running[s] = None
           break
     return finished
+
+  def _speculation(self, k: int, draft_loops: int, cap: int) -> int:
+    """Validated speculation length (0: off); sets the draft depth."""
+    k = int(k)
+    if k < 0 or k > cap:
+      raise ValueError(f"speculate={k} must lie in [0, model.max_seq_len={cap}] (0: off)")
+    if k and self.exit_rule is not None:
+      raise ValueError("speculate and exit cannot be combined (the verifier runs every token at full depth)")
+    self._draft_depth = speculate.draft_depth(self.model, draft_loops) if k else 0
+    return k
 
   def bucket(self, length: int) -> int:
     """The prefill length a prompt of `length` tokens is padded to."""

@@ -92,7 +92,7 @@ def _unfold(tree):
 
 
 def run_stage(stage: StageModule, x: jax.Array, ctx: Context, cache: dict | None, depth_data: dict, remat: str,
-              inject: Callable | None = None):
+              inject: Callable | None = None, loop_states: list | None = None):
   """Run every effective layer of `stage` on x [B, T, D] with nested scans.
 
   cache: per-depth {'k','v'} [U*C, B, S, Kv, Hd] or None. depth_data: per-depth
@@ -100,7 +100,9 @@ def run_stage(stage: StageModule, x: jax.Array, ctx: Context, cache: dict | None
   kind, sliding window), so layers that share weights may still differ there.
   inject: x -> x applied at the start of every repeat (the recurrent core's
   input injection; cycle order only). Returns (x, cache, aux) with aux values
-  stacked per effective layer [U*C].
+  stacked per effective layer [U*C]. loop_states: a list that receives x
+  [B, T, D] after every loop but the last of a repeated cycle-order stage
+  (the exits' loop boundaries, `exit_readouts`).
   """
   spec = stage.spec
   k_n, r_n = spec.unique_blocks, spec.repeats
@@ -121,8 +123,11 @@ def run_stage(stage: StageModule, x: jax.Array, ctx: Context, cache: dict | None
     @functools.partial(_wrap_outer, remat=remat)
     def outer(x, depth_r):  # depth_r: [U, ...]
       x = x if inject is None else inject(x)
-      return jax.lax.scan(lambda x, xs: layer(x, xs[0], xs[1]), x, (block_state, depth_r), length=k_n)
-    x, (cache_out, aux) = jax.lax.scan(outer, x, _fold(spec, per_depth), length=r_n)
+      x, ys = jax.lax.scan(lambda x, xs: layer(x, xs[0], xs[1]), x, (block_state, depth_r), length=k_n)
+      return x, (ys, x if loop_states is not None else None)  # the state after this loop, when asked
+    x, ((cache_out, aux), states) = jax.lax.scan(outer, x, _fold(spec, per_depth), length=r_n)
+    if loop_states is not None and r_n > 1:
+      loop_states += [states[r] for r in range(r_n - 1)]
   else:
     assert inject is None, "input injection needs a cycle-order stage"
 
@@ -177,9 +182,9 @@ def _take(tree, i: int):
 
 
 def run_unrolled(stage: StageModule, x: jax.Array, ctx: Context, cache: dict | None, layers: list[plan_lib.Layer],
-                 remat: str, inject: Callable | None = None):
+                 remat: str, inject: Callable | None = None, loop_states: list | None = None):
   """Reference: the same stage as a Python loop over its effective layers
-  (`apply_layer`); inject (as in `run_stage`) before each repeat's block 0."""
+  (`apply_layer`); inject and loop_states as in `run_stage`."""
   caches, auxes = [], []
   for layer in layers:
     if inject is not None and layer.block == 0:
@@ -188,6 +193,8 @@ def run_unrolled(stage: StageModule, x: jax.Array, ctx: Context, cache: dict | N
     x, c, aux = run(x, _take(cache, layer.slot) if cache is not None else None)
     caches.append(c)
     auxes.append(aux)
+    if loop_states is not None and stage.spec.ends_loop(layer.block, layer.repeat):
+      loop_states.append(x)
   stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)
   return x, (stack(caches) if cache is not None else None), stack(auxes)
 

@@ -88,7 +88,8 @@ class Transformer(nnx.Module):
     return [init_kv_cache(self.cfg, s.depth, batch, max_len, dtype) for s in self.plan.stages]
 
   def __call__(self, tokens: jax.Array, cache: list[dict] | None = None, cache_index: jax.Array | None = None,
-               unrolled: bool = False, loops: jax.Array | int | None = None, key: jax.Array | None = None):
+               unrolled: bool = False, loops: jax.Array | int | None = None, key: jax.Array | None = None,
+               loop_states: bool = False):
     """tokens [B, T] int -> (logits [B, T, V] float32, cache, aux).
 
     With a cache, the tokens sit at positions cache_index + [0, T) and their
@@ -100,16 +101,29 @@ class Transformer(nnx.Module):
     with truncated backprop (`run_recurrent`, no cache; changing it does not
     recompile; aux then holds the core's last model.recurrent.backprop_depth
     iterations). key: the random initial state's key (None: fixed).
+
+    loop_states: also return, as aux["loop_states"] [N, B, T, D], the residual
+    stream after each of the N loop boundaries of the repeated cycle-order
+    stages (in depth order, as `inference.exits.loop_boundaries`), for the
+    per-loop readout losses (train.exit_loss_weights). Not with a loop count.
     """
     cfg = self.cfg
     ctx, depth_arrays = self.context(tokens.shape[1], cache_index)
     # Stage boundaries pin x [B, T, D] to batch-sharded rows (no-op without a mesh).
     x = sharding.constrain_residual(self.embed(tokens, jnp.dtype(cfg.compute_dtype)))
+    states = [] if loop_states else None
     if self.plan.kv_sharing != "none":
-      x, c, aux = run_shared(self.stages, self.plan, x, ctx, None if cache is None else cache[0], cfg.remat)
+      hidden = [] if loop_states else None
+      x, c, aux = run_shared(self.stages, self.plan, x, ctx, None if cache is None else cache[0], cfg.remat, hidden)
+      if loop_states:
+        states = [h for h, l in zip(hidden, self.plan.layers())
+                  if self.plan.stages[l.stage].ends_loop(l.block, l.repeat)]
+        aux = {**aux, "loop_states": _stack_states(states, x)}
       return self.readout(sharding.constrain_residual(x)), (None if cache is None else [c]), aux
     if loops is not None and not self.recurrent:
       raise ValueError(f"loops={loops}: only a recurrent plan takes a loop count (plan {cfg.plan.preset!r})")
+    if loops is not None and loop_states:
+      raise ValueError("loop_states: per-loop states are not collected under a run-time loop count")
     if loops is not None and cache is not None:
       raise ValueError("a loop count other than the plan's runs without a KV cache")
     new_cache, auxes = [], []
@@ -124,13 +138,15 @@ class Transformer(nnx.Module):
         x, aux = run_recurrent(stage, self.injection, x, e, ctx, depth_arrays[i], cfg.remat, loops,
                                cfg.recurrent.backprop_depth)
       elif unrolled or not cfg.scan:
-        x, c, aux = run_unrolled(stage, x, ctx, c, self.plan.stage_layers(i), cfg.remat, inject)
+        x, c, aux = run_unrolled(stage, x, ctx, c, self.plan.stage_layers(i), cfg.remat, inject, states)
       else:
-        x, c, aux = run_stage(stage, x, ctx, c, depth_arrays[i], cfg.remat, inject)
+        x, c, aux = run_stage(stage, x, ctx, c, depth_arrays[i], cfg.remat, inject, states)
       x = sharding.constrain_residual(x)
       new_cache.append(c)
       auxes.append(aux)
     aux = jax.tree.map(lambda *a: jnp.concatenate(a), *auxes)
+    if loop_states:
+      aux["loop_states"] = _stack_states(states, x)
     return self.readout(x), (new_cache if cache is not None else None), aux
 
   def context(self, t: int, cache_index: jax.Array | None = None) -> tuple[Context, list[dict]]:
@@ -150,6 +166,11 @@ class Transformer(nnx.Module):
     x = self.final_norm(x)
     logits = self.embed.attend(x) if self.head is None else self.head(x)
     return logits.astype(jnp.float32)
+
+
+def _stack_states(states: list, x: jax.Array) -> jax.Array:
+  """Loop-boundary states -> [N, B, T, D] (N = 0 for a plan without loops)."""
+  return jnp.stack(states) if states else jnp.zeros((0,) + x.shape, x.dtype)
 
 
 def rope_scalings(cfg: ModelConfig, kinds: int) -> tuple:
