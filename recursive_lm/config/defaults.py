@@ -96,6 +96,17 @@ def base_config() -> ml_collections.ConfigDict:
   mo.dispatch = "auto"  # auto | loop | blocks | ragged | dense (auto: loop on CPU, blocks on GPU, ragged on TPU)
   mo.block_rows = 512  # largest rows per expert block of the loop dispatch (sigma-MoE: tiers down to 32)
 
+  # Mixture-of-Recursions (recursive_lm/model/mor.py): routers choose how many recursions of the plan's one
+  # repeated stage (cycle order) each token takes. Training only (no generation with routers yet).
+  m.mor = mr = ml_collections.ConfigDict()
+  mr.routing = "none"  # none | expert (a router per step, top-k of the sequence) | token (a depth per token)
+  mr.capacities = ""  # share of a row's tokens per recursion step, e.g. "1,0.5,0.25" (empty: (R-i)/R for step i)
+  mr.weighting = "scaled"  # scaled: h + s*g*(f(h) - h) | unit: f(h), straight-through gradient to the router
+  mr.router_scale = 0.1  # s of the scaled update
+  mr.bce_coef = 0.001  # expert routing: weight of the routers' binary cross-entropy
+  mr.balance_coef = 0.1  # token routing: weight of the depth balance loss
+  mr.execution = "gather"  # gather: a step runs on its k tokens only | mask: all tokens, masked (reference)
+
   c.data = d = ml_collections.ConfigDict()
   d.source = "stdlib"  # stdlib | text | tokens | synthetic
   d.glob = ""  # text: glob of UTF-8 files

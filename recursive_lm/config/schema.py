@@ -64,6 +64,19 @@ class MoEConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MoRConfig:
+  """Mixture-of-Recursions (recursive_lm.model.mor); capacities resolved to one
+  value per recursion step of the routed stage (empty when routing is none)."""
+  routing: str = "none"
+  capacities: tuple[float, ...] = ()
+  weighting: str = "scaled"
+  router_scale: float = 0.1
+  bce_coef: float = 0.001
+  balance_coef: float = 0.1
+  execution: str = "gather"
+
+
+@dataclasses.dataclass(frozen=True)
 class KernelsConfig:
   """Kernel choices (recursive_lm.model.kernels): auto picks per backend."""
   attention: str = "auto"
@@ -109,6 +122,7 @@ class ModelConfig:
   kv_sharing: str = "none"  # see recursive_lm.plan.kv_sources
   kernels: KernelsConfig = KernelsConfig()
   recurrent: RecurrentConfig = RecurrentConfig()
+  mor: MoRConfig = MoRConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +204,9 @@ DENSE_KERNELS = ("auto", "custom_vjp", "xla")
 INJECTIONS = ("concat", "add", "parcae")
 INIT_STATES = ("normal", "zeros", "prelude")
 LOOP_SAMPLES = ("fixed", "poisson_lognormal", "uniform")
+MOR_ROUTINGS = ("none", "expert", "token")
+MOR_WEIGHTINGS = ("scaled", "unit")
+MOR_EXECUTIONS = ("gather", "mask")
 
 
 def from_json(text: str, where: str = "config.json") -> Config:
@@ -209,6 +226,9 @@ def _from_raw(raw: dict) -> Config:
     raw["model"]["kernels"] = KernelsConfig(**raw["model"]["kernels"])
   if "recurrent" in raw["model"]:
     raw["model"]["recurrent"] = RecurrentConfig(**raw["model"]["recurrent"])
+  if "mor" in raw["model"]:
+    mor = raw["model"]["mor"]
+    raw["model"]["mor"] = MoRConfig(**{**mor, "capacities": tuple(mor["capacities"])})
   lo = raw["model"]["lora"]
   raw["model"]["lora"] = LoraConfig(rank=lo["rank"], targets=tuple(lo["targets"]),
                                     ranks=tuple(tuple(x) for x in lo["ranks"]), alpha=lo["alpha"])

@@ -13,8 +13,9 @@ from recursive_lm.config import tasks as synthetic
 from recursive_lm.config.defaults import base_config
 from recursive_lm.config.errors import ConfigError
 from recursive_lm.config.schema import (ATTENTION_KERNELS, DENSE_KERNELS, INIT_STATES, INJECTIONS, LOOP_SAMPLES,
-                                        LORA_TARGETS, MESH_RULES, MLP_TYPES, PLAN_PRESETS, REMAT, Config, DataConfig,
-                                        KernelsConfig, LoraConfig, MeshConfig, MoEConfig, ModelConfig, OptimConfig,
+                                        LORA_TARGETS, MESH_RULES, MLP_TYPES, MOR_EXECUTIONS, MOR_ROUTINGS,
+                                        MOR_WEIGHTINGS, PLAN_PRESETS, REMAT, Config, DataConfig, KernelsConfig,
+                                        LoraConfig, MeshConfig, MoEConfig, ModelConfig, MoRConfig, OptimConfig,
                                         PlanConfig, RecurrentConfig, TrainConfig)
 
 
@@ -113,6 +114,52 @@ def _recurrent(m) -> RecurrentConfig:
       raise ConfigError(f"model.plan.preset='recurrent' needs model.block='dense' and model.kv_sharing='none' "
                         f"(got {m.block!r}, {m.kv_sharing!r})")
   return RecurrentConfig(**{f.name: rc[f.name] for f in dataclasses.fields(RecurrentConfig)})
+
+
+def _capacities(text: str, repeats: int) -> tuple[float, ...]:
+  """model.mor.capacities: '' -> (R - i) / R per step i; else R values in (0, 1] that do not increase."""
+  field = f"model.mor.capacities={text!r}"
+  if not text.strip():
+    return tuple((repeats - i) / repeats for i in range(repeats))
+  try:
+    caps = tuple(float(c) for c in text.split(","))
+  except ValueError:
+    raise ConfigError(f"{field} is not a comma-separated list of numbers") from None
+  if len(caps) != repeats:
+    raise ConfigError(f"{field} has {len(caps)} values; the routed stage has {repeats} recursion steps")
+  bad = [c for c in caps if not 0.0 < c <= 1.0]
+  if bad:
+    raise ConfigError(f"{field}: capacity {bad[0]} is outside (0, 1]")
+  for a, b in zip(caps, caps[1:]):
+    if b > a:
+      raise ConfigError(f"{field}: capacities must not increase from one recursion step to the next ({a} -> {b})")
+  return caps
+
+
+def _mor(m, plan: plan_lib.Plan) -> MoRConfig:
+  """model.mor, checked against the plan (the routers act on its one repeated stage)."""
+  mr = m.mor
+  _choice("model.mor.routing", mr.routing, MOR_ROUTINGS)
+  _choice("model.mor.weighting", mr.weighting, MOR_WEIGHTINGS)
+  _choice("model.mor.execution", mr.execution, MOR_EXECUTIONS)
+  _positive("model.mor.router_scale", mr.router_scale)
+  _positive("model.mor.bce_coef", mr.bce_coef, allow_zero=True)
+  _positive("model.mor.balance_coef", mr.balance_coef, allow_zero=True)
+  fields = dict(routing=mr.routing, weighting=mr.weighting, router_scale=float(mr.router_scale),
+                bce_coef=float(mr.bce_coef), balance_coef=float(mr.balance_coef), execution=mr.execution)
+  if mr.routing == "none":
+    if mr.capacities.strip():
+      raise ConfigError(f"model.mor.capacities={mr.capacities!r} is set but model.mor.routing='none'")
+    return MoRConfig(**fields)
+  stage = plan.stages[plan_lib.routed_stage(plan)]
+  for field, value, ok in (("model.plan.preset", m.plan.preset, m.plan.preset != "recurrent"),
+                           ("model.block", m.block, m.block == "dense"),
+                           ("model.kv_sharing", m.kv_sharing, m.kv_sharing == "none"),
+                           ("model.sliding_window", m.sliding_window, not m.sliding_window)):
+    if not ok:
+      raise ConfigError(f"{field}={value!r} is not supported with model.mor.routing={mr.routing!r} (supported: "
+                        "a dense, non-recurrent plan without KV sharing or sliding windows)")
+  return MoRConfig(capacities=_capacities(mr.capacities, stage.repeats), **fields)
 
 
 def _arch_options(m) -> dict[str, Any]:
@@ -217,8 +264,8 @@ def load(cd: ml_collections.ConfigDict) -> Config:
     raise ConfigError(f"model.kv_sharing={m.kv_sharing!r} is only supported with model.block='dense' "
                       f"(model.block={m.block!r})")
   # The whole depth plan is checked here (divisibility, KV sharing, layer kinds), one named error each.
-  plan_lib.build(plan.preset, plan.num_layers, plan.repeats, plan.per_depth_norms, m.kv_sharing,
-                 m.sliding_window, m.global_every, (plan.prelude, plan.coda))
+  depth_plan = plan_lib.build(plan.preset, plan.num_layers, plan.repeats, plan.per_depth_norms, m.kv_sharing,
+                              m.sliding_window, m.global_every, (plan.prelude, plan.coda))
 
   d_q, d_kv = m.num_heads * head_dim, m.num_kv_heads * head_dim
   dims = {"q": (m.d_model, d_q), "k": (m.d_model, d_kv), "v": (m.d_model, d_kv), "o": (d_q, m.d_model),
@@ -238,6 +285,7 @@ def load(cd: ml_collections.ConfigDict) -> Config:
       kernels=KernelsConfig(attention=_choice("model.kernels.attention", m.kernels.attention, ATTENTION_KERNELS),
                             dense=_choice("model.kernels.dense", m.kernels.dense, DENSE_KERNELS)),
       recurrent=_recurrent(m),
+      mor=_mor(m, depth_plan),
       **_arch_options(m))
 
   d = cd.data

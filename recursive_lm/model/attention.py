@@ -143,6 +143,8 @@ def cached_causal_attention(q, k, v, ctx: Context, cache: dict | None, scale: fl
     return attend(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), ctx.positions, key_pos,
                   ctx.window), cache
   if cache is None:
+    if ctx.positions.ndim == 2:  # per-row positions without a cache (Mixture-of-Recursions' masked reference)
+      return attend(q, k, v, ctx.positions, ctx.positions, ctx.window), ({"k": k, "v": v} if keep else None)
     return causal(q, k, v, ctx.positions, ctx.window), ({"k": k, "v": v} if keep else None)
   cache = {"k": write_cache(cache["k"], k, ctx.cache_index), "v": write_cache(cache["v"], v, ctx.cache_index)}
   key_pos = jnp.arange(cache["k"].shape[1])
@@ -163,6 +165,7 @@ def _visible(q_pos, k_pos, window):
   """[Tq, S] bool ([B, 1, 1, Tq, S] for per-row q_pos [B, Tq], to broadcast over
   [B, K, G, Tq, S] scores): key j is visible to query i when k_pos[j] <= q_pos[i]
   and, for a nonzero window, q_pos[i] - k_pos[j] < window."""
+  k_pos = k_pos if k_pos.ndim == 1 else k_pos[:, None, :]  # per-row keys [B, S] (per-row queries then too)
   visible = k_pos <= q_pos[..., None]
   if window is not None:
     visible &= (window == 0) | (q_pos[..., None] - k_pos < window)
