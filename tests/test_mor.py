@@ -257,6 +257,24 @@ def test_generation_with_routers_is_refused_not_wrong():
     model(toks(0), cache=model.init_cache(3, 16), cache_index=jnp.asarray(0))
 
 
+@pytest.mark.parametrize("routing", ["expert", "token"])
+def test_train_step_reports_router_metrics_and_accumulation_keeps_them(routing):
+  """The train step's metrics carry router/*; with 2 micro-batches they are the
+  whole batch's (per-row means), and the update matches the unsplit step."""
+  from test_grad_accum import one_step
+  cfg = config_lib.load(tiny_config(**routed(routing), **{"data.batch_size": 4}))
+  rng = np.random.default_rng(0)
+  data = rng.integers(0, V, (4, cfg.data.seq_len + 1)).astype(np.int32)
+  batch = {"inputs": jnp.asarray(data[:, :-1]), "targets": jnp.asarray(data[:, 1:])}
+  (m1, p1), (m2, p2) = one_step(cfg, batch, 1), one_step(cfg, batch, 2)
+  keys = {k for k in m1 if "router" in k}
+  assert keys == {"router/aux_loss", "router/loss", "router/depth_frac", "router/step_frac"}
+  for k in keys:
+    np.testing.assert_allclose(m2[k], m1[k], rtol=1e-5, atol=1e-7, err_msg=k)
+  assert m1["router/depth_frac"].shape == (4,) and m1["router/step_frac"][0] == 1.0
+  assert_trees_close(p2, p1, rtol=1e-4, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------
 # The CLI: configs/mor.py, router metrics, describe, kill -9 and resume.
 
@@ -300,6 +318,7 @@ def _records(workdir):
   return [{k: v for k, v in r.items() if k not in ("tokens_per_sec", "mfu")} for r in metrics.read(str(workdir))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("routing", ["expert", "token"])
 def test_training_logs_router_statistics(routing, tmp_path):
   run = subprocess.run(_train(f"configs/mor.py:size=tiny,routing={routing}", tmp_path / "wd"), cwd=REPO,
@@ -317,6 +336,7 @@ def test_training_logs_router_statistics(routing, tmp_path):
   assert math.isfinite(train[-1]["loss"])
 
 
+@pytest.mark.slow
 def test_kill9_then_resume_is_bit_exact(tmp_path):
   """A run killed (SIGKILL) after its step-2 checkpoint and relaunched ends
   with the same metrics, router statistics included, as an uninterrupted run."""
