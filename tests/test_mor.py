@@ -128,10 +128,15 @@ def _given_depths(model, x):
 # Gathered execution against the masked reference; capacity 1 against the plain model.
 
 
-@pytest.mark.parametrize("routing,weighting,caps", [("expert", "scaled", ""), ("expert", "unit", "0.8,0.8,0.4"),
-                                                    ("token", "scaled", "1,0.6,0.3"), ("token", "unit", "")])
-def test_gathered_execution_equals_masked_execution(routing, weighting, caps):
-  extra = {"model.mor.weighting": weighting, "model.mor.capacities": caps, "model.mor.router_scale": 0.5}
+@pytest.mark.parametrize("routing,weighting,caps,kv", [
+    ("expert", "scaled", "", "none"), ("expert", "unit", "0.8,0.8,0.4", "none"),
+    ("token", "scaled", "1,0.6,0.3", "none"), ("token", "unit", "", "none"),
+    ("expert", "scaled", "0.8,0.5,0.3", "recursion"), ("token", "scaled", "1,0.6,0.3", "recursion")])
+def test_gathered_execution_equals_masked_execution(routing, weighting, caps, kv):
+  """kv: 'none' is recursion-wise caching (a step attends to its own tokens),
+  'recursion' recursion-wise sharing (later steps attend to step 0's K/V)."""
+  extra = {"model.mor.weighting": weighting, "model.mor.capacities": caps, "model.mor.router_scale": 0.5,
+           "model.kv_sharing": kv}
   gathered = build_random(**routed(routing, **extra))
   masked = build_random(**routed(routing, **extra, **{"model.mor.execution": "mask"}))
   x, y = toks(2), toks(3)
@@ -157,13 +162,16 @@ def _same_weights(src, dst):
   return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
 
 
-@pytest.mark.parametrize("preset,num_layers", [("middle_cycle", 8), ("cycle", 6), ("looped", 3)])
-def test_capacity_one_with_unit_weighting_equals_the_plain_recursive_model(preset, num_layers):
+@pytest.mark.parametrize("preset,num_layers,kv", [("middle_cycle", 8, "none"), ("cycle", 6, "none"),
+                                                   ("looped", 3, "none"), ("middle_cycle", 8, "recursion")])
+def test_capacity_one_with_unit_weighting_equals_the_plain_recursive_model(preset, num_layers, kv):
   """With every capacity 1 every token takes every step; the unit weighting's
   update is f(h) in value (the scaled one would be h + s g (f(h) - h)), so
-  logits and every shared parameter's gradient equal the plain model's."""
+  logits and every shared parameter's gradient equal the plain model's (with
+  recursion-wise KV sharing: the plain model with model.kv_sharing='recursion')."""
   repeats = 3
-  kw = dict(preset=preset, num_layers=num_layers, repeats=repeats, lora_rank=2, per_depth_norms=True)
+  kw = dict(preset=preset, num_layers=num_layers, repeats=repeats, lora_rank=2, per_depth_norms=True,
+            **{"model.kv_sharing": kv})
   plain = build_random(**kw)
   mor = _same_weights(plain, build_random(**kw, **{"model.mor.routing": "expert", "model.mor.weighting": "unit",
                                                    "model.mor.capacities": "1,1,1"}))
@@ -226,6 +234,30 @@ def test_active_flops_count_each_step_at_its_share_of_tokens():
   assert flops("1,0.5,0.25", all_recursions=True)[0] == full
 
 
+def test_active_flops_with_recursion_wise_kv_sharing():
+  """Under model.kv_sharing='recursion' only step 0 runs K/V projections (on
+  its share of tokens) and later steps attend to step 0's keys."""
+  def flops(caps, kv):
+    over = {"model.kv_sharing": kv, **({"model.mor.capacities": caps} if caps else {})}
+    cfg = config_lib.load(tiny_config(**routed("expert" if caps else "none", **over)))
+    return accounting.flops_per_token(cfg, cfg.data.seq_len), cfg
+
+  (plain_none, cfg), (plain_rec, _) = flops(None, "none"), flops(None, "recursion")
+  t, d = cfg.data.seq_len, cfg.model
+  kv_proj = 2 * d.d_model * d.num_kv_heads * d.head_dim  # per layer; plus k/v LoRA (rank 2) per depth
+  kv_lora = 2 * 2 * (d.d_model + d.num_kv_heads * d.head_dim)
+  attn_layer = 6 * t * d.num_heads * d.head_dim
+  assert plain_none - plain_rec == 6 * 2 * 2 * (kv_proj + kv_lora)  # 2 blocks x 2 later repeats read
+  share = [k / t for k in step_sizes((0.5, 0.5, 0.25), t)]  # 4, 4, 2 of 7
+  got, _ = flops("0.5,0.5,0.25", "recursion")
+  none_got, _ = flops("0.5,0.5,0.25", "none")
+  # Against the non-shared routed model: step 0's K/V run at share[0] in both; steps 1, 2 drop theirs
+  # (projections and k/v adapters) and attend to step 0's 4 keys instead of their own.
+  want = none_got - 6 * 2 * (share[1] + share[2]) * (kv_proj + kv_lora) + 2 * attn_layer * (
+      share[1] * share[0] + share[2] * share[0] - share[1] ** 2 - share[2] ** 2)
+  assert abs(got - want) <= 2, (got, want)
+
+
 @pytest.mark.parametrize("overrides,message", [
     ({"model.mor.routing": "depth"}, "model.mor.routing='depth' is not one of ['none', 'expert', 'token']"),
     ({"model.mor.capacities": "1,0.5,0.75"}, "model.mor.capacities='1,0.5,0.75': capacities must not increase"),
@@ -237,7 +269,7 @@ def test_active_flops_count_each_step_at_its_share_of_tokens():
     ({"model.mor.router_scale": 0.0}, "model.mor.router_scale=0.0 must be > 0"),
     ({"preset": "vanilla"}, "model.mor.routing: routers need a plan with exactly one repeated stage; this plan has 0"),
     ({"preset": "middle_sequence"}, "model.mor.routing: the repeated stage 'middle' runs in 'sequence' order"),
-    ({"model.kv_sharing": "recursion"}, "model.kv_sharing='recursion' is not supported with model.mor.routing"),
+    ({"model.kv_sharing": "cla:2"}, "model.kv_sharing='cla:2' is not supported with model.mor.routing"),
     ({"model.sliding_window": 4}, "model.sliding_window=4 is not supported with model.mor.routing"),
 ])
 def test_bad_mor_config_is_one_line_naming_field_and_value(overrides, message):

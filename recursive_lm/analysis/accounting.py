@@ -138,7 +138,8 @@ def matmul_params_per_token(cfg: Config | ModelConfig, model: Transformer | None
     else:
       n += spec.repeats * active(stage.blocks, mcfg) + slots
     if stage.shared_kv:
-      n += _shared_kv_params(model.plan.stage_layers(i), stage, spec.depth)
+      share = (lambda l: fractions[l.repeat]) if i == model.routed else (lambda l: 1)
+      n += _shared_kv_params(model.plan.stage_layers(i), stage, spec.depth, share)
   if model.injection is not None:  # recurrent plans: the input injection runs once per core iteration
     n += model.plan.stages[1].repeats * _dense_matmul_params(model.injection, mcfg)
   if model.router is not None:
@@ -146,17 +147,18 @@ def matmul_params_per_token(cfg: Config | ModelConfig, model: Transformer | None
   return n
 
 
-def _shared_kv_params(layers, stage, depth: int) -> int:
+def _shared_kv_params(layers, stage, depth: int, share=lambda layer: 1):
   """Per-token K/V weights of a stage under model.kv_sharing: the K/V
   projections (stored [W, ...] for the W writing blocks) run once per layer
   that writes; the k/v adapters of the depths that only read never run (they
-  are stored with the depth's other adapters and counted above)."""
-  writes = sum(l.kv_write for l in layers)
+  are stored with the depth's other adapters and counted above). share: the
+  share of tokens a layer runs on (Mixture-of-Recursions; 1 otherwise)."""
+  writes = sum(share(l) for l in layers if l.kv_write)
   n = _sum(nnx.state(stage.kv)) // len(stage.kv_blocks) * writes if stage.kv is not None else 0
   if stage.slots is not None:
     lora = dict(stage.slots.lora)
     per_depth = sum(_sum(nnx.state(lora[t])) for t in ("k", "v") if t in lora) // depth
-    n -= per_depth * (len(layers) - writes)
+    n -= per_depth * sum(share(l) for l in layers if not l.kv_write)
   return n
 
 
@@ -187,7 +189,8 @@ def flops_per_token(cfg: Config | ModelConfig, seq_len: int, model: Transformer 
   Mixture-of-Recursions (active FLOPs): a layer of recursion step r runs on
   k_r of the T tokens, which attend among themselves, so per token of the
   sequence it costs its matmuls times k_r / T (`matmul_params_per_token`)
-  and attention 6 * k_r^2 / T * H * Hd. `all_recursions=True` counts every
+  and attention 6 * k_r^2 / T * H * Hd (6 * k_r k_0 / T * H * Hd when
+  model.kv_sharing='recursion' has it read step 0's keys). `all_recursions=True` counts every
   token through every step instead (the masked execution's cost).
   """
   mcfg = _model_cfg(cfg)
@@ -197,9 +200,11 @@ def flops_per_token(cfg: Config | ModelConfig, seq_len: int, model: Transformer 
   if fractions is None or all_recursions:
     attn = model.plan.depth * per_layer
   else:
+    # step r's queries (a share a_r) attend to the keys of its own tokens, or of step 0's under KV sharing
     routed = model.plan.stages[model.routed]
+    keys = [fractions[0] if model.stages[model.routed].shared_kv else a for a in fractions]
     attn = (model.plan.depth - routed.depth) * per_layer + routed.unique_blocks * per_layer * sum(
-        a * a for a in fractions)
+        a * k for a, k in zip(fractions, keys))
   n_used = matmul_params_per_token(mcfg, model, None if all_recursions else seq_len)
   if fractions is not None and all_recursions:
     routed = model.plan.stages[model.routed]

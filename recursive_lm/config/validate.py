@@ -154,11 +154,11 @@ def _mor(m, plan: plan_lib.Plan) -> MoRConfig:
   stage = plan.stages[plan_lib.routed_stage(plan)]
   for field, value, ok in (("model.plan.preset", m.plan.preset, m.plan.preset != "recurrent"),
                            ("model.block", m.block, m.block == "dense"),
-                           ("model.kv_sharing", m.kv_sharing, m.kv_sharing == "none"),
+                           ("model.kv_sharing", m.kv_sharing, m.kv_sharing in ("none", "recursion")),
                            ("model.sliding_window", m.sliding_window, not m.sliding_window)):
     if not ok:
       raise ConfigError(f"{field}={value!r} is not supported with model.mor.routing={mr.routing!r} (supported: "
-                        "a dense, non-recurrent plan without KV sharing or sliding windows)")
+                        "a dense, non-recurrent plan without sliding windows, KV sharing none or recursion)")
   return MoRConfig(capacities=_capacities(mr.capacities, stage.repeats), **fields)
 
 

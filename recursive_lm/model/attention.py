@@ -128,7 +128,9 @@ def cached_causal_attention(q, k, v, ctx: Context, cache: dict | None, scale: fl
 
   k = v = None: a layer reading a shared KV slot; `cache` is that slot's
   entry, the K/V of the same T tokens without a cache (ctx.cache_index None)
-  or the cache [B, S, K, Hd], returned unchanged. keep: without a cache,
+  or the cache [B, S, K, Hd], returned unchanged; an entry with 'pos' [B, S]
+  holds other tokens, at those positions (Mixture-of-Recursions: a later
+  recursion's tokens reading the first recursion's K/V). keep: without a cache,
   return the new tokens' {'k','v'} (the entry a shared slot's writer makes).
   causal: the kernel of the no-cache self-attention, (q, k, v, positions,
   window) -> out (`kernels.attention_kernel`; default the blocked path); the
@@ -137,6 +139,8 @@ def cached_causal_attention(q, k, v, ctx: Context, cache: dict | None, scale: fl
   causal = causal_attend_blocked if causal is None else causal
   q = q * jnp.asarray(q.shape[-1] ** -0.5 if scale is None else scale, q.dtype)
   if k is None:
+    if ctx.cache_index is None and "pos" in cache:  # the entry's keys sit at their own positions [B, S]
+      return attend(q, cache["k"], cache["v"], ctx.positions, cache["pos"], ctx.window), cache
     if ctx.cache_index is None:
       return causal(q, cache["k"], cache["v"], ctx.positions, ctx.window), cache
     key_pos = jnp.arange(cache["k"].shape[1])

@@ -55,10 +55,19 @@ Execution (model.mor.execution):
           unchosen tokens are hidden from chosen queries (per-row positions),
           and unchosen tokens keep h. Same values and gradients as gather.
 
-KV in training is recursion-wise caching: a step's tokens attend only to the
-tokens the same step chose (its K/V are computed from them alone). For
-generation (later) this means each step caches only the tokens it selected,
-at their positions, and a token a router stops leaves its slot free.
+KV in training (the attention pattern each generation-time cache implies):
+
+  recursion-wise caching (model.kv_sharing='none'): a step's tokens attend
+          only to the tokens the same step chose, whose K/V it computes. In
+          generation each step's KV slots then hold only the tokens that step
+          selected, at their positions; a token a router stops writes no
+          later step's slot.
+  recursion-wise sharing (model.kv_sharing='recursion'): step 0's layers
+          write K/V for the tokens step 0 chose; a later step's tokens attend
+          (causally, by original position) to those, through the KV-slot map
+          of `recursive_lm.plan` (later repeats read the first repeat's
+          slot). In generation only step 0 writes the cache: every token
+          step 0 takes has its K/V there for every later step.
 """
 
 from __future__ import annotations
@@ -122,33 +131,41 @@ def _update(h, f, g, weighting: str, scale: float):
   return h + (scale * g) * (f - h)
 
 
-def _run_step(stage: StageModule, layers, x, ctx: Context, remat: str):
+def _run_step(stage: StageModule, layers, x, ctx: Context, remat: str, store: dict):
+  """The step's layers on x; under recursion-wise KV sharing the layers that
+  write a KV slot (step 0) put its K/V and key positions into `store`, and the
+  later steps' layers attend to them."""
   auxes = []
   for layer in layers:
-    run = _wrap(lambda x, layer=layer: apply_layer(stage, layer, x, ctx)[::2], remat)
-    x, aux = run(x)
+    entry = store.get(layer.kv_slot) if stage.shared_kv and not layer.kv_write else None
+    run = _wrap(lambda x, e, layer=layer: apply_layer(stage, layer, x, ctx, e), remat)
+    x, entry, aux = run(x, entry)
+    if stage.shared_kv and layer.kv_write:
+      store[layer.kv_slot] = {**entry, "pos": ctx.positions}
     auxes.append(aux)
   return x, auxes
 
 
-def _gathered_step(stage, layers, x, ctx: Context, idx, valid, g, mcfg, remat: str):
+def _gathered_step(stage, layers, x, ctx: Context, idx, valid, g, mcfg, remat: str, store: dict):
   """One recursion step on the gathered tokens idx [B, k] of x [B, T, D]."""
   rows = jnp.arange(x.shape[0])[:, None]
   h = x[rows, idx]  # [B, k, D]
-  # Positions in gathered order: causal by index = causal by original position (idx is sorted).
-  gctx = Context(jnp.take(ctx.cos, idx, axis=1), jnp.take(ctx.sin, idx, axis=1),
-                 jnp.arange(idx.shape[1], dtype=jnp.int32))
-  f, auxes = _run_step(stage, layers, h, gctx, remat)
+  # Positions in gathered order: causal by index = causal by original position (idx is sorted), so the
+  # attention kernel runs as for any chunk. Under KV sharing later steps read step 0's keys, which need
+  # the original positions (per row: the reference attention path).
+  pos = idx if stage.shared_kv else jnp.arange(idx.shape[1], dtype=jnp.int32)
+  gctx = Context(jnp.take(ctx.cos, idx, axis=1), jnp.take(ctx.sin, idx, axis=1), pos)
+  f, auxes = _run_step(stage, layers, h, gctx, remat, store)
   new = jnp.where(valid[..., None], _update(h, f, g[rows, idx], mcfg.weighting, mcfg.router_scale), h)
   return x.at[rows, idx].set(new), auxes
 
 
-def _masked_step(stage, layers, x, ctx: Context, chosen, g, mcfg, remat: str):
+def _masked_step(stage, layers, x, ctx: Context, chosen, g, mcfg, remat: str, store: dict):
   """The same step on all T tokens, with unchosen keys hidden (the reference)."""
   t = x.shape[1]
   pos = jnp.arange(t, dtype=jnp.int32)
   mctx = ctx._replace(positions=jnp.where(chosen, pos, pos + t), cache_index=None)  # unchosen: after every chosen
-  f, auxes = _run_step(stage, layers, x, mctx, remat)
+  f, auxes = _run_step(stage, layers, x, mctx, remat, store)
   return jnp.where(chosen[..., None], _update(x, f, g, mcfg.weighting, mcfg.router_scale), x), auxes
 
 
@@ -169,7 +186,7 @@ def run_routed(stage: StageModule, router: Router, x: jax.Array, ctx: Context, l
   execution = execution or mcfg.execution
   active = jnp.ones((b, t), bool)
   depth = jnp.zeros((b, t), jnp.int32)
-  all_aux, loss = [], jnp.zeros((), jnp.float32)
+  all_aux, loss, store = [], jnp.zeros((), jnp.float32), {}
   # unit weighting: the straight-through term trains the router's weights only (it reads the residual stream
   # through stop_gradient), so every other parameter gets the plain update's gradient.
   unit = (lambda h: jax.lax.stop_gradient(h)) if mcfg.weighting == "unit" else (lambda h: h)
@@ -195,9 +212,9 @@ def run_routed(stage: StageModule, router: Router, x: jax.Array, ctx: Context, l
       loss = loss + (jnp.sum(bce * active, 1) / jnp.maximum(active.sum(1), 1)).mean()
     step_layers = layers[r * u:(r + 1) * u]
     if execution == "gather":
-      x, auxes = _gathered_step(stage, step_layers, x, ctx, idx, valid, g, mcfg, remat)
+      x, auxes = _gathered_step(stage, step_layers, x, ctx, idx, valid, g, mcfg, remat, store)
     else:
-      x, auxes = _masked_step(stage, step_layers, x, ctx, chosen, g, mcfg, remat)
+      x, auxes = _masked_step(stage, step_layers, x, ctx, chosen, g, mcfg, remat, store)
     all_aux += auxes
     active = chosen
     depth = depth + chosen

@@ -85,7 +85,7 @@ class Transformer(nnx.Module):
     {'k','v'} [U*C, B, S, Kv, Hd] without sharing; with model.kv_sharing one
     [{'k','v'} [kv_slots, B, S, Kv, Hd]] for the whole depth."""
     dtype = dtype or jnp.dtype(self.cfg.compute_dtype)
-    if self.plan.kv_sharing != "none":
+    if self.plan.kv_sharing != "none" and self.routed is None:
       return [init_kv_cache(self.cfg, self.plan.kv_slots, batch, max_len, dtype)]
     return [init_kv_cache(self.cfg, s.depth, batch, max_len, dtype) for s in self.plan.stages]
 
@@ -109,7 +109,7 @@ class Transformer(nnx.Module):
     ctx, depth_arrays = self.context(tokens.shape[1], cache_index)
     # Stage boundaries pin x [B, T, D] to batch-sharded rows (no-op without a mesh).
     x = sharding.constrain_residual(self.embed(tokens, jnp.dtype(cfg.compute_dtype)))
-    if self.plan.kv_sharing != "none":
+    if self.plan.kv_sharing != "none" and self.routed is None:
       x, c, aux = run_shared(self.stages, self.plan, x, ctx, None if cache is None else cache[0], cfg.remat)
       return self.readout(sharding.constrain_residual(x)), (None if cache is None else [c]), aux
     if loops is not None and not self.recurrent:
@@ -133,7 +133,7 @@ class Transformer(nnx.Module):
       elif inject is not None and loops is not None:
         x, aux = run_recurrent(stage, self.injection, x, e, ctx, depth_arrays[i], cfg.remat, loops,
                                cfg.recurrent.backprop_depth)
-      elif unrolled or not cfg.scan:
+      elif unrolled or not cfg.scan or stage.shared_kv:  # shared K/V here: routed plans (every layer writes)
         x, c, aux = run_unrolled(stage, x, ctx, c, self.plan.stage_layers(i), cfg.remat, inject)
       else:
         x, c, aux = run_stage(stage, x, ctx, c, depth_arrays[i], cfg.remat, inject)
