@@ -308,6 +308,42 @@ def test_train_step_reports_router_metrics_and_accumulation_keeps_them(routing):
 
 
 # ----------------------------------------------------------------------------
+# Analysis: which tokens go deep.
+
+
+class _Run:
+  """What analysis.router_depths reads of a Run: cfg, model, eval_batches."""
+
+  def __init__(self, cfg, model, batches):
+    self.cfg, self.model, self._batches = cfg, model, batches
+
+  def eval_batches(self, n=None):
+    return self._batches[:n]
+
+
+def test_router_depths_summarise_the_models_own_routing():
+  from recursive_lm import analysis
+  from recursive_lm.analysis import plots
+  over = routed("expert", **{"model.mor.capacities": "1,0.6,0.3"})
+  cfg, model = config_lib.load(tiny_config(**over)), build_random(**over)
+  batches = [{"inputs": np.asarray(toks(s))} for s in (7, 8)]
+  d = analysis.router_depths(_Run(cfg, model, batches))
+  want = np.concatenate([np.asarray(model(jnp.asarray(b["inputs"]))[2]["router_depth"]) for b in batches])
+  np.testing.assert_array_equal(d.depth, want)
+  ids = np.concatenate([b["inputs"] for b in batches])
+  np.testing.assert_allclose(d.depth_frac, [np.mean(want == k) for k in range(4)])
+  np.testing.assert_allclose(d.by_position, want.mean(0))
+  t = int(ids[0, 0])
+  assert d.by_token[t] == pytest.approx((want[ids == t].mean(), (ids == t).sum()))
+  assert len(plots.plot_router_depths(d, decode=lambda i: chr(i + 40)).axes) == 3
+  plain = analysis.router_depths(_Run(config_lib.load(tiny_config(**routed("none"))), None, batches))
+  assert not plain and "no routers" in plain.message
+  assert plots.plot_router_depths(plain) is not None
+  with pytest.raises(ValueError, match="the layer-by-layer probes do not apply the routers"):
+    analysis.hidden_states(model, toks(0))
+
+
+# ----------------------------------------------------------------------------
 # The CLI: configs/mor.py, router metrics, describe, kill -9 and resume.
 
 
