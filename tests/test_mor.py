@@ -414,15 +414,12 @@ def test_kill9_then_resume_is_bit_exact(tmp_path):
   wd = tmp_path / "wd"
   log = open(tmp_path / "killed.log", "w")
   victim = subprocess.Popen(_train(config, wd), cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT)
-  deadline = time.time() + 300
-  while time.time() < deadline:  # killed once checkpoint 2 is final and a later step was logged
-    done = os.path.isdir(wd / "checkpoints" / "2") and not os.path.isdir(wd / "checkpoints" / "2.orbax-checkpoint-tmp")
-    if done and os.path.exists(wd / "metrics.jsonl") and '"step": 3' in open(wd / "metrics.jsonl").read():
-      break
-    if victim.poll() is not None:
-      break
+  from test_reliability import finalized_steps
+  deadline, ready = time.time() + 900, False
+  while time.time() < deadline and victim.poll() is None and not ready:  # checkpoint 2 final, step 3 logged
+    ready = 2 in finalized_steps(wd) and '"step": 3' in (wd / "metrics.jsonl").read_text()
     time.sleep(0.05)
-  assert victim.poll() is None, "the run ended before it could be killed: " + open(tmp_path / "killed.log").read()
+  assert ready and victim.poll() is None, "not killed after step 3: " + (tmp_path / "killed.log").read_text()
   victim.send_signal(signal.SIGKILL)
   victim.wait()
   again = subprocess.run(_train(config, wd), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)

@@ -146,18 +146,24 @@ def _run_step(stage: StageModule, layers, x, ctx: Context, remat: str, store: di
   return x, auxes
 
 
+def _rows(fn, *arrays):
+  """fn applied to each row (batch entry) of the arrays: gathers and scatters
+  that keep the batch axis a batch axis (so a batch-sharded x stays sharded)."""
+  return jax.vmap(fn)(*arrays)
+
+
 def _gathered_step(stage, layers, x, ctx: Context, idx, valid, g, mcfg, remat: str, store: dict):
   """One recursion step on the gathered tokens idx [B, k] of x [B, T, D]."""
-  rows = jnp.arange(x.shape[0])[:, None]
-  h = x[rows, idx]  # [B, k, D]
+  h = _rows(lambda xr, i: xr[i], x, idx)  # [B, k, D]
   # Positions in gathered order: causal by index = causal by original position (idx is sorted), so the
   # attention kernel runs as for any chunk. Under KV sharing later steps read step 0's keys, which need
   # the original positions (per row: the reference attention path).
   pos = idx if stage.shared_kv else jnp.arange(idx.shape[1], dtype=jnp.int32)
   gctx = Context(jnp.take(ctx.cos, idx, axis=1), jnp.take(ctx.sin, idx, axis=1), pos)
   f, auxes = _run_step(stage, layers, h, gctx, remat, store)
-  new = jnp.where(valid[..., None], _update(h, f, g[rows, idx], mcfg.weighting, mcfg.router_scale), h)
-  return x.at[rows, idx].set(new), auxes
+  g = _rows(lambda gr, i: gr[i], g, idx)
+  new = jnp.where(valid[..., None], _update(h, f, g, mcfg.weighting, mcfg.router_scale), h)
+  return _rows(lambda xr, i, nr: xr.at[i].set(nr), x, idx, new), auxes
 
 
 def _masked_step(stage, layers, x, ctx: Context, chosen, g, mcfg, remat: str, store: dict):
@@ -206,7 +212,7 @@ def run_routed(stage: StageModule, router: Router, x: jax.Array, ctx: Context, l
     else:
       score, candidate, g = at_least[..., r], active & (given >= r), g_tok
     idx, valid = select(score, candidate, sizes[r])
-    chosen = jnp.zeros((b, t), bool).at[jnp.arange(b)[:, None], idx].set(valid)
+    chosen = _rows(lambda i, v: jnp.zeros((t,), bool).at[i].set(v), idx, valid)
     if mcfg.routing == "expert":  # BCE of the step's router over its candidates (all of which it could take)
       bce = optax.sigmoid_binary_cross_entropy(logit, chosen.astype(jnp.float32))
       loss = loss + (jnp.sum(bce * active, 1) / jnp.maximum(active.sum(1), 1)).mean()
