@@ -86,6 +86,7 @@ from recursive_lm.model.attention import Context
 from recursive_lm.model.layers import NormParam, normal
 from recursive_lm.model.recursion import StageModule, _wrap, apply_layer
 
+
 def step_sizes(capacities: tuple[float, ...], t: int) -> tuple[int, ...]:
   """Tokens per row each step runs on: k_r = ceil(capacity_r * T), at least 1
   (the small tolerance keeps 2/3 * 3 at 2 despite float rounding)."""
@@ -176,11 +177,11 @@ def _masked_step(stage, layers, x, ctx: Context, chosen, g, mcfg, remat: str, st
 
 
 def run_routed(stage: StageModule, router: Router, x: jax.Array, ctx: Context, layers: list[plan_lib.Layer],
-               mcfg, remat: str, execution: str | None = None):
+               mcfg, remat: str):
   """Run the routed stage on x [B, T, D] (no KV cache).
 
   layers: the stage's layer records (`plan.stage_layers`, cycle order);
-  mcfg: the model.mor config; execution overrides mcfg.execution. Returns
+  mcfg: the model.mor config (`recursive_lm.config.MoRConfig`). Returns
   (x, aux per effective layer stacked [U*R], router aux) with router aux
   {'router_loss': unweighted auxiliary loss (scalar), 'router_depth': [B, T]
   int32 recursions each token took}.
@@ -189,17 +190,16 @@ def run_routed(stage: StageModule, router: Router, x: jax.Array, ctx: Context, l
   u, r_n = spec.unique_blocks, spec.repeats
   b, t = x.shape[:2]
   sizes = step_sizes(mcfg.capacities, t)
-  execution = execution or mcfg.execution
   active = jnp.ones((b, t), bool)
   depth = jnp.zeros((b, t), jnp.int32)
   all_aux, loss, store = [], jnp.zeros((), jnp.float32), {}
   # unit weighting: the straight-through term trains the router's weights only (it reads the residual stream
   # through stop_gradient), so every other parameter gets the plain update's gradient.
-  unit = (lambda h: jax.lax.stop_gradient(h)) if mcfg.weighting == "unit" else (lambda h: h)
+  unit = mcfg.weighting == "unit"
   if mcfg.routing == "token":
     probs = jax.nn.softmax(router(x), axis=-1)  # [B, T, R]
     given = jnp.argmax(probs, axis=-1)  # depth - 1
-    g_probs = jax.nn.softmax(router(unit(x)), axis=-1) if mcfg.weighting == "unit" else probs
+    g_probs = jax.nn.softmax(router(jax.lax.stop_gradient(x)), axis=-1) if unit else probs
     g_tok = jnp.take_along_axis(g_probs, given[..., None], axis=-1)[..., 0]
     at_least = jnp.flip(jnp.cumsum(jnp.flip(probs, -1), -1), -1)  # [B, T, R]: P(depth >= r + 1)
     f_d = jax.nn.one_hot(given, r_n).mean(1)  # [B, R]
@@ -207,7 +207,7 @@ def run_routed(stage: StageModule, router: Router, x: jax.Array, ctx: Context, l
   for r in range(r_n):
     if mcfg.routing == "expert":
       logit = router(x, r)
-      g = jax.nn.sigmoid(router(unit(x), r) if mcfg.weighting == "unit" else logit)
+      g = jax.nn.sigmoid(router(jax.lax.stop_gradient(x), r) if unit else logit)
       score, candidate = logit, active
     else:
       score, candidate, g = at_least[..., r], active & (given >= r), g_tok
@@ -217,7 +217,7 @@ def run_routed(stage: StageModule, router: Router, x: jax.Array, ctx: Context, l
       bce = optax.sigmoid_binary_cross_entropy(logit, chosen.astype(jnp.float32))
       loss = loss + (jnp.sum(bce * active, 1) / jnp.maximum(active.sum(1), 1)).mean()
     step_layers = layers[r * u:(r + 1) * u]
-    if execution == "gather":
+    if mcfg.execution == "gather":
       x, auxes = _gathered_step(stage, step_layers, x, ctx, idx, valid, g, mcfg, remat, store)
     else:
       x, auxes = _masked_step(stage, step_layers, x, ctx, chosen, g, mcfg, remat, store)
