@@ -50,6 +50,11 @@ def table(d: dict) -> str:
       ("kv sharing", f"{d['kv_sharing']} ({d['kv_slots']} KV slots)"),
       ("KV cache bytes / token", f"{d['kv_cache_bytes_per_token']:,}"),
   ]
+  if "mor_routing" in d:
+    rows += [("routing (MoR)", f"{d['mor_routing']}, capacities {[round(c, 3) for c in d['mor_capacities']]}, "
+                               f"tokens per step {d['mor_tokens_per_step']} of {d['seq_len']}"),
+             ("  FLOPs / token, all recursions", f"{d['flops_per_token_all_recursions']:,} (active: "
+                                                 f"{d['active_flops_ratio']:.3f} of it)")]
   width = max(len(k) for k, _ in rows)
   lines = [f"{k:<{width}}  {v}" for k, v in rows]
   lines += ["", "depth  stage     block  repeat  kv_slot"]

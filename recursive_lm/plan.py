@@ -146,6 +146,21 @@ class Plan:
              "kv_slot": l.kv_slot} for l in self._layers]
 
 
+def routed_stage(plan: Plan, field: str = "model.mor.routing") -> int:
+  """Index of the stage Mixture-of-Recursions routers act on: the plan's one
+  stage that repeats its blocks, in cycle order (a recursion step is one pass
+  over its unique blocks). Raises PlanError naming `field` otherwise."""
+  repeated = [i for i, s in enumerate(plan.stages) if s.repeats > 1]
+  stages = [(s.name, s.unique_blocks, s.repeats, s.order) for s in plan.stages]
+  if len(repeated) != 1:
+    raise PlanError(f"{field}: routers need a plan with exactly one repeated stage; this plan has "
+                    f"{len(repeated)} (stages {stages} as (name, unique blocks, repeats, order))")
+  if plan.stages[repeated[0]].order != "cycle":
+    raise PlanError(f"{field}: the repeated stage {plan.stages[repeated[0]].name!r} runs in "
+                    f"{plan.stages[repeated[0]].order!r} order; a recursion step needs cycle order (1-2-3 1-2-3)")
+  return repeated[0]
+
+
 # ----------------------------------------------------------------------------
 # Layer kinds and the KV-slot map.
 

@@ -36,4 +36,5 @@ def test_notebook_runs_without_errors(monkeypatch):
   assert images >= 6, f"expected a figure per plotting cell, got {images}"  # curves, depth, similarity, 2 LoRA, MoE
   text = "".join(o.get("text", "") for c in code for o in c.outputs if o.output_type == "stream")
   assert "depth 1: stage main, block 0, repeat 1" in text and "dense model has no experts" in text
+  assert "model.mor.routing='none': no routers" in text
   assert elapsed < 60, f"notebook took {elapsed:.0f} s"

@@ -16,7 +16,8 @@ _EXPORTS = {
     "Run": "run", "load_run": "run", "split_metrics": "run", "resolve_workdir": "run",
     "MoEUsage": "probes", "hidden_states": "probes", "depth_losses": "probes", "readout": "probes",
     "residual_stream": "probes", "cosine_similarity": "probes", "linear_cka": "probes", "similarity": "probes",
-    "lora_delta": "probes", "lora_spectra": "probes", "moe_usage": "probes",
+    "lora_delta": "probes", "lora_spectra": "probes", "moe_usage": "probes", "router_depths": "probes",
+    "RouterDepths": "probes",
     "describe": "accounting",
 }
 

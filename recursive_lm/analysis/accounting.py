@@ -17,8 +17,8 @@ Names:
   kv_slots          distinct KV-cache entries (model.kv_sharing); the cache
                     holds kv_cache_bytes_per_token bytes per token of context
   untied_params     unique_params of the same architecture with one block per
-                    effective layer, no LoRA and no KV sharing (the vanilla model
-                    of equal depth)
+                    effective layer, no LoRA, no KV sharing and no routers (the
+                    vanilla model of equal depth)
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def untied_params(cfg: Config | ModelConfig) -> int:
   untied = dataclasses.replace(
       mcfg,
       plan=config_lib.PlanConfig(preset="vanilla", num_layers=depth, repeats=1, per_depth_norms=False),
-      lora=dataclasses.replace(mcfg.lora, rank=0, ranks=()), kv_sharing="none")
+      lora=dataclasses.replace(mcfg.lora, rank=0, ranks=()), kv_sharing="none", mor=config_lib.MoRConfig())
   return count_params(abstract_model(untied))["unique_params"]
 
 
@@ -93,7 +93,21 @@ def _dense_matmul_params(state, cfg: ModelConfig) -> int:
 ACTIVE_MATMUL_PARAMS = {"dense": _dense_matmul_params, "moeut": moeut_block.active_matmul_params}
 
 
-def matmul_params_per_token(cfg: Config | ModelConfig, model: Transformer | None = None) -> int:
+def step_fractions(mcfg: ModelConfig, seq_len: int | None = None) -> tuple[float, ...] | None:
+  """Mixture-of-Recursions: share of a row's tokens each recursion step of the
+  routed stage runs on: k_r / T with the gathered sizes k_r of
+  `recursive_lm.model.mor.step_sizes` at seq_len, or the configured
+  capacities without one. None without routing."""
+  if mcfg.mor.routing == "none":
+    return None
+  if seq_len is None:
+    return tuple(mcfg.mor.capacities)
+  from recursive_lm.model.mor import step_sizes
+  return tuple(k / seq_len for k in step_sizes(mcfg.mor.capacities, seq_len))
+
+
+def matmul_params_per_token(cfg: Config | ModelConfig, model: Transformer | None = None,
+                            seq_len: int | None = None) -> float:
   """Matmul weights one token passes through on its way up the model.
 
   A shared block counts once per effective layer it runs at: stage blocks are
@@ -105,6 +119,11 @@ def matmul_params_per_token(cfg: Config | ModelConfig, model: Transformer | None
   count once per layer that writes a KV slot; the layers that read one have
   neither. A recurrent
   plan's input injection counts once per core iteration (plan repeats).
+
+  Mixture-of-Recursions (active weights): recursion step r of the routed stage
+  runs on a share a_r of the tokens (`step_fractions`), so its blocks and
+  depth slots count a_r times instead of once; the routers ([D, R], run on
+  every token) count once. Then the count is a mean over tokens, a float.
   """
   mcfg = _model_cfg(cfg)
   if mcfg.block not in ACTIVE_MATMUL_PARAMS:
@@ -113,26 +132,34 @@ def matmul_params_per_token(cfg: Config | ModelConfig, model: Transformer | None
   active = ACTIVE_MATMUL_PARAMS[mcfg.block]
   model = model if model is not None else abstract_model(mcfg)
   n = mcfg.d_model * mcfg.vocab_size
+  fractions = step_fractions(mcfg, seq_len)
   for i, (spec, stage) in enumerate(zip(model.plan.stages, model.stages)):
-    n += spec.repeats * active(stage.blocks, mcfg)
-    if stage.slots is not None:
-      n += _dense_matmul_params(stage.slots, mcfg)
+    slots = _dense_matmul_params(stage.slots, mcfg) if stage.slots is not None else 0
+    if i == model.routed:  # sum(fractions): recursions a token takes, on average
+      n += sum(fractions) * (active(stage.blocks, mcfg) + slots / spec.repeats)
+    else:
+      n += spec.repeats * active(stage.blocks, mcfg) + slots
     if stage.shared_kv:
-      n += _shared_kv_params(model.plan.stage_layers(i), stage)
+      share = (lambda l: fractions[l.repeat]) if i == model.routed else (lambda l: 1)
+      n += _shared_kv_params(model.plan.stage_layers(i), stage, share)
   if model.injection is not None:  # recurrent plans: the input injection runs once per core iteration
     n += model.plan.stages[1].repeats * _dense_matmul_params(model.injection, mcfg)
+  if model.router is not None:
+    n += _size(model.router.w)
   return n
 
 
-def _shared_kv_params(layers, stage) -> int:
+def _shared_kv_params(layers, stage, share=lambda layer: 1):
   """Per-token K/V weights of a stage under model.kv_sharing: the K/V
   projections (stored [W, ...] for the W writing blocks) run once per layer
   that writes, and so do the K/V adapters (stored [Wd, ...], one per writing
-  layer). The layers that only read K/V store and run neither."""
-  writes = sum(l.kv_write for l in layers)
+  layer). The layers that only read K/V store and run neither. share: the
+  share of tokens a layer runs on (Mixture-of-Recursions; 1 otherwise)."""
+  writers = [l for l in layers if l.kv_write]
+  writes = sum(share(l) for l in writers)
   n = _sum(nnx.state(stage.kv)) // len(stage.kv_blocks) * writes if stage.kv is not None else 0
   if stage.kv_lora is not None:
-    n += _sum(nnx.state(stage.kv_lora))
+    n += _sum(nnx.state(stage.kv_lora)) // len(writers) * writes
   return n
 
 
@@ -145,7 +172,8 @@ def kv_cache_bytes_per_token(cfg: Config | ModelConfig, model: Transformer | Non
   return model.plan.kv_slots * 2 * mcfg.num_kv_heads * mcfg.head_dim * np.dtype(mcfg.compute_dtype).itemsize
 
 
-def flops_per_token(cfg: Config | ModelConfig, seq_len: int, model: Transformer | None = None) -> int:
+def flops_per_token(cfg: Config | ModelConfig, seq_len: int, model: Transformer | None = None,
+                    all_recursions: bool = False) -> int:
   """Training FLOPs per token (forward + backward), model FLOPs only.
 
     flops = 6 * N_used + 6 * L_eff * T * (H * Hd)
@@ -158,11 +186,32 @@ def flops_per_token(cfg: Config | ModelConfig, seq_len: int, model: Transformer 
   forward + backward is 3x that: 6 * T * H * Hd per layer, times L_eff
   layers. T is the context length (`seq_len`). Rematerialisation re-runs the
   forward and is not counted (that is hardware FLOPs, not model FLOPs).
+
+  Mixture-of-Recursions (active FLOPs): a layer of recursion step r runs on
+  k_r of the T tokens, which attend among themselves, so per token of the
+  sequence it costs its matmuls times k_r / T (`matmul_params_per_token`)
+  and attention 6 * k_r^2 / T * H * Hd (6 * k_r k_0 / T * H * Hd when
+  model.kv_sharing='recursion' has it read step 0's keys). `all_recursions=True` counts every
+  token through every step instead (the masked execution's cost).
   """
   mcfg = _model_cfg(cfg)
   model = model if model is not None else abstract_model(mcfg)
-  attn = 6 * model.plan.depth * seq_len * mcfg.num_heads * mcfg.head_dim
-  return 6 * matmul_params_per_token(mcfg, model) + attn
+  per_layer = 6 * seq_len * mcfg.num_heads * mcfg.head_dim
+  fractions = step_fractions(mcfg, seq_len)
+  if fractions is None or all_recursions:
+    attn = model.plan.depth * per_layer
+  else:
+    # step r's queries (a share a_r) attend to the keys of its own tokens, or of step 0's under KV sharing
+    routed = model.plan.stages[model.routed]
+    keys = [fractions[0] if model.stages[model.routed].shared_kv else a for a in fractions]
+    attn = (model.plan.depth - routed.depth) * per_layer + routed.unique_blocks * per_layer * sum(
+        a * k for a, k in zip(fractions, keys))
+  n_used = matmul_params_per_token(mcfg, model, None if all_recursions else seq_len)
+  if fractions is not None and all_recursions:
+    routed = model.plan.stages[model.routed]
+    n_used = matmul_params_per_token(dataclasses.replace(
+        mcfg, mor=dataclasses.replace(mcfg.mor, capacities=(1.0,) * routed.repeats)), model)
+  return int(round(6 * n_used + attn))
 
 
 def describe(cfg: Config) -> dict:
@@ -171,7 +220,9 @@ def describe(cfg: Config) -> dict:
   Keys: unique_params, untied_params, lora_params, total_params,
   embedding_params, effective_depth, unique_blocks, flops_per_token (training,
   at seq_len; None for a block type not in ACTIVE_MATMUL_PARAMS), seq_len, kv_sharing, kv_slots (distinct
-  KV-cache entries), kv_cache_bytes_per_token, plan (list of {depth, stage, block, repeat, kv_slot}).
+  KV-cache entries), kv_cache_bytes_per_token, plan (list of {depth, stage, block, repeat, kv_slot}); with
+  model.mor routing also mor_routing, mor_capacities, mor_tokens_per_step (k_r at seq_len),
+  flops_per_token_all_recursions (every token through every step) and active_flops_ratio.
   """
   model = abstract_model(cfg)
   counts = count_params(model)
@@ -193,4 +244,17 @@ def describe(cfg: Config) -> dict:
       "kv_slots": model.plan.kv_slots,
       "kv_cache_bytes_per_token": kv_cache_bytes_per_token(cfg, model),
       "plan": model.plan.describe(),
+      **_describe_mor(cfg, model, flops),
   }
+
+
+def _describe_mor(cfg: Config, model: Transformer, flops) -> dict:
+  """describe()'s Mixture-of-Recursions keys (none without routing)."""
+  mor = cfg.model.mor
+  if mor.routing == "none":
+    return {}
+  from recursive_lm.model.mor import step_sizes
+  full = flops_per_token(cfg, cfg.data.seq_len, model, all_recursions=True)
+  return {"mor_routing": mor.routing, "mor_capacities": list(mor.capacities),
+          "mor_tokens_per_step": list(step_sizes(mor.capacities, cfg.data.seq_len)),
+          "flops_per_token_all_recursions": full, "active_flops_ratio": flops / full}

@@ -341,5 +341,40 @@ def plot_moe_usage(usage) -> Figure:
   return _finish(fig)
 
 
+def plot_router_depths(depths, decode=None, top: int = 24) -> Figure:
+  """Which tokens go deep (Mixture-of-Recursions, `analysis.router_depths`):
+  the share of tokens per depth, the mean depth by position, and the mean
+  depth of the `top` most frequent tokens, deepest first. decode: token id
+  -> label (e.g. the run's tokenizer). A model without routers gives a
+  figure carrying `depths.message`."""
+  if not depths:
+    return _message(depths.message, "Router depths")
+  fig, axes = plt.subplots(1, 3, figsize=(14, 3.6), gridspec_kw={"width_ratios": [1, 2, 2]})
+  r = len(depths.depth_frac) - 1
+  axes[0].bar(range(r + 1), depths.depth_frac, color="tab:blue")
+  axes[0].set_xticks(range(r + 1))
+  axes[0].set_xlabel("recursions taken")
+  axes[0].set_ylabel("share of tokens")
+  axes[0].set_title("Depth distribution")
+  axes[1].plot(depths.by_position, color="tab:blue")
+  axes[1].set_xlabel("position in the sequence")
+  axes[1].set_ylabel("mean recursions")
+  axes[1].set_ylim(0, r)
+  axes[1].set_title("Mean depth by position")
+  frequent = sorted(depths.by_token.items(), key=lambda kv: -kv[1][1])[:top]
+  frequent.sort(key=lambda kv: -kv[1][0])
+  label = decode or (lambda t: str(t))
+  axes[2].bar(range(len(frequent)), [d for _, (d, _) in frequent], color="tab:orange")
+  axes[2].set_xticks(range(len(frequent)), [repr(label(t))[1:-1] or " " for t, _ in frequent], fontsize=8,
+                     rotation=90)
+  axes[2].set_ylim(0, r)
+  axes[2].set_ylabel("mean recursions")
+  axes[2].set_title(f"Mean depth of the {len(frequent)} most frequent tokens, deepest first")
+  for ax in axes:
+    _style(ax)
+  fig.suptitle(depths.message)
+  return _finish(fig)
+
+
 __all__ = ["plot_depth_loss", "plot_loss_curves", "plot_lora_norms", "plot_lora_spectra", "plot_moe_usage",
-           "plot_similarity"]
+           "plot_router_depths", "plot_similarity"]

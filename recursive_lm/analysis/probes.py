@@ -45,6 +45,9 @@ def residual_stream(model, tokens: jax.Array) -> tuple[jax.Array, dict]:
   dtype, aux {name: [L_eff, ...]}) with hidden[0] the embedding output and
   hidden[l] the residual stream after effective layer l - 1. A recurrent
   plan's core layers see the injection as the model runs it (plan repeats)."""
+  if model.routed is not None:  # a per-layer walk would run every token through every recursion
+    raise ValueError(f"model.mor.routing={model.cfg.mor.routing!r}: the layer-by-layer probes do not apply the "
+                     "routers; use analysis.router_depths for a routed model")
   ctx, _ = model.context(tokens.shape[1])
   x = model.embed(tokens, jnp.dtype(model.cfg.compute_dtype))
   hidden = [x]
@@ -313,5 +316,53 @@ def moe_usage(run, n_batches: int | None = None) -> MoEUsage:
                   usage, by_block, dead, entropy, model.plan.describe())
 
 
-__all__ = ["MoEUsage", "cosine_similarity", "depth_losses", "hidden_states", "linear_cka", "lora_delta",
+@dataclasses.dataclass
+class RouterDepths:
+  """Which tokens go deep in a Mixture-of-Recursions model (`router_depths`).
+
+  depth [N, T] int: recursions each token of the N sequences took; tokens
+  [N, T] int: the token ids; depth_frac [R + 1]: share of tokens per depth
+  0..R; by_position [T]: mean depth per position; by_token {id: (mean depth,
+  count)} over the token ids seen. available False (with a message) for a
+  model without routers."""
+  available: bool
+  message: str
+  depth: np.ndarray | None = None
+  tokens: np.ndarray | None = None
+  depth_frac: np.ndarray | None = None
+  by_position: np.ndarray | None = None
+  by_token: dict = dataclasses.field(default_factory=dict)
+
+  def __bool__(self) -> bool:
+    return self.available
+
+
+def depth_summary(depth: np.ndarray, tokens: np.ndarray, repeats: int) -> RouterDepths:
+  """RouterDepths of per-token depths [N, T] and token ids [N, T]."""
+  depth, tokens = np.asarray(depth), np.asarray(tokens)
+  by_token = {}
+  for t in np.unique(tokens):
+    d = depth[tokens == t]
+    by_token[int(t)] = (float(d.mean()), int(d.size))
+  return RouterDepths(True, f"router depths of {depth.size} tokens ({depth.shape[0]} sequences)", depth, tokens,
+                      np.bincount(depth.ravel(), minlength=repeats + 1) / depth.size, depth.mean(0), by_token)
+
+
+def router_depths(run, n_batches: int | None = None) -> RouterDepths:
+  """Per-token recursion depths the routers choose on the first n eval batches
+  (default: the run's train.eval_batches), from the model's own forward (its
+  'router_depth' aux, the routing training used: top-k over each sequence).
+  A model without routers gives RouterDepths(available=False, message)."""
+  cfg, model = run.cfg, run.model
+  if cfg.model.mor.routing == "none":
+    return RouterDepths(False, "model.mor.routing='none': no routers, every token takes every recursion "
+                               "(train e.g. configs/mor.py for per-token depths)")
+  graphdef, state = nnx.split(model)
+  batches = run.eval_batches(n_batches)
+  depth = [np.asarray(_forward_aux(graphdef, state, jnp.asarray(b["inputs"]))["router_depth"]) for b in batches]
+  tokens = [np.asarray(b["inputs"]) for b in batches]
+  return depth_summary(np.concatenate(depth), np.concatenate(tokens), model.plan.stages[model.routed].repeats)
+
+
+__all__ = ["MoEUsage", "RouterDepths", "depth_summary", "router_depths", "cosine_similarity", "depth_losses", "hidden_states", "linear_cka", "lora_delta",
            "lora_spectra", "moe_usage", "readout", "residual_stream", "similarity"]

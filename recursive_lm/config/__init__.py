@@ -25,11 +25,11 @@ from recursive_lm.config.defaults import SIZES, base_config, byte_lm, parse_arg
 from recursive_lm.config.errors import ConfigError
 from recursive_lm.config.schema import (ATTENTION_KERNELS, DENSE_KERNELS, LORA_TARGETS, MESH_RULES, MLP_TYPES,
                                         MOE_DISPATCH, PLAN_PRESETS, REMAT, Config, DataConfig, KernelsConfig, LoraConfig,
-                                        MeshConfig, MoEConfig, ModelConfig, OptimConfig, PlanConfig, RecurrentConfig, TrainConfig,
+                                        MeshConfig, MoEConfig, ModelConfig, MoRConfig, OptimConfig, PlanConfig, RecurrentConfig, TrainConfig,
                                         from_json)
 from recursive_lm.config.validate import load
 
 __all__ = ["SIZES", "base_config", "byte_lm", "parse_arg", "ConfigError", "ATTENTION_KERNELS", "DENSE_KERNELS",
            "MOE_DISPATCH", "KernelsConfig", "LORA_TARGETS", "MESH_RULES", "MLP_TYPES",
-           "PLAN_PRESETS", "REMAT", "Config", "DataConfig", "LoraConfig", "MeshConfig", "MoEConfig", "ModelConfig",
+           "PLAN_PRESETS", "REMAT", "Config", "DataConfig", "LoraConfig", "MeshConfig", "MoEConfig", "ModelConfig", "MoRConfig",
            "OptimConfig", "PlanConfig", "RecurrentConfig", "TrainConfig", "from_json", "load"]

@@ -34,6 +34,9 @@ INJECTIONS = ("concat", "add", "parcae")
 INIT_STATES = ("normal", "zeros", "prelude")
 LOOP_SAMPLES = ("fixed", "poisson_lognormal", "uniform")
 CURRICULA = ("none", "linear", "1-sqrt")
+MOR_ROUTINGS = ("none", "expert", "token")
+MOR_WEIGHTINGS = ("scaled", "unit")
+MOR_EXECUTIONS = ("gather", "mask")
 SOURCES = ("stdlib", "text", "tokens", "synthetic")
 SCHEDULES = ("cosine", "wsd", "constant")
 ON_NONFINITE = ("stop", "skip")
@@ -131,6 +134,24 @@ class MoEConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MoRConfig:
+  """Mixture-of-Recursions (recursive_lm/model/mor.py): routers choose how many recursions of the plan's one
+  repeated stage (cycle order) each token takes. Training only (no generation with routers yet). `capacities`
+  is typed as a string and resolved by validate.load to one value per recursion step (empty when off)."""
+  routing: str = option("none", "none | expert (a router per step, top-k of the sequence) | token (a depth per token)",
+                        choices=MOR_ROUTINGS)
+  capacities: tuple[float, ...] = option(
+      (), "share of a row's tokens per recursion step, e.g. '1,0.5,0.25' (empty: (R-i)/R for step i)", raw="")
+  weighting: str = option("scaled", "scaled: h + s*g*(f(h) - h) | unit: f(h), straight-through gradient to the router",
+                          choices=MOR_WEIGHTINGS)
+  router_scale: float = option(0.1, "s of the scaled update", check="> 0")
+  bce_coef: float = option(0.001, "expert routing: weight of the routers' binary cross-entropy", check=">= 0")
+  balance_coef: float = option(0.1, "token routing: weight of the depth balance loss", check=">= 0")
+  execution: str = option("gather", "gather: a step runs on its k tokens only | mask: all tokens, masked (reference)",
+                          choices=MOR_EXECUTIONS)
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   vocab_size: int = option(256, "token ids", check="> 0")
   d_model: int = option(128, "residual stream width", check="> 0")
@@ -175,6 +196,7 @@ class ModelConfig:
   lora: LoraConfig = section(LoraConfig, "per-depth LoRA")
   block: str = option("dense", "dense, or moeut (SwitchHead + sigma-MoE, peri-layernorm)", choices=BLOCKS)
   moe: MoEConfig = section(MoEConfig, "MoEUT sizes (model.block='moeut')")
+  mor: MoRConfig = section(MoRConfig, "Mixture-of-Recursions routers")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -143,6 +143,45 @@ def _synthetic(d) -> None:
                         f"{need} (got {d.seq_len})")
 
 
+def _capacities(text: str, repeats: int) -> tuple[float, ...]:
+  """model.mor.capacities: '' -> (R - i) / R per step i; else R values in (0, 1] that do not increase."""
+  field = f"model.mor.capacities={text!r}"
+  if not text.strip():
+    return tuple((repeats - i) / repeats for i in range(repeats))
+  try:
+    caps = tuple(float(c) for c in text.split(","))
+  except ValueError:
+    raise ConfigError(f"{field} is not a comma-separated list of numbers") from None
+  if len(caps) != repeats:
+    raise ConfigError(f"{field} has {len(caps)} values; the routed stage has {repeats} recursion steps")
+  bad = [c for c in caps if not 0.0 < c <= 1.0]
+  if bad:
+    raise ConfigError(f"{field}: capacity {bad[0]} is outside (0, 1]")
+  for a, b in zip(caps, caps[1:]):
+    if b > a:
+      raise ConfigError(f"{field}: capacities must not increase from one recursion step to the next ({a} -> {b})")
+  return caps
+
+
+def _mor_capacities(m, plan: plan_lib.Plan) -> tuple[float, ...]:
+  """model.mor checked against the plan (the routers act on its one repeated
+  stage); returns the resolved capacities (empty when routing is none)."""
+  mr = m.mor
+  if mr.routing == "none":
+    if mr.capacities.strip():
+      raise ConfigError(f"model.mor.capacities={mr.capacities!r} is set but model.mor.routing='none'")
+    return ()
+  stage = plan.stages[plan_lib.routed_stage(plan)]
+  for field, value, ok in (("model.plan.preset", m.plan.preset, m.plan.preset != "recurrent"),
+                           ("model.block", m.block, m.block == "dense"),
+                           ("model.kv_sharing", m.kv_sharing, m.kv_sharing in ("none", "recursion")),
+                           ("model.sliding_window", m.sliding_window, not m.sliding_window)):
+    if not ok:
+      raise ConfigError(f"{field}={value!r} is not supported with model.mor.routing={mr.routing!r} (supported: "
+                        "a dense, non-recurrent plan without sliding windows, KV sharing none or recursion)")
+  return _capacities(mr.capacities, stage.repeats)
+
+
 def _exit_weights(value, plan: plan_lib.Plan, preset: str) -> tuple[float, ...]:
   """train.exit_loss_weights ('w1,w2,...' or a sequence; '' off) -> one float >= 0
   per loop of the plan's repeated cycle-order stages (boundaries + 1)."""
@@ -209,5 +248,7 @@ def load(cd: ml_collections.ConfigDict) -> Config:
   if sum(me[f] == -1 for f in axes) > 1:
     raise ConfigError("mesh: at most one of data/fsdp/tensor/expert may be -1")
   exit_weights = _exit_weights(cd.train.exit_loss_weights, depth_plan, p.preset)
+  capacities = _mor_capacities(m, depth_plan)
   return fields.build(Config, cd, resolved={"model.head_dim": head_dim, "model.lora": lora,
+                                            "model.mor.capacities": capacities,
                                             "train.exit_loss_weights": exit_weights})

@@ -128,7 +128,9 @@ def cached_causal_attention(q, k, v, ctx: Context, cache: dict | None, scale: fl
 
   k = v = None: a layer reading a shared KV slot; `cache` is that slot's
   entry, the K/V of the same T tokens without a cache (ctx.cache_index None)
-  or the cache [B, S, K, Hd], returned unchanged. keep: without a cache,
+  or the cache [B, S, K, Hd], returned unchanged; an entry with 'pos' [B, S]
+  holds other tokens, at those positions (Mixture-of-Recursions: a later
+  recursion's tokens reading the first recursion's K/V). keep: without a cache,
   return the new tokens' {'k','v'} (the entry a shared slot's writer makes).
   causal: the kernel of the no-cache self-attention, (q, k, v, positions,
   window) -> out (`kernels.attention_kernel`; default the blocked path); the
@@ -137,12 +139,16 @@ def cached_causal_attention(q, k, v, ctx: Context, cache: dict | None, scale: fl
   causal = causal_attend_blocked if causal is None else causal
   q = q * jnp.asarray(q.shape[-1] ** -0.5 if scale is None else scale, q.dtype)
   if k is None:
+    if ctx.cache_index is None and "pos" in cache:  # the entry's keys sit at their own positions [B, S]
+      return attend(q, cache["k"], cache["v"], ctx.positions, cache["pos"], ctx.window), cache
     if ctx.cache_index is None:
       return causal(q, cache["k"], cache["v"], ctx.positions, ctx.window), cache
     key_pos = jnp.arange(cache["k"].shape[1])
     return attend(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), ctx.positions, key_pos,
                   ctx.window), cache
   if cache is None:
+    if ctx.positions.ndim == 2:  # per-row positions without a cache (Mixture-of-Recursions' masked reference)
+      return attend(q, k, v, ctx.positions, ctx.positions, ctx.window), ({"k": k, "v": v} if keep else None)
     return causal(q, k, v, ctx.positions, ctx.window), ({"k": k, "v": v} if keep else None)
   cache = {"k": write_cache(cache["k"], k, ctx.cache_index), "v": write_cache(cache["v"], v, ctx.cache_index)}
   key_pos = jnp.arange(cache["k"].shape[1])
@@ -163,6 +169,7 @@ def _visible(q_pos, k_pos, window):
   """[Tq, S] bool ([B, 1, 1, Tq, S] for per-row q_pos [B, Tq], to broadcast over
   [B, K, G, Tq, S] scores): key j is visible to query i when k_pos[j] <= q_pos[i]
   and, for a nonzero window, q_pos[i] - k_pos[j] < window (a scalar, or one per row [B] with per-row q_pos)."""
+  k_pos = k_pos if k_pos.ndim == 1 else k_pos[:, None, :]  # per-row keys [B, S] (per-row queries then too)
   visible = k_pos <= q_pos[..., None]
   if window is not None and jnp.ndim(window) == 1:  # one window per row [B] (depth-wise batching)
     window = window[:, None, None]

@@ -26,7 +26,7 @@ from flax import nnx
 from recursive_lm import axes, sharding
 from recursive_lm import plan as plan_lib
 from recursive_lm.config import ModelConfig
-from recursive_lm.model import kernels, moe
+from recursive_lm.model import kernels, moe, mor
 from recursive_lm.model.attention import Context, KVProjection, init_kv_cache
 from recursive_lm.model.block import Block, DepthSlot
 from recursive_lm.model.moeut_block import MoEUTBlock
@@ -67,6 +67,10 @@ class Transformer(nnx.Module):
     self.stages = nnx.List(stages)
     self.recurrent = cfg.plan.preset == "recurrent"  # stages: prelude, core (looped, injected), coda
     self.injection = nnx.data(Injection(cfg, rngs) if self.recurrent else None)
+    # Mixture-of-Recursions: routers on the one repeated stage (validation checked the plan).
+    self.routed = plan_lib.routed_stage(self.plan) if cfg.mor.routing != "none" else None
+    self.router = nnx.data(None if self.routed is None else
+                           mor.Router(cfg, self.plan.stages[self.routed].repeats, rngs))
     self.rope_bases, self.depth_data = layer_kinds(cfg, self.plan)
     self.rope_scalings = rope_scalings(cfg, len(self.rope_bases))
     self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.norm_offset, param_dtype=pd)
@@ -76,14 +80,18 @@ class Transformer(nnx.Module):
   def regulariser(self, aux: dict) -> tuple[jax.Array, dict]:
     """Auxiliary training loss from the blocks' aux outputs (e.g. MoE balance)
     and its metrics (zero and {} for dense blocks)."""
-    return moe.balance_loss(aux, self.plan, self.cfg)
+    loss, metrics = moe.balance_loss(aux, self.plan, self.cfg)
+    if self.routed is None:
+      return loss, metrics
+    r_loss, r_metrics = mor.router_loss(aux, self.cfg.mor, self.plan.stages[self.routed].repeats)
+    return loss + r_loss, {**metrics, **r_metrics}
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> list[dict]:
     """Zeroed KV caches, one entry per distinct KV slot of the plan: per stage
     {'k','v'} [U*C, B, S, Kv, Hd] without sharing; with model.kv_sharing one
     [{'k','v'} [kv_slots, B, S, Kv, Hd]] for the whole depth."""
     dtype = dtype or jnp.dtype(self.cfg.compute_dtype)
-    if self.plan.kv_sharing != "none":
+    if self.plan.kv_sharing != "none" and self.routed is None:
       return [init_kv_cache(self.cfg, self.plan.kv_slots, batch, max_len, dtype)]
     return [init_kv_cache(self.cfg, s.depth, batch, max_len, dtype) for s in self.plan.stages]
 
@@ -94,7 +102,9 @@ class Transformer(nnx.Module):
 
     With a cache, the tokens sit at positions cache_index + [0, T) and their
     keys/values are written there; cache_index is a scalar or one per row [B]
-    (rows at different positions). aux maps diagnostic names to [L_eff] arrays.
+    (rows at different positions). aux maps diagnostic names to [L_eff] arrays;
+    with model.mor routing it also holds 'router_loss' (scalar) and
+    'router_depth' [B, T] (`recursive_lm.model.mor.run_routed`).
 
     Recurrent plans: loops None runs the core the plan's repeats times (any
     path, caches included); an int or traced int runs it that many times
@@ -112,7 +122,7 @@ class Transformer(nnx.Module):
     # Stage boundaries pin x [B, T, D] to batch-sharded rows (no-op without a mesh).
     x = sharding.constrain_residual(self.embed(tokens, jnp.dtype(cfg.compute_dtype)))
     states = [] if loop_states else None
-    if self.plan.kv_sharing != "none":
+    if self.plan.kv_sharing != "none" and self.routed is None:
       hidden = [] if loop_states else None
       x, c, aux = run_shared(self.stages, self.plan, x, ctx, None if cache is None else cache[0], cfg.remat, hidden)
       if loop_states:
@@ -126,7 +136,10 @@ class Transformer(nnx.Module):
       raise ValueError("loop_states: per-loop states are not collected under a run-time loop count")
     if loops is not None and cache is not None:
       raise ValueError("a loop count other than the plan's runs without a KV cache")
-    new_cache, auxes = [], []
+    if self.routed is not None and cache is not None:
+      raise ValueError(f"model.mor.routing={cfg.mor.routing!r}: generation with a KV cache through routers is "
+                       "not implemented yet (training and evaluation without a cache are)")
+    new_cache, auxes, router_aux = [], [], {}
     for i, stage in enumerate(self.stages):
       c = None if cache is None else cache[i]
       inject = None
@@ -134,17 +147,20 @@ class Transformer(nnx.Module):
         e = x
         x = initial_state(cfg.recurrent.init_state, e, key, ctx.positions)
         inject = lambda s, e=e: self.injection(s, e)
-      if inject is not None and loops is not None:
+      if i == self.routed:
+        x, aux, router_aux = mor.run_routed(stage, self.router, x, ctx, self.plan.stage_layers(i), cfg.mor,
+                                            cfg.remat)
+      elif inject is not None and loops is not None:
         x, aux = run_recurrent(stage, self.injection, x, e, ctx, depth_arrays[i], cfg.remat, loops,
                                cfg.recurrent.backprop_depth)
-      elif unrolled or not cfg.scan:
+      elif unrolled or not cfg.scan or stage.shared_kv:  # shared K/V here: routed plans (every layer writes)
         x, c, aux = run_unrolled(stage, x, ctx, c, self.plan.stage_layers(i), cfg.remat, inject, states)
       else:
         x, c, aux = run_stage(stage, x, ctx, c, depth_arrays[i], cfg.remat, inject, states)
       x = sharding.constrain_residual(x)
       new_cache.append(c)
       auxes.append(aux)
-    aux = jax.tree.map(lambda *a: jnp.concatenate(a), *auxes)
+    aux = {**jax.tree.map(lambda *a: jnp.concatenate(a), *auxes), **router_aux}
     if loop_states:
       aux["loop_states"] = _stack_states(states, x)
     return self.readout(x), (new_cache if cache is not None else None), aux

@@ -1,0 +1,36 @@
+"""Mixture-of-Recursions: routers choose how many recursions of the shared middle stage each token takes.
+
+  python -m recursive_lm.train --config configs/mor.py --workdir runs/mor
+  python -m recursive_lm.train --config configs/mor.py:routing=token --workdir runs/mor_token
+  python -m recursive_lm.train --config configs/mor.py:size=tiny --workdir /tmp/tiny   # seconds on CPU
+  python -m recursive_lm.describe --config configs/mor.py --table   # active FLOPs per token vs all recursions
+
+Reaches: not measured yet.
+
+Model (MoR's middle-cycle): a unique first block, `blocks` unique blocks
+looped `repeats` times (cycle order), a unique last block. Expert routing:
+recursion step r keeps the top capacity_r share of the tokens still active
+(default (R - i) / R: 1, 2/3, 1/3), chosen by its own router; token routing:
+one router gives each token a depth. Training gathers each step's tokens, so
+a step costs its share of the tokens; router statistics go to metrics.jsonl
+as router/* (router/depth_frac: share of tokens per depth 0..R,
+router/step_frac: share per step). Generation with routers is not
+implemented yet (the model refuses a KV cache).
+
+Variants (`:key=value,...`): size=small|tiny, routing=expert|token,
+repeats (R), blocks (unique blocks in the loop; 0: the size's default),
+capacities ('1-0.5-0.25': one per step, '-'-separated since ',' separates
+variants; empty: the default), weighting=scaled|unit.
+"""
+
+from recursive_lm.config import byte_lm, parse_arg
+
+
+def get_config(arg=None):
+  a = parse_arg(arg, size="small", routing="expert", repeats=3, blocks=0, capacities="", weighting="scaled")
+  blocks = a["blocks"] or {"tiny": 1}.get(a["size"], 2)
+  c = byte_lm(a["size"], "middle_cycle", 2 + blocks * a["repeats"], a["repeats"])
+  mr = c.model.mor
+  mr.routing, mr.weighting = a["routing"], a["weighting"]
+  mr.capacities = a["capacities"].replace("-", ",")
+  return c
