@@ -11,6 +11,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -330,3 +331,42 @@ def test_truncated_backprop_memory_does_not_grow_with_loops():
 
   scan2, scan16, runtime = temp_bytes(2, False), temp_bytes(16, False), temp_bytes(2, True)
   assert runtime <= 1.3 * scan2 and scan16 > 3 * scan2, (scan2, scan16, runtime)
+
+
+@pytest.mark.parametrize("extra", [dict(lora_rank=2, per_depth_norms=True), dict()])
+def test_per_sequence_loop_counts_equal_each_row_run_alone(extra):
+  """One count per row ([B]): every row's logits and its share of the gradient
+  equal that row run alone at its own count, truncated backprop included (k =
+  2; counts below, at and above k and beyond the plan's repeats 3). With
+  per-depth slots the rows use different slots at the same step (vmap path);
+  without, one shared call with masking."""
+  model = build_random(**recurrent("concat", "normal", repeats=3, backprop_depth=2, **extra))
+  toks = jnp.asarray(np.random.default_rng(3).integers(0, 61, (4, 7)), jnp.int32)
+  targets = jnp.asarray(np.random.default_rng(4).integers(0, 61, (4, 7)), jnp.int32)
+  loops, key = np.array([1, 5, 2, 3], np.int32), jax.random.key(7)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss(p, toks, targets, loops):
+    logits = nnx.merge(graphdef, p, rest)(toks, loops=loops, key=key)[0]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets).sum()
+    return ce + 1e-3 * jnp.sum(logits**2), logits
+
+  grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
+  (_, logits), grads = grad(params, toks, targets, jnp.asarray(loops))
+  alone = [grad(params, toks[b:b + 1], targets[b:b + 1], jnp.int32(r)) for b, r in enumerate(loops)]
+  np.testing.assert_allclose(logits, jnp.concatenate([a[0][1] for a in alone]), rtol=1e-5, atol=1e-5)
+  assert_trees_close(grads, jax.tree.map(lambda *g: sum(g), *[a[1] for a in alone]), rtol=1e-4, atol=1e-5)
+  # The counts are really per row: the same rows all at the batch's longest count differ.
+  np.testing.assert_raises(AssertionError, np.testing.assert_allclose, logits,
+                           model(toks, loops=5, key=key)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_per_sequence_draw_is_per_row_and_reproducible():
+  cfg = config_lib.load(tiny_config(**{**recurrent(), "model.recurrent.sample": "uniform",
+                                       "model.recurrent.per_sequence": True, "model.recurrent.max_loops": 9}))
+  rc = cfg.model.recurrent
+  got = draw(rc, 3, seed=2, step=11, batch=16)
+  assert got["loops"].shape == (16,) and got["loops"].dtype == np.int32 and len(set(got["loops"])) > 3
+  again = draw(rc, 3, seed=2, step=11, batch=16)
+  assert (again["loops"] == got["loops"]).all() and (again["key"] == got["key"]).all()
+  assert (draw(rc, 3, seed=2, step=12, batch=16)["loops"] != got["loops"]).any()

@@ -78,6 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
   rc.sigma = 0.5  # poisson_lognormal: std of the log-normal rate
   rc.min_loops = 1  # uniform: loop counts in [min_loops, max_loops]; both sampled kinds clip to it
   rc.max_loops = 32
+  rc.per_sequence = False  # True: every row of a batch draws its own loop count (else one per step)
   m.lora = lo = ml_collections.ConfigDict()
   lo.rank = 0  # 0: strict tying
   lo.targets = "all"  # all: every projection the block has; or a list such as "q,v,down"

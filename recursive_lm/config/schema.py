@@ -32,6 +32,7 @@ class RecurrentConfig:
   sigma: float = 0.5
   min_loops: int = 1
   max_loops: int = 32
+  per_sequence: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
