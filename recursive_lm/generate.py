@@ -1,7 +1,7 @@
 """Batch generation from a checkpoint through the serving engine:
 `python -m recursive_lm.generate --workdir runs/demo --input prompts.jsonl --output out.jsonl
  [--max_new_tokens 64 --temperature 0 --top_k 0 --seed 0 --slots 8 --step N --ignore_eos
-  --exit none|confidence:TAU|kl:EPS]`.
+  --exit none|confidence:TAU|kl:EPS --loops N]`.
 
 Input: one JSON object per line, {"id": ..., "prompt": "...", "max_new_tokens": n?, "stop": ["..."]?}
 (max_new_tokens defaults to the flag). Output: exactly one line per input
@@ -15,6 +15,9 @@ lines still run, and the exit status is 1. Prompts are encoded after BOS when
 the run's tokenizer expects it, as `sample` does. Request i samples with seed
 --seed + i (i: its line number from 0), so a line's completion does not
 depend on the lines around it.
+
+--loops N runs a recurrent plan's core N times for every request (any N >=
+1, more than trained included; with --exit, the most it may run).
 
 The engine's cache is as long as the longest request that fits the model
 needs (attention reads all of it at every step). The output file is written once, at the end (via a temporary file), so an
@@ -52,6 +55,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_bool("ignore_eos", False, "Do not stop at the tokenizer's EOS.")
   flags.DEFINE_string("exit", "none", "Per-token early exit: none | confidence:TAU | kl:EPS (inference/exits.py).")
+  flags.DEFINE_integer("loops", None, "Loop count of a recurrent plan's core (default: the plan's repeats).")
 
 
 def parse_line(n: int, line: str, default_new: int) -> tuple[object, dict | None, str | None]:
@@ -80,7 +84,7 @@ def parse_line(n: int, line: str, default_new: int) -> tuple[object, dict | None
 
 def run(workdir: str, input_path: str, output_path: str, max_new_tokens: int = 64, temperature: float = 0.0,
         top_k: int = 0, seed: int = 0, slots: int = 8, step: int | None = None, ignore_eos: bool = False,
-        exit_rule: str = "none") -> dict:
+        exit_rule: str = "none", loops: int | None = None) -> dict:
   """Generate for every line of input_path into output_path; returns a summary
   {requests, failed, new_tokens, seconds, tokens_per_s}. Raises ConfigError for user errors."""
   for name, value, low in (("slots", slots, 1), ("max_new_tokens", max_new_tokens, 0), ("top_k", top_k, 0)):
@@ -92,6 +96,7 @@ def run(workdir: str, input_path: str, output_path: str, max_new_tokens: int = 6
     exits.parse_exit(exit_rule)
   except ValueError as e:
     raise ConfigError(f"--{e}") from None
+  cli.check_loops(loops)
   if not os.path.isfile(input_path):
     raise ConfigError(f"--input {input_path}: no such file")
   out_dir = os.path.dirname(os.path.abspath(output_path))
@@ -103,6 +108,7 @@ def run(workdir: str, input_path: str, output_path: str, max_new_tokens: int = 6
   except (OSError, UnicodeDecodeError) as e:
     raise ConfigError(f"--input {input_path}: cannot read it ({e})") from None
   cfg, model, _ = load_checkpoint(workdir, step)
+  cli.check_loops(loops, cfg)
   tokenizer = data.get_tokenizer(cfg.data.tokenizer)
   parsed = [parse_line(i + 1, line, max_new_tokens) for i, line in enumerate(lines)]
   # The cache only as long as the longest request that fits the model needs: attention reads all of it per step.
@@ -113,7 +119,7 @@ def run(workdir: str, input_path: str, output_path: str, max_new_tokens: int = 6
       need = max(need, n) if n <= cap else need
   try:
     engine = Engine(model, tokenizer, slots=slots, max_len=need, max_top_k=top_k, stop_at_eos=not ignore_eos,
-                    exit=exit_rule)
+                    exit=exit_rule, loops=loops)
   except ValueError as e:  # exits on a model without loops
     raise ConfigError(f"--exit={exit_rule}: {e}") from None
 
@@ -153,7 +159,7 @@ def main(argv):
       cli.fail(f"--{name} is required")
   try:
     summary = run(f.workdir, f.input, f.output, f.max_new_tokens, f.temperature, f.top_k, f.seed, f.slots, f.step,
-                  f.ignore_eos, f.exit)
+                  f.ignore_eos, f.exit, f.loops)
   except ConfigError as e:
     cli.fail(e)
   print(f"generate: {summary['requests']} requests ({summary['failed']} failed), {summary['new_tokens']} new tokens "

@@ -137,23 +137,31 @@ def _write_row(big, small, slot):
   return jax.lax.dynamic_update_slice(big, small.astype(big.dtype), (0, slot) + (0,) * (big.ndim - 2))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_top_k"), donate_argnames=("cache",))
-def _prefill(graphdef, state, cache, prompt, length, slot, seed, temperature, top_k, *, max_top_k: int):
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_top_k", "loops"), donate_argnames=("cache",))
+def _prefill(graphdef, state, cache, prompt, length, slot, seed, temperature, top_k, *, max_top_k: int,
+             loops: int | None = None):
   """Prompt [1, bucket] (right-padded; `length` real tokens) -> (cache with the
-  slot's row [0, bucket) written, its first new token int32 [])."""
+  slot's row [0, bucket) written, its first new token int32 []). loops: a
+  recurrent core's count (None: the plan's)."""
   model = nnx.merge(graphdef, state)
-  fresh = model.init_cache(1, prompt.shape[1], cache[0]["k"].dtype)
-  logits, fresh, _ = model(prompt, cache=fresh, cache_index=jnp.zeros((1,), jnp.int32))
+  fresh = model.init_cache(1, prompt.shape[1], cache[0]["k"].dtype, **_loops(loops))
+  logits, fresh, _ = model(prompt, cache=fresh, cache_index=jnp.zeros((1,), jnp.int32), **_loops(loops))
   cache = jax.tree.map(lambda big, small: _write_row(big, small, slot), cache, fresh)
   last = jax.lax.dynamic_index_in_dim(logits[0], length - 1, keepdims=True)  # [1, V]
   first = sample_rows(last, seed[None], jnp.zeros((1,), jnp.int32), temperature[None], top_k[None], max_top_k)
   return cache, first[0]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "max_top_k", "exit_rule", "unrolled"),
+def _loops(loops: int | None) -> dict:
+  """The model's keyword for a recurrent core's loop count (none: the plan's)."""
+  return {} if loops is None else {"loops": loops}
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "max_top_k", "exit_rule", "unrolled", "loops"),
                    donate_argnames=("cache",))
 def _decode(graphdef, state, cache, tokens, positions, seeds, steps, temperature, top_k, remaining, eos_id, *,
-            chunk: int, max_top_k: int, exit_rule: exits.ExitRule | None = None, unrolled: bool = True):
+            chunk: int, max_top_k: int, exit_rule: exits.ExitRule | None = None, unrolled: bool = True,
+            loops: int | None = None):
   """Up to `chunk` decode steps of every slot at once.
 
   tokens [B]: each slot's last token, at position positions [B]; steps [B]:
@@ -163,6 +171,7 @@ def _decode(graphdef, state, cache, tokens, positions, seeds, steps, temperature
   at a frozen position of their own row. Stops early once every slot has.
   exit_rule: per-token early exit (`exits.forward_with_exits`) or None (full depth).
   unrolled: run the depth layer by layer (`Transformer.__call__(unrolled=True)`).
+  loops: a recurrent core's count (None: the plan's).
   Returns (cache, drawn int32 [B, chunk], -1 where a slot drew nothing,
   loops int32 [B, chunk]: the loops each drawn token ran; 0 without exits).
   """
@@ -175,10 +184,10 @@ def _decode(graphdef, state, cache, tokens, positions, seeds, steps, temperature
   def body(carry):
     i, cache, tok, pos, alive, out, used = carry
     if exit_rule is None:
-      logits, cache, _ = model(tok[:, None], cache=cache, cache_index=pos, unrolled=unrolled)
+      logits, cache, _ = model(tok[:, None], cache=cache, cache_index=pos, unrolled=unrolled, **_loops(loops))
     else:
-      logits, cache, loops = exits.forward_with_exits(model, tok[:, None], cache, pos, exit_rule)
-      used = used.at[:, i].set(jnp.where(alive, loops, 0))
+      logits, cache, ran = exits.forward_with_exits(model, tok[:, None], cache, pos, exit_rule, **_loops(loops))
+      used = used.at[:, i].set(jnp.where(alive, ran, 0))
     nxt = sample_rows(logits[:, -1], seeds, steps + i, temperature, top_k, max_top_k)
     out = out.at[:, i].set(jnp.where(alive, nxt, -1))
     tok, pos = jnp.where(alive, nxt, tok), jnp.where(alive, pos + 1, pos)
@@ -212,11 +221,16 @@ class Engine:
   probably a copy of the cache per step); measured 1.8x more decode tokens/s
   on CPU (6-layer cycle plan, 8 slots, `benchmark generate`). False keeps the
   compile time flat in depth for very deep plans.
+  loops: a recurrent plan's core loop count for every request (prefill,
+  decode and exits), any count >= 1, more than trained included, with the
+  model's own parameters (the cache holds one entry per iteration's layer);
+  None: the plan's repeats.
   """
 
   def __init__(self, model, tokenizer=None, slots: int = 8, max_len: int | None = None,
                buckets: Sequence[int] | None = None, max_top_k: int = 64, stop_at_eos: bool = True, seed: int = 0,
-               chunk: int = 8, exit: str | None = None, unrolled: bool = True):  # pylint: disable=redefined-builtin
+               chunk: int = 8, exit: str | None = None, unrolled: bool = True,  # pylint: disable=redefined-builtin
+               loops: int | None = None):
     cap = model.cfg.max_seq_len
     max_len = cap if max_len is None else int(max_len)
     if int(slots) < 1:
@@ -234,11 +248,12 @@ class Engine:
     self.slots, self.max_len, self.buckets, self.max_top_k = int(slots), max_len, buckets, int(max_top_k)
     self.eos_id = tokenizer.eos_id if (tokenizer is not None and stop_at_eos) else None
     self.seed, self.chunk, self.unrolled = int(seed), int(chunk), bool(unrolled)
+    self.loops = None if loops is None else int(loops)
     self.exit_rule = exits.parse_exit(exit)
     if self.exit_rule is not None:
-      exits.loop_boundaries(model.plan)  # ValueError for a model without loops
+      exits.check_model(model, self.loops)  # ValueError for a model without loops
     self._graphdef, self._state = nnx.split(model)
-    self._cache = model.init_cache(self.slots, max_len)
+    self._cache = model.init_cache(self.slots, max_len, **_loops(self.loops))  # ValueError: bad loops
     self._waiting: collections.deque[_Request] = collections.deque()
     self._running: list[_Request | None] = [None] * self.slots
     self._submitted = 0
@@ -338,7 +353,7 @@ class Engine:
     eos = np.int32(-1 if self.eos_id is None else self.eos_id)
     self._cache, drawn, used = _decode(self._graphdef, self._state, self._cache, tokens, positions, seeds, steps,
                                        temps, topks, remaining, eos, chunk=self.chunk, max_top_k=self.max_top_k,
-                                       exit_rule=self.exit_rule, unrolled=self.unrolled)
+                                       exit_rule=self.exit_rule, unrolled=self.unrolled, loops=self.loops)
     drawn, used = np.asarray(drawn), np.asarray(used)
     for s in live:
       r = self._running[s]
@@ -364,7 +379,7 @@ class Engine:
     padded[0, :p] = req.prompt_ids
     self._cache, first = _prefill(self._graphdef, self._state, self._cache, padded, np.int32(p), np.int32(slot),
                                   np.int32(req.seed), np.float32(req.temperature), np.int32(req.top_k),
-                                  max_top_k=self.max_top_k)
+                                  max_top_k=self.max_top_k, loops=self.loops)
     return int(first)
 
   def _append(self, req: _Request, token: int) -> str | None:
