@@ -132,3 +132,68 @@ def test_engine_kl_exit_on_the_recurrent_core():
     assert b.tokens == a.tokens and b.exit_loops == a.exit_loops
   every = np.concatenate([c.exit_loops for c in batched])
   assert len(set(every.tolist())) > 1, every
+
+
+@pytest.fixture(scope="module")
+def recurrent_run(tmp_path_factory):
+  import tiny_run
+  from recursive_lm import config as config_lib
+  from recursive_lm import train
+  workdir = str(tmp_path_factory.mktemp("recurrent_run"))
+  train.run(config_lib.load(tiny_run.config("batch=8,steps=2,eval_every=2,checkpoint_every=2", **{
+      "model.plan.preset": "recurrent", "model.plan.num_layers": 6, "model.plan.repeats": 2,
+      "model.plan.prelude": 1, "model.plan.coda": 1, "model.recurrent.sample": "uniform",
+      "model.recurrent.max_loops": 4, "model.recurrent.backprop_depth": 2})), workdir)
+  return workdir
+
+
+def test_sample_and_generate_clis_take_a_loop_count(recurrent_run, tmp_path):
+  """`sample --loops 5` and `generate --loops 5` (more than the trained 2)
+  print what greedy `generate(loops=5)` decodes; `generate --exit kl:EPS
+  --loops 5` reports the loops each request ran per token; `--loops 0` or
+  negative: one error line, exit 2, no output file."""
+  from recursive_lm import data
+  from recursive_lm.data.tokenizers import encode_prompt
+  from recursive_lm.inference import load_checkpoint
+  from test_train_e2e import finish, start
+  prompts = ["def ", "import os\n"]
+  inp = tmp_path / "in.jsonl"
+  inp.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(prompts)))
+  base = ("--max_new_tokens=6", "--ignore_eos")
+  procs = {
+      "sample": start("recursive_lm.sample", f"--workdir={recurrent_run}", "--prompt=def ", "--loops=5", *base),
+      "generate": start("recursive_lm.generate", f"--workdir={recurrent_run}", f"--input={inp}",
+                        f"--output={tmp_path / 'out.jsonl'}", "--loops=5", *base),
+      "exits": start("recursive_lm.generate", f"--workdir={recurrent_run}", f"--input={inp}",
+                     f"--output={tmp_path / 'exits.jsonl'}", "--loops=5", "--exit=kl:1e9", *base),
+      "sample0": start("recursive_lm.sample", f"--workdir={recurrent_run}", "--prompt=def ", "--loops=0"),
+      "generate-1": start("recursive_lm.generate", f"--workdir={recurrent_run}", f"--input={inp}",
+                          f"--output={tmp_path / 'bad.jsonl'}", "--loops=-1"),
+  }
+  r = {name: finish(p) for name, p in procs.items()}
+  cfg, model, _ = load_checkpoint(recurrent_run)
+  tok = data.get_tokenizer(cfg.data.tokenizer)
+  want = []
+  for p in prompts:
+    ids = encode_prompt(tok, p)
+    want.append(tok.decode(np.asarray(generate(model, ids[None], 6, loops=5))[0, ids.size:]))
+  assert r["sample"].returncode == 0, r["sample"].stderr
+  assert r["sample"].stdout == "def " + want[0] + "\n"
+  assert r["generate"].returncode == 0, r["generate"].stderr
+  assert [json.loads(l)["completion"] for l in open(tmp_path / "out.jsonl")] == want
+  assert r["exits"].returncode == 0, r["exits"].stderr
+  assert [json.loads(l)["mean_exit_loop"] for l in open(tmp_path / "exits.jsonl")] == [2.0, 2.0]
+  for name, value in (("sample0", 0), ("generate-1", -1)):
+    assert r[name].returncode == 2 and r[name].stdout == ""
+    assert r[name].stderr.strip() == f"error: --loops={value} must be >= 1 (the recurrent core's loop count)"
+  assert not (tmp_path / "bad.jsonl").exists()
+
+
+def test_loops_flag_on_a_plan_without_a_core_is_a_config_error():
+  from recursive_lm import cli
+  from recursive_lm import config as config_lib
+  from recursive_lm.config import ConfigError
+  from conftest import tiny_config
+  cfg = config_lib.load(tiny_config(preset="cycle", num_layers=4, repeats=2))
+  with pytest.raises(ConfigError, match="--loops=3: only a recurrent plan .* this run's plan is 'cycle'"):
+    cli.check_loops(3, cfg)
