@@ -370,3 +370,32 @@ def test_per_sequence_draw_is_per_row_and_reproducible():
   again = draw(rc, 3, seed=2, step=11, batch=16)
   assert (again["loops"] == got["loops"]).all() and (again["key"] == got["key"]).all()
   assert (draw(rc, 3, seed=2, step=12, batch=16)["loops"] != got["loops"]).any()
+
+
+def test_per_sequence_counts_follow_their_rows_into_micro_batches():
+  """A train step with one count per row: grad_accum=2 (strided micro-batches,
+  each taking its rows' counts) gives the loss and update of grad_accum=1; the
+  logged `loops` is the mean count; the counts really belong to their rows."""
+  from recursive_lm import optim
+  from recursive_lm.model.transformer import Transformer
+  from recursive_lm.train_step import make_train_step
+  cfg = config_lib.load(tiny_config(**recurrent("concat", repeats=3, backprop_depth=2, lora_rank=2, **{
+      "model.recurrent.per_sequence": True, "model.recurrent.sample": "uniform", "model.recurrent.max_loops": 5})))
+  toks = np.random.default_rng(0).integers(0, 61, (8, 8)).astype(np.int32)
+  batch = {"inputs": jnp.asarray(toks[:, :-1]), "targets": jnp.asarray(toks[:, 1:])}
+  rec = draw(cfg.model.recurrent, 3, seed=0, step=1, batch=8)
+  assert len(set(rec["loops"].tolist())) > 2
+
+  def one_step(k, loops):
+    model = Transformer(cfg.model, nnx.Rngs(0))
+    tx, _ = optim.make(cfg.optim, 10, nnx.state(model, nnx.Param))
+    graphdef, state = nnx.split((model, nnx.Optimizer(model, tx, wrt=nnx.Param)))
+    state, m = make_train_step(graphdef, grad_accum=k, recurrent=True)(state, batch, {**rec, "loops": loops})
+    return jax.device_get(m), jax.device_get(nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, state)[0], nnx.Param)))
+
+  (m1, p1), (m2, p2) = one_step(1, rec["loops"]), one_step(2, rec["loops"])
+  assert m1["loops"] == pytest.approx(rec["loops"].mean()) and m2["loops"] == m1["loops"]
+  assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-5)
+  assert_trees_close(p2, p1, rtol=1e-4, atol=1e-6)
+  m3, _ = one_step(1, rec["loops"][::-1].copy())
+  assert abs(m3["loss"] - m1["loss"]) > 1e-5
