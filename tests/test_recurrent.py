@@ -303,8 +303,10 @@ def test_config_file_variants():
   spec = importlib.util.spec_from_file_location("recurrent_config", os.path.join(REPO, "configs", "recurrent.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  cfg = config_lib.load(module.get_config("size=tiny,injection=parcae,mean_loops=3,backprop_depth=1,core=2"))
+  cfg = config_lib.load(module.get_config("size=tiny,injection=parcae,mean_loops=3,backprop_depth=1,core=2,"
+                                          "per_sequence=true"))
   p, rc = cfg.model.plan, cfg.model.recurrent
+  assert rc.per_sequence
   assert (p.preset, p.prelude, p.repeats, p.coda, p.num_layers) == ("recurrent", 1, 3, 1, 1 + 2 * 3 + 1)
   assert (rc.injection, rc.mean, rc.backprop_depth, rc.max_loops, rc.sample) == ("parcae", 3.0, 1, 12,
                                                                                  "poisson_lognormal")
