@@ -169,7 +169,8 @@ def run_train(cd: ml_collections.ConfigDict) -> dict:
   Recurrent plans: the step takes its loop count at run time (truncated
   backprop, model.recurrent.backprop_depth), so one compiled step is timed at
   every count of --loops in turn; "loops" then lists per count the step times
-  and the process's peak resident memory after its steps (ru_maxrss, a high
+  (wall and this process's CPU seconds) and the process's peak resident
+  memory after its steps (ru_maxrss, a high
   water mark: a count that needed more memory than the ones before raises
   it), with "step_ratio_<hi>_vs_<lo>" and "peak_rss_ratio_<hi>_vs_<lo>". The
   top-level step figures are those of the first count; FLOPs and MFU count
@@ -225,22 +226,24 @@ def run_train(cd: ml_collections.ConfigDict) -> dict:
     for _ in range(2):
       state, m = compiled(state, batch, *extra)
     jax.block_until_ready(m)
-    times = []
+    times, cpu = [], []
     for _ in range(_STEPS.value):
-      t = time.perf_counter()
+      t, c = time.perf_counter(), time.process_time()
       state, m = compiled(state, batch, *extra)
       jax.block_until_ready(m)
       times.append(time.perf_counter() - t)
-    return state, m, times
+      cpu.append(time.process_time() - c)
+    return state, m, times, cpu  # cpu: this process's CPU seconds per step (on a shared machine, steadier)
 
   per_count = []
   for r, draw in draws:  # the same compiled step at every count
-    state, m, times = timed(state, draw)
+    state, m, times, cpu = timed(state, draw)
     per_count.append({"loops": int(r), "step_s_median": round(float(np.median(times)), 4),
                       "step_s_all": [round(t, 4) for t in times],
+                      "step_cpu_s_median": round(float(np.median(cpu)), 4),
                       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)})
   if not looped:
-    state, m, times = timed(state)
+    state, m, times, _ = timed(state)
   else:
     times = per_count[0]["step_s_all"]
   step_s = float(np.median(times))
@@ -274,6 +277,7 @@ def _loop_summary(per_count: list[dict], backprop_depth: int) -> dict:
   lo, hi = min(per_count, key=lambda x: x["loops"]), max(per_count, key=lambda x: x["loops"])
   return {"backprop_depth": backprop_depth, "loops": per_count,
           f"step_ratio_{hi['loops']}_vs_{lo['loops']}": round(hi["step_s_median"] / lo["step_s_median"], 3),
+          f"step_cpu_ratio_{hi['loops']}_vs_{lo['loops']}": round(hi["step_cpu_s_median"] / lo["step_cpu_s_median"], 3),
           f"peak_rss_ratio_{hi['loops']}_vs_{lo['loops']}": round(hi["peak_rss_mb"] / lo["peak_rss_mb"], 3)}
 
 
