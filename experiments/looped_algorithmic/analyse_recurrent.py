@@ -8,8 +8,13 @@ import glob, json, os, sys
 
 from absl import logging
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
 from recursive_lm.data.synthetic import parse_lengths
-from recursive_lm.evaluate import accuracy_by_length
+from recursive_lm.evaluate import accuracy_of_predictor
 from recursive_lm.inference.decode import load_checkpoint
 
 logging.set_verbosity(logging.WARNING)
@@ -22,8 +27,12 @@ for wd in sorted(d for d in glob.glob(os.path.join(out_dir, "*_s*")) if os.path.
   cfg, model, step = load_checkpoint(wd)
   tr, ev = parse_lengths(cfg.data.train_lengths), parse_lengths(cfg.data.eval_lengths)
   rec = {"run": os.path.basename(wd), "step": int(step), "loops": {}}
+  graphdef, state = nnx.split(model)
+  # One compiled predictor per run: the loop count is a traced argument (as evaluate's accuracy_by_length).
+  fwd = jax.jit(lambda st, x, r: jnp.argmax(nnx.merge(graphdef, st)(x, loops=r)[0], axis=-1))
   for name, rule in rules.items():
-    acc = {n: accuracy_by_length(model, cfg, [n], n_ex, loops=rule(n))[n] for n in tr + ev}
+    acc = {n: accuracy_of_predictor(lambda x, r=rule(n): np.asarray(fwd(state, jnp.asarray(x), jnp.int32(r))),
+                                    cfg, [n], n_ex)[n] for n in tr + ev}
     rec["loops"][name] = {"acc": acc, "train_mean": sum(acc[n] for n in tr) / len(tr),
                           "heldout_mean": sum(acc[n] for n in ev) / len(ev)}
   records.append(rec)

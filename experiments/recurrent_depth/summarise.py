@@ -29,3 +29,8 @@ for variant, seeds in runs.items():
     v = np.array([s[r] for s in seeds])
     cells.append(f"{v.mean():.3f} +- {v.std():.3f}")
   print(f"| {variant} | {len(seeds)} | " + " | ".join(cells) + " |")
+print("\n| run | " + " | ".join(f"r={r}" for r in loops) + " | r=32 minus r=4 |")
+print("|---|" + "---|" * (len(loops) + 1))
+for r in records:
+  e = r["eval_loss"]
+  print(f"| {r['run']} | " + " | ".join(f"{e[k]:.3f}" for k in loops) + f" | {e[32] - e[4]:+.3f} |")
