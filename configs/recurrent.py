@@ -22,7 +22,8 @@ the mean, 4 stored blocks; tiny: 1 + 1 x 2 + 1.
 Variants (`:key=value,...`): size=small|tiny, injection, init_state
 (normal | zeros | prelude), sample (poisson_lognormal | uniform | fixed),
 mean_loops (0: the size's default), max_loops, backprop_depth (0: the size's
-default), prelude, core, coda (unique blocks; 0: the size's default).
+default), prelude, core, coda (unique blocks; 0: the size's default),
+per_sequence (true: one loop count per row instead of per step).
 """
 
 from recursive_lm.config import byte_lm, parse_arg
@@ -33,7 +34,7 @@ DEFAULTS = {"small": dict(prelude=1, core=2, coda=1, mean_loops=4, backprop_dept
 
 def get_config(arg=None):
   a = parse_arg(arg, size="small", injection="concat", init_state="normal", sample="poisson_lognormal",
-                mean_loops=0, max_loops=0, backprop_depth=0, prelude=0, core=0, coda=0)
+                mean_loops=0, max_loops=0, backprop_depth=0, prelude=0, core=0, coda=0, per_sequence=False)
   d = DEFAULTS.get(a["size"], DEFAULTS["small"])  # an unknown size is byte_lm's error
   pick = lambda key: a[key] or d[key]  # noqa: E731
   r = pick("mean_loops")
@@ -42,4 +43,5 @@ def get_config(arg=None):
   rc = c.model.recurrent
   rc.injection, rc.init_state, rc.sample = a["injection"], a["init_state"], a["sample"]
   rc.mean, rc.max_loops, rc.backprop_depth = float(r), a["max_loops"] or 4 * r, pick("backprop_depth")
+  rc.per_sequence = a["per_sequence"]
   return c

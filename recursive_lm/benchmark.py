@@ -35,6 +35,7 @@ import copy
 import dataclasses
 import json
 import platform
+import resource
 import time
 from typing import Callable
 
@@ -51,6 +52,8 @@ _OUT = flags.DEFINE_string("out", None, "Also write the JSON result to this file
 # compile mode:
 _REPEATS = flags.DEFINE_list("repeats", ["4", "16", "64"], "compile: repeats (R) values to time.")
 _STEPS = flags.DEFINE_integer("steps", 8, "train: timed steps after two warm-up steps.")
+_LOOPS = flags.DEFINE_list("loops", [], "train, recurrent plans: core loop counts to time with the one compiled "
+                           "step, in this order (default: the plan's repeats).")
 _MOE_SIZE = flags.DEFINE_string("moe_size", "44m", "moe: layer size (44m | 126m | 244m | tiny); needs no --config.")
 _MOE_BATCHES = flags.DEFINE_list("moe_batches", ["4", "16", "64"], "moe: batches of 1024-token sequences to "
                                  "measure, one call each (the configs/moeut.py presets train on 64).")
@@ -169,7 +172,18 @@ def run_compile(cd: ml_collections.ConfigDict) -> dict:
 def run_train(cd: ml_collections.ConfigDict) -> dict:
   """Steady-state train step on synthetic tokens: step time, tokens/s, model
   FLOP/s, MFU against the peak measured in this run, compile time and XLA's
-  memory estimate of the compiled step (arguments + temporaries)."""
+  memory estimate of the compiled step (arguments + temporaries).
+
+  Recurrent plans: the step takes its loop count at run time (truncated
+  backprop, model.recurrent.backprop_depth), so one compiled step is timed at
+  every count of --loops in turn; "loops" then lists per count the step times
+  (wall and this process's CPU seconds) and the process's peak resident
+  memory after its steps (ru_maxrss, a high
+  water mark: a count that needed more memory than the ones before raises
+  it), with "step_ratio_<hi>_vs_<lo>" and "peak_rss_ratio_<hi>_vs_<lo>". The
+  top-level step figures are those of the first count; FLOPs and MFU count
+  the plan's repeats, differentiated throughout.
+  """
   import jax
   import numpy as np
   from flax import nnx
@@ -185,17 +199,28 @@ def run_train(cd: ml_collections.ConfigDict) -> dict:
   preset = cfg.mesh.rules
   sharding.check_batch(cfg.data.batch_size, mesh, preset, cfg.optim.grad_accum)
 
+  looped = cfg.model.plan.preset == "recurrent"
+  try:
+    counts = [int(r) for r in _LOOPS.value] or [cfg.model.plan.repeats]
+  except ValueError:
+    counts = [0]
+  if min(counts) < 1 or (_LOOPS.value and not looped):
+    raise ConfigError(f"--loops={','.join(_LOOPS.value)} must be loop counts >= 1 of a recurrent plan "
+                      f"(model.plan.preset={cfg.model.plan.preset!r})")
   graphdef, state = nnx.split(sharding.create_sharded(lambda: make_state(cfg), mesh, preset))
   shardings = jax.tree.map(lambda x: x.sharding, state)
   step = make_train_step(graphdef, shardings, sharding.batch_sharding(mesh, preset),
-                         grad_accum=cfg.optim.grad_accum)
+                         grad_accum=cfg.optim.grad_accum, recurrent=looped)
+  # Recurrent plans: the step's loop count and initial-state key (`recurrent.draw`'s form), one per count.
+  draws = [(np.int32(r), {"loops": np.int32(r), "key": np.zeros(2, np.uint32)}) for r in counts] if looped else []
   rng = np.random.default_rng(0)
   shape = (cfg.data.batch_size, cfg.data.seq_len)
   batch = sharding.global_batch({k: rng.integers(0, cfg.model.vocab_size, shape).astype(np.int32)
                                  for k in ("inputs", "targets")}, mesh, preset)
   t0 = time.perf_counter()
+  extra = (draws[0][1],) if looped else ()
   with sharding.mesh_context(mesh, preset):
-    lowered = step.lower(state, batch)
+    lowered = step.lower(state, batch, *extra)
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
@@ -204,15 +229,31 @@ def run_train(cd: ml_collections.ConfigDict) -> dict:
   # CPU peak: the best 2048^2 matmul rate before and after the timed steps
   # (the higher of the two, so a noisy moment cannot lower the peak and inflate MFU).
   peak_before = peak.measure_matmul_peak(repeats=10) if on_cpu else 0.0
-  for _ in range(2):
-    state, m = compiled(state, batch)
-  jax.block_until_ready(m)
-  times = []
-  for _ in range(_STEPS.value):
-    t = time.perf_counter()
-    state, m = compiled(state, batch)
+
+  def timed(state, *extra):
+    for _ in range(2):
+      state, m = compiled(state, batch, *extra)
     jax.block_until_ready(m)
-    times.append(time.perf_counter() - t)
+    times, cpu = [], []
+    for _ in range(_STEPS.value):
+      t, c = time.perf_counter(), time.process_time()
+      state, m = compiled(state, batch, *extra)
+      jax.block_until_ready(m)
+      times.append(time.perf_counter() - t)
+      cpu.append(time.process_time() - c)
+    return state, m, times, cpu  # cpu: this process's CPU seconds per step (on a shared machine, steadier)
+
+  per_count = []
+  for r, draw in draws:  # the same compiled step at every count
+    state, m, times, cpu = timed(state, draw)
+    per_count.append({"loops": int(r), "step_s_median": round(float(np.median(times)), 4),
+                      "step_s_all": [round(t, 4) for t in times],
+                      "step_cpu_s_median": round(float(np.median(cpu)), 4),
+                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)})
+  if not looped:
+    state, m, times, _ = timed(state)
+  else:
+    times = per_count[0]["step_s_all"]
   step_s = float(np.median(times))
   tokens_per_s = shape[0] * shape[1] / step_s
   flops = flops_per_token(cfg, cfg.data.seq_len) * tokens_per_s
@@ -235,8 +276,17 @@ def run_train(cd: ml_collections.ConfigDict) -> dict:
           "arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
           "temporaries": mem.temp_size_in_bytes, "total": mem.argument_size_in_bytes + mem.temp_size_in_bytes},
       "loss_last": float(m["loss"]),
+      **(_loop_summary(per_count, cfg.model.recurrent.backprop_depth) if looped else {}),
       **_environment(),
   }
+
+
+def _loop_summary(per_count: list[dict], backprop_depth: int) -> dict:
+  lo, hi = min(per_count, key=lambda x: x["loops"]), max(per_count, key=lambda x: x["loops"])
+  return {"backprop_depth": backprop_depth, "loops": per_count,
+          f"step_ratio_{hi['loops']}_vs_{lo['loops']}": round(hi["step_s_median"] / lo["step_s_median"], 3),
+          f"step_cpu_ratio_{hi['loops']}_vs_{lo['loops']}": round(hi["step_cpu_s_median"] / lo["step_cpu_s_median"], 3),
+          f"peak_rss_ratio_{hi['loops']}_vs_{lo['loops']}": round(hi["peak_rss_mb"] / lo["peak_rss_mb"], 3)}
 
 
 def run_moe(cd) -> dict:

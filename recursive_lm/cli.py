@@ -29,6 +29,17 @@ def fail(error: BaseException | str) -> None:
   sys.exit(EXIT_CONFIG_ERROR)
 
 
+def check_loops(loops: int | None, cfg=None) -> None:
+  """ConfigError for --loops < 1, or (given the run's config) on a plan without a recurrent core."""
+  if loops is None:
+    return
+  if loops < 1:
+    raise ConfigError(f"--loops={loops} must be >= 1 (the recurrent core's loop count)")
+  if cfg is not None and cfg.model.plan.preset != "recurrent":
+    raise ConfigError(f"--loops={loops}: only a recurrent plan (model.plan.preset='recurrent') takes a loop count; "
+                      f"this run's plan is {cfg.model.plan.preset!r}")
+
+
 def _root_config_error(e: BaseException | None) -> ConfigError | None:
   """The innermost ConfigError in e's cause/context chain."""
   found, seen = None, set()

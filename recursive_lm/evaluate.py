@@ -114,17 +114,20 @@ def accuracy_by_length(model, cfg, lengths, n_examples: int = 256, loops: int | 
   Teacher-forced argmax over the answer positions: equal to greedy decoding's
   exact match, since a greedy decode stays on the reference while it is right.
   Examples come from the held-out 'eval' split. `loops` re-runs the shared stage
-  that many times (see with_loops).
+  that many times (see with_loops; a recurrent plan takes the count as it is).
   """
   import numpy as np
   if cfg.data.source != "synthetic":
     raise ConfigError(f"accuracy_by_length needs data.source='synthetic' (got {cfg.data.source!r})")
-  if loops is not None:
+  run = {}
+  if loops is not None and cfg.model.plan.preset == "recurrent":
+    run = {"loops": jnp.int32(loops)}
+  elif loops is not None:
     model, cfg = with_loops(model, cfg, loops)
   graphdef, state = nnx.split(model)
   import jax
-  fwd = jax.jit(lambda st, x: jnp.argmax(nnx.merge(graphdef, st)(x)[0], axis=-1))
-  return accuracy_of_predictor(lambda x: np.asarray(fwd(state, jnp.asarray(x))), cfg, lengths, n_examples,
+  fwd = jax.jit(lambda st, x, run: jnp.argmax(nnx.merge(graphdef, st)(x, **run)[0], axis=-1))
+  return accuracy_of_predictor(lambda x: np.asarray(fwd(state, jnp.asarray(x), run)), cfg, lengths, n_examples,
                                batch_size)
 
 

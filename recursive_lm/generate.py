@@ -1,7 +1,7 @@
 """Batch generation from a checkpoint through the serving engine:
 `python -m recursive_lm.generate --workdir runs/demo --input prompts.jsonl --output out.jsonl
  [--max_new_tokens 64 --temperature 0 --top_k 0 --seed 0 --slots 8 --step N --ignore_eos
-  --exit none|confidence:TAU|kl:EPS --depthwise --speculate K --draft_loops N]`.
+  --exit none|confidence:TAU|kl:EPS --depthwise --speculate K --draft_loops N --loops N]`.
 
 Input: one JSON object per line, {"id": ..., "prompt": "...", "max_new_tokens": n?, "stop": ["..."]?}
 (max_new_tokens defaults to the flag). Output: exactly one line per input
@@ -18,6 +18,9 @@ by few-loop self-speculation (K tokens drafted by the model cut after
 inference/speculate.py); the summary line then gives the draft acceptance. Request i samples with seed
 --seed + i (i: its line number from 0), so a line's completion does not
 depend on the lines around it.
+
+--loops N runs a recurrent plan's core N times for every request (any N >=
+1, more than trained included; with --exit, the most it may run).
 
 The engine's cache is as long as the longest request that fits the model
 needs (attention reads all of it at every step). The output file is written once, at the end (via a temporary file), so an
@@ -60,6 +63,7 @@ def define_flags() -> None:
                     "every slot at its own loop (inference/depthwise.py); needs one repeated cycle-order stage.")
   flags.DEFINE_integer("speculate", 0, "Self-speculation: tokens drafted per round (0: off; inference/speculate.py).")
   flags.DEFINE_integer("draft_loops", 1, "Loops of the repeated stage the --speculate draft runs.")
+  flags.DEFINE_integer("loops", None, "Loop count of a recurrent plan's core (default: the plan's repeats).")
 
 
 def parse_line(n: int, line: str, default_new: int) -> tuple[object, dict | None, str | None]:
@@ -88,7 +92,8 @@ def parse_line(n: int, line: str, default_new: int) -> tuple[object, dict | None
 
 def run(workdir: str, input_path: str, output_path: str, max_new_tokens: int = 64, temperature: float = 0.0,
         top_k: int = 0, seed: int = 0, slots: int = 8, step: int | None = None, ignore_eos: bool = False,
-        exit_rule: str = "none", depthwise: bool = False, speculate: int = 0, draft_loops: int = 1) -> dict:
+        exit_rule: str = "none", depthwise: bool = False, speculate: int = 0, draft_loops: int = 1,
+        loops: int | None = None) -> dict:
   """Generate for every line of input_path into output_path; returns a summary
   {requests, failed, new_tokens, seconds, tokens_per_s} (with speculate, also
   acceptance: accepted / drafted tokens). Raises ConfigError for user errors."""
@@ -101,6 +106,7 @@ def run(workdir: str, input_path: str, output_path: str, max_new_tokens: int = 6
     exits.parse_exit(exit_rule)
   except ValueError as e:
     raise ConfigError(f"--{e}") from None
+  cli.check_loops(loops)
   if not os.path.isfile(input_path):
     raise ConfigError(f"--input {input_path}: no such file")
   out_dir = os.path.dirname(os.path.abspath(output_path))
@@ -114,6 +120,7 @@ def run(workdir: str, input_path: str, output_path: str, max_new_tokens: int = 6
   cfg, model, _ = load_checkpoint(workdir, step)
   if not 0 <= speculate <= cfg.model.max_seq_len:
     raise ConfigError(f"--speculate={speculate} must lie in [0, the model's context {cfg.model.max_seq_len}] (0: off)")
+  cli.check_loops(loops, cfg)
   tokenizer = data.get_tokenizer(cfg.data.tokenizer)
   parsed = [parse_line(i + 1, line, max_new_tokens) for i, line in enumerate(lines)]
   # The cache only as long as the longest request that fits the model needs: attention reads all of it per step.
@@ -129,7 +136,7 @@ def run(workdir: str, input_path: str, output_path: str, max_new_tokens: int = 6
       raise ConfigError(f"--depthwise: {e}") from None
   try:
     engine = Engine(model, tokenizer, slots=slots, max_len=need, max_top_k=top_k, stop_at_eos=not ignore_eos,
-                    exit=exit_rule, depthwise=depthwise, speculate=speculate, draft_loops=draft_loops)
+                    exit=exit_rule, depthwise=depthwise, speculate=speculate, draft_loops=draft_loops, loops=loops)
   except ValueError as e:  # exits or speculation on a model without loops
     flag = f"--speculate={speculate} --draft_loops={draft_loops}" if speculate else f"--exit={exit_rule}"
     raise ConfigError(f"{flag}: {e}") from None
@@ -174,7 +181,7 @@ def main(argv):
       cli.fail(f"--{name} is required")
   try:
     summary = run(f.workdir, f.input, f.output, f.max_new_tokens, f.temperature, f.top_k, f.seed, f.slots, f.step,
-                  f.ignore_eos, f.exit, f.depthwise, f.speculate, f.draft_loops)
+                  f.ignore_eos, f.exit, f.depthwise, f.speculate, f.draft_loops, f.loops)
   except ConfigError as e:
     cli.fail(e)
   spec = f", draft acceptance {summary['acceptance']}" if "acceptance" in summary else ""

@@ -128,6 +128,19 @@ class Plan:
   def stage_layers(self, i: int) -> list[Layer]:
     return [l for l in self._layers if l.stage == i]
 
+  def loop_layers(self, i: int, loops: int) -> list[Layer]:
+    """The records of cycle-order stage i run `loops` times instead of its
+    repeats C (the recurrent core at a test-time loop count): iteration j is
+    repeat min(j, C - 1)'s records (block, per-depth slot, rotary kind,
+    window), with repeat j. Record n of the list owns entry n of a KV cache
+    built for `loops` iterations (`Transformer.init_cache(loops=...)`)."""
+    spec, layers = self.stages[i], self.stage_layers(i)
+    if spec.order != "cycle":
+      raise PlanError(f"stage {spec.name!r}: a loop count needs cycle order (got {spec.order!r})")
+    u, first = spec.unique_blocks, layers[0].depth
+    return [layers[min(j, spec.repeats - 1) * u + b]._replace(depth=first + j * u + b, repeat=j)
+            for j in range(loops) for b in range(u)]
+
   def split(self, x) -> list:
     """[L_eff, ...] per-effective-layer values -> per stage [U*C, ...]."""
     out, start = [], 0

@@ -1,6 +1,6 @@
 """Sample from a checkpoint:
 `python -m recursive_lm.sample --workdir runs/demo --prompt "def " --max_new_tokens 200
- [--temperature 0.8 --top_k 40 --seed 0 --step N --ignore_eos]`.
+ [--temperature 0.8 --top_k 40 --seed 0 --step N --ignore_eos --loops N]`.
 
 The prompt is encoded with the run's tokenizer (data.tokenizer in its
 config.json), after BOS when the tokenizer expects it (a converted pretrained
@@ -9,8 +9,11 @@ continuation ends before the tokenizer's EOS, if it has one and the model
 produces it, unless --ignore_eos. Temperature 0 (the default) is greedy.
 One request of the serving engine (`inference.engine.Engine`, one slot, its
 cache as long as prompt + new tokens), so `sample` and `generate` decode alike.
+--loops N runs a recurrent plan's core N times (any N >= 1, more than
+trained included; default: the plan's repeats).
 Errors (no run directory, config or checkpoint, a prompt that encodes to no
-tokens, prompt + new tokens beyond model.max_seq_len) print one line on stderr
+tokens, prompt + new tokens beyond model.max_seq_len, --loops < 1 or on a
+plan without a recurrent core) print one line on stderr
 and exit 2.
 """
 
@@ -39,12 +42,15 @@ def define_flags() -> None:
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_bool("ignore_eos", False, "Generate all --max_new_tokens even past the tokenizer's EOS.")
+  flags.DEFINE_integer("loops", None, "Loop count of a recurrent plan's core (default: the plan's repeats).")
 
 
 def sample(workdir: str, prompt: str, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-           seed: int = 0, step: int | None = None, ignore_eos: bool = False) -> str:
+           seed: int = 0, step: int | None = None, ignore_eos: bool = False, loops: int | None = None) -> str:
   """Decoded prompt + continuation (BOS left out, cut before EOS). Raises ConfigError for user errors."""
+  cli.check_loops(loops)
   cfg, model, _ = load_checkpoint(workdir, step)
+  cli.check_loops(loops, cfg)
   tokenizer = data.get_tokenizer(cfg.data.tokenizer)
   ids = np.asarray(encode_prompt(tokenizer, prompt), np.int32)
   if ids.size == 0:
@@ -52,7 +58,7 @@ def sample(workdir: str, prompt: str, max_new_tokens: int, temperature: float = 
   cap = cfg.model.max_seq_len
   try:
     engine = Engine(model, tokenizer, slots=1, max_len=min(max(ids.size + max_new_tokens, 1), cap),
-                    max_top_k=max(top_k, 0), stop_at_eos=not ignore_eos, seed=seed)
+                    max_top_k=max(top_k, 0), stop_at_eos=not ignore_eos, seed=seed, loops=loops)
     out = engine.generate([ids], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)[0]
   except ValueError as e:  # max_seq_len, negative counts: the user's arguments
     raise ConfigError(str(e)) from None
@@ -69,7 +75,8 @@ def main(argv):
     if value is None:
       cli.fail(f"--{name} is required")
   try:
-    text = sample(f.workdir, f.prompt, f.max_new_tokens, f.temperature, f.top_k, f.seed, f.step, f.ignore_eos)
+    text = sample(f.workdir, f.prompt, f.max_new_tokens, f.temperature, f.top_k, f.seed, f.step, f.ignore_eos,
+                  f.loops)
   except ConfigError as e:
     cli.fail(e)
   sys.stdout.write(text + "\n")

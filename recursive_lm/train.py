@@ -180,7 +180,8 @@ def _run(cfg: Config, workdir: str, lock: workdir_lock.Holder, stop_at: int | No
   looped = cfg.model.plan.preset == "recurrent"
 
   def step_inputs(step: int) -> tuple:
-    return (recurrent.draw(cfg.model.recurrent, cfg.model.plan.repeats, cfg.seed, step),) if looped else ()
+    return ((recurrent.draw(cfg.model.recurrent, cfg.model.plan.repeats, cfg.seed, step, cfg.data.batch_size),)
+            if looped else ())
 
   train_step = sharding.under_mesh(
       make_train_step(graphdef, state_shardings, sharding.batch_sharding(mesh, preset),

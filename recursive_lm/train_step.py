@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 
 from recursive_lm import axes, optim, sharding
+from recursive_lm.model.recursion import row_stats
 from recursive_lm.model.transformer import Transformer
 
 
@@ -90,22 +91,14 @@ def split_micro(x: jax.Array, k: int) -> jax.Array:
   return sharding.constrain(x, (None, axes.BATCH) + (None,) * (x.ndim - 2))
 
 
-def _combine(stats: dict) -> dict:
-  """Per-micro-batch statistics [k, ...] -> values for the whole batch: the
-  root mean square of RMS statistics (`*_rms`: exact, as micro-batches have
-  equal sizes), the mean of the others."""
-  return {name: jnp.sqrt(jnp.mean(jnp.square(v), 0)) if name.endswith("_rms") else v.mean(0)
-          for name, v in stats.items()}
-
-
 def make_train_step(graphdef, state_shardings=None, batch_sharding=None, *, grad_accum: int = 1,
                     recurrent: bool = False, exit_weights: tuple[float, ...] = ()) -> Callable:
   """Jitted `(state, batch) -> (state, metrics)`; `state` is donated.
 
   recurrent=True (recurrent plans): `(state, batch, draw) -> (state, metrics)`
-  where draw is the step's {'loops': int32, 'key': uint32 [2]}
+  where draw is the step's {'loops': int32 [] or one per row [B], 'key': uint32 [2]}
   (`recursive_lm.model.recurrent.draw`): traced, so every loop count runs the
-  same compiled step; metrics then include `loops`.
+  same compiled step; metrics then include `loops` (the mean over rows).
 
   batch: {'inputs', 'targets'} int [B, T], the whole batch of one optimiser
   step. With grad_accum = k > 1 it is split into k micro-batches of B/k rows
@@ -117,7 +110,7 @@ def make_train_step(graphdef, state_shardings=None, batch_sharding=None, *, grad
   update), learning_rate (of that update, from the optimiser state),
   finite, the regulariser's metrics (means over the micro-batches: exact for
   the balance loss and expert shares; `moe/*_dead` then counts experts unused
-  in a micro-batch, on average) and `depth/<name>` [L_eff] (see `_combine`).
+  in a micro-batch, on average) and `depth/<name>` [L_eff] (see `row_stats`).
   exit_weights: per-loop readout losses (`loss_fn`); metrics then include
   `loss_loop_1` .. `loss_loop_N` (the last equals `loss`).
   """
@@ -132,18 +125,23 @@ def make_train_step(graphdef, state_shardings=None, batch_sharding=None, *, grad
       (loss, (ce, aux, reg_metrics, loop_losses)), grads = grad_fn(params, m_def, rest, batch, n_targets, 1,
                                                                    recurrent, exit_weights)
     else:
-      def micro_step(acc, micro):
-        (obj, (ce, aux, reg_metrics, loop_losses)), g = grad_fn(params, m_def, rest, micro, n_targets, k, recurrent,
+      # Per-row loop counts [B] are split with their rows; the key (or one count for the batch) goes to each.
+      per_row = recurrent is not None and recurrent["loops"].ndim == 1
+
+      def micro_step(acc, xs):
+        micro, loops = xs
+        rec = recurrent if loops is None else {**recurrent, "loops": loops}
+        (obj, (ce, aux, reg_metrics, loop_losses)), g = grad_fn(params, m_def, rest, micro, n_targets, k, rec,
                                                                 exit_weights)
         aux = {name: v for name, v in aux.items() if v.ndim == 1}  # only the per-depth statistics are reported
         return jax.tree.map(jnp.add, acc, g), (obj, ce, aux, reg_metrics, loop_losses)
 
-      micro_batches = jax.tree.map(lambda x: split_micro(x, k), batch)
+      xs = (jax.tree.map(lambda x: split_micro(x, k), batch), split_micro(recurrent["loops"], k) if per_row else None)
       grads, (objs, ces, aux, reg_metrics, loop_losses) = jax.lax.scan(
-          micro_step, jax.tree.map(jnp.zeros_like, params), micro_batches)
+          micro_step, jax.tree.map(jnp.zeros_like, params), xs)
       loss, ce = objs.sum(), ces.sum()
       loop_losses = jax.tree.map(lambda v: v.sum(0), loop_losses)  # parts of the whole batch's mean, like ce
-      aux, reg_metrics = _combine(aux), jax.tree.map(lambda v: v.mean(0), reg_metrics)
+      aux, reg_metrics = row_stats(aux), jax.tree.map(lambda v: v.mean(0), reg_metrics)
     old_params = nnx.as_pure(params)  # plain arrays: the update rewrites the Variables in place
     opt.update(model, grads)
     new_params = nnx.as_pure(nnx.state(model, nnx.Param))
@@ -159,7 +157,7 @@ def make_train_step(graphdef, state_shardings=None, batch_sharding=None, *, grad
         **reg_metrics,
         **loop_losses,
         **{f"depth/{name}": v for name, v in aux.items() if v.ndim == 1},
-        **({} if recurrent is None else {"loops": recurrent["loops"]}),
+        **({} if recurrent is None else {"loops": jnp.mean(recurrent["loops"].astype(jnp.float32))}),
     }
     return nnx.state((model, opt)), metrics
 

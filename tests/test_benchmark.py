@@ -9,7 +9,7 @@ import pytest
 
 
 def _run(*args):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu"}  # one device
   return subprocess.run([sys.executable, "-m", "recursive_lm.benchmark", *args], capture_output=True, text=True,
                         env=env, timeout=300)
 
@@ -69,3 +69,19 @@ def test_generate_mode_compares_static_and_continuous(tmp_path):
   assert proc.returncode == 2 and "--workdir" in proc.stderr
   proc = _run("generate", "--config", "configs/recursive.py:size=tiny", "--gen_exit", "kl:0")
   assert proc.returncode == 2 and proc.stderr.count("error:") == 1 and "--gen_exit='kl:0'" in proc.stderr
+
+
+def test_train_mode_times_a_recurrent_plan_at_each_loop_count(tmp_path):
+  """One compiled step, timed at loops 1 then 6 (k = 2): per-count step times
+  and peak memory, and their ratios; --loops on another plan exits 2."""
+  out = tmp_path / "train.json"
+  cfg = "configs/recurrent.py:size=tiny,backprop_depth=2"
+  proc = _run("train", "--config", cfg, "--loops", "1,6", "--steps", "1", "--out", str(out))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rec = json.loads(out.read_text())
+  assert [r["loops"] for r in rec["loops"]] == [1, 6] and rec["backprop_depth"] == 2
+  assert rec["step_ratio_6_vs_1"] == round(rec["loops"][1]["step_s_median"] / rec["loops"][0]["step_s_median"], 3)
+  assert rec["peak_rss_ratio_6_vs_1"] >= 1.0 and rec["memory_bytes"]["temporaries"] > 0
+  bad = _run("train", "--config", "configs/recursive.py:size=tiny", "--loops", "2", "--steps", "1")
+  assert bad.returncode == 2 and [l for l in bad.stderr.splitlines() if l.startswith("error:")] == [
+      "error: --loops=2 must be loop counts >= 1 of a recurrent plan (model.plan.preset='cycle')"]

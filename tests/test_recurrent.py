@@ -11,6 +11,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -302,8 +303,10 @@ def test_config_file_variants():
   spec = importlib.util.spec_from_file_location("recurrent_config", os.path.join(REPO, "configs", "recurrent.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  cfg = config_lib.load(module.get_config("size=tiny,injection=parcae,mean_loops=3,backprop_depth=1,core=2"))
+  cfg = config_lib.load(module.get_config("size=tiny,injection=parcae,mean_loops=3,backprop_depth=1,core=2,"
+                                          "per_sequence=true"))
   p, rc = cfg.model.plan, cfg.model.recurrent
+  assert rc.per_sequence
   assert (p.preset, p.prelude, p.repeats, p.coda, p.num_layers) == ("recurrent", 1, 3, 1, 1 + 2 * 3 + 1)
   assert (rc.injection, rc.mean, rc.backprop_depth, rc.max_loops, rc.sample) == ("parcae", 3.0, 1, 12,
                                                                                  "poisson_lognormal")
@@ -330,3 +333,71 @@ def test_truncated_backprop_memory_does_not_grow_with_loops():
 
   scan2, scan16, runtime = temp_bytes(2, False), temp_bytes(16, False), temp_bytes(2, True)
   assert runtime <= 1.3 * scan2 and scan16 > 3 * scan2, (scan2, scan16, runtime)
+
+
+@pytest.mark.parametrize("extra", [dict(lora_rank=2, per_depth_norms=True), dict()])
+def test_per_sequence_loop_counts_equal_each_row_run_alone(extra):
+  """One count per row ([B]): every row's logits and its share of the gradient
+  equal that row run alone at its own count, truncated backprop included (k =
+  2; counts below, at and above k and beyond the plan's repeats 3). With
+  per-depth slots the rows use different slots at the same step (vmap path);
+  without, one shared call with masking."""
+  model = build_random(**recurrent("concat", "normal", repeats=3, backprop_depth=2, **extra))
+  toks = jnp.asarray(np.random.default_rng(3).integers(0, 61, (4, 7)), jnp.int32)
+  targets = jnp.asarray(np.random.default_rng(4).integers(0, 61, (4, 7)), jnp.int32)
+  loops, key = np.array([1, 5, 2, 3], np.int32), jax.random.key(7)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss(p, toks, targets, loops):
+    logits = nnx.merge(graphdef, p, rest)(toks, loops=loops, key=key)[0]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets).sum()
+    return ce + 1e-3 * jnp.sum(logits**2), logits
+
+  grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
+  (_, logits), grads = grad(params, toks, targets, jnp.asarray(loops))
+  alone = [grad(params, toks[b:b + 1], targets[b:b + 1], jnp.int32(r)) for b, r in enumerate(loops)]
+  np.testing.assert_allclose(logits, jnp.concatenate([a[0][1] for a in alone]), rtol=1e-5, atol=1e-5)
+  assert_trees_close(grads, jax.tree.map(lambda *g: sum(g), *[a[1] for a in alone]), rtol=1e-4, atol=1e-5)
+  # The counts are really per row: the same rows all at the batch's longest count differ.
+  np.testing.assert_raises(AssertionError, np.testing.assert_allclose, logits,
+                           model(toks, loops=5, key=key)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_per_sequence_draw_is_per_row_and_reproducible():
+  cfg = config_lib.load(tiny_config(**{**recurrent(), "model.recurrent.sample": "uniform",
+                                       "model.recurrent.per_sequence": True, "model.recurrent.max_loops": 9}))
+  rc = cfg.model.recurrent
+  got = draw(rc, 3, seed=2, step=11, batch=16)
+  assert got["loops"].shape == (16,) and got["loops"].dtype == np.int32 and len(set(got["loops"])) > 3
+  again = draw(rc, 3, seed=2, step=11, batch=16)
+  assert (again["loops"] == got["loops"]).all() and (again["key"] == got["key"]).all()
+  assert (draw(rc, 3, seed=2, step=12, batch=16)["loops"] != got["loops"]).any()
+
+
+def test_per_sequence_counts_follow_their_rows_into_micro_batches():
+  """A train step with one count per row: grad_accum=2 (strided micro-batches,
+  each taking its rows' counts) gives the loss and update of grad_accum=1; the
+  logged `loops` is the mean count; the counts really belong to their rows."""
+  from recursive_lm import optim
+  from recursive_lm.model.transformer import Transformer
+  from recursive_lm.train_step import make_train_step
+  cfg = config_lib.load(tiny_config(**recurrent("concat", repeats=3, backprop_depth=2, lora_rank=2, **{
+      "model.recurrent.per_sequence": True, "model.recurrent.sample": "uniform", "model.recurrent.max_loops": 5})))
+  toks = np.random.default_rng(0).integers(0, 61, (8, 8)).astype(np.int32)
+  batch = {"inputs": jnp.asarray(toks[:, :-1]), "targets": jnp.asarray(toks[:, 1:])}
+  rec = draw(cfg.model.recurrent, 3, seed=0, step=1, batch=8)
+  assert len(set(rec["loops"].tolist())) > 2
+
+  def one_step(k, loops):
+    model = Transformer(cfg.model, nnx.Rngs(0))
+    tx, _ = optim.make(cfg.optim, 10, nnx.state(model, nnx.Param))
+    graphdef, state = nnx.split((model, nnx.Optimizer(model, tx, wrt=nnx.Param)))
+    state, m = make_train_step(graphdef, grad_accum=k, recurrent=True)(state, batch, {**rec, "loops": loops})
+    return jax.device_get(m), jax.device_get(nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, state)[0], nnx.Param)))
+
+  (m1, p1), (m2, p2) = one_step(1, rec["loops"]), one_step(2, rec["loops"])
+  assert m1["loops"] == pytest.approx(rec["loops"].mean()) and m2["loops"] == m1["loops"]
+  assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-5)
+  assert_trees_close(p2, p1, rtol=1e-4, atol=1e-6)
+  m3, _ = one_step(1, rec["loops"][::-1].copy())
+  assert abs(m3["loss"] - m1["loss"]) > 1e-5

@@ -220,3 +220,24 @@ def test_synthetic_run_trains_and_evaluate_reports_accuracy(tmp_path):
   out = ev.run(str(tmp_path))
   assert set(out["accuracy_train_lengths"]) == {"1", "2", "3"} and set(out["accuracy_eval_lengths"]) == {"4", "5"}
   assert all(0.0 <= v <= 1.0 for v in out["accuracy_eval_lengths"].values())
+
+
+def test_accuracy_by_length_of_a_recurrent_plan_takes_the_loop_count():
+  """A recurrent plan with per-depth LoRA (which `with_loops` cannot rebuild)
+  runs its core at the given count: the accuracy is that of the argmax of
+  model(x, loops=r)."""
+  from flax import nnx
+  from recursive_lm import evaluate as ev
+  from recursive_lm.model.transformer import Transformer
+  c = config_lib.base_config()
+  c.model.d_model, c.model.num_heads, c.model.num_kv_heads, c.model.mlp_dim = 16, 2, 2, 32
+  c.model.plan.preset, c.model.plan.num_layers, c.model.plan.repeats = "recurrent", 4, 2
+  c.model.plan.prelude, c.model.plan.coda, c.model.lora.rank = 1, 1, 2
+  c.data.source, c.data.task, c.data.train_lengths, c.data.eval_lengths, c.data.seq_len = (
+      "synthetic", "parity", "1-2", "3-4", 6)
+  cfg = config_lib.load(c)
+  model = Transformer(cfg.model, nnx.Rngs(0))
+  for r in (1, 7):
+    want = ev.accuracy_of_predictor(lambda x: np.asarray(jnp.argmax(model(jnp.asarray(x), loops=r)[0], -1)),
+                                    cfg, (1, 3), 8)
+    assert ev.accuracy_by_length(model, cfg, (1, 3), n_examples=8, loops=r) == want

@@ -95,6 +95,7 @@ class RecurrentConfig:
                            choices=CURRICULA)
   curriculum_steps: int = option(0, "steps the curriculum's rise spans", check="> 0",
                                  when=lambda c: c.model.recurrent.curriculum != "none")
+  per_sequence: bool = option(False, "True: every row of a batch draws its own loop count (else one per step)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,14 +43,15 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature, top_k: int, gr
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k", "greedy", "return_logits",
-                                             "eos_id"))
+                                             "eos_id", "loops"))
 def _generate(graphdef, state, prompt, lengths, key, temperature, *, max_new_tokens: int, top_k: int, greedy: bool,
-              return_logits: bool, eos_id: int | None = None):
+              return_logits: bool, eos_id: int | None = None, loops: int | None = None):
   model = nnx.merge(graphdef, state)
   b, p = prompt.shape
   n = max_new_tokens
   rows = jnp.arange(b)
-  cache = model.init_cache(b, p + n)
+  run = {} if loops is None else {"loops": loops}  # a recurrent core's count (none: the plan's)
+  cache = model.init_cache(b, p + n, **run)
   # Row i: its prompt, then N new tokens (EOS once it stopped: skipped steps keep it), then zeros.
   idx = jnp.arange(p + n)
   tokens = jnp.concatenate([prompt, jnp.zeros((b, n), jnp.int32)], axis=1)
@@ -59,7 +60,7 @@ def _generate(graphdef, state, prompt, lengths, key, temperature, *, max_new_tok
 
   # Prefill: the right-padded prompts in one call; row i's position lengths[i] - 1 predicts its first token.
   # The padding fills cache slots that a row overwrites (at its own position) before its queries can see them.
-  logits, cache, _ = model(prompt, cache=cache, cache_index=jnp.zeros((b,), jnp.int32))
+  logits, cache, _ = model(prompt, cache=cache, cache_index=jnp.zeros((b,), jnp.int32), **run)
   last = logits[rows, lengths - 1]
   first = sample_logits(last, jax.random.fold_in(key, 0), temperature, top_k, greedy)
   tokens = tokens.at[rows, lengths].set(first)
@@ -72,7 +73,7 @@ def _generate(graphdef, state, prompt, lengths, key, temperature, *, max_new_tok
     tokens, cache, seen, done = carry
     pos = lengths + i  # [B]: each row's token at `pos` goes in; it predicts pos + 1
     tok = tokens[rows, pos][:, None]
-    logits, cache, _ = model(tok, cache=cache, cache_index=pos)
+    logits, cache, _ = model(tok, cache=cache, cache_index=pos, **run)
     nxt = sample_logits(logits[:, -1], jax.random.fold_in(key, i + 1), temperature, top_k, greedy)
     if eos_id is not None:  # a finished row keeps emitting EOS
       nxt = jnp.where(done, eos_id, nxt)
@@ -90,7 +91,7 @@ def _generate(graphdef, state, prompt, lengths, key, temperature, *, max_new_tok
 
 
 def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, seed: int = 0,
-             return_logits: bool = False, prompt_lengths=None, eos_id: int | None = None):
+             return_logits: bool = False, prompt_lengths=None, eos_id: int | None = None, loops: int | None = None):
   """Continue each prompt by `max_new_tokens` tokens.
 
   model: a `Transformer`; prompt_ids: int [B, P] with P >= 1.
@@ -110,8 +111,11 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, t
   eos_id, and once every row has produced it the remaining steps do not run
   the model (their logits are zeros). None (the default): always N tokens.
 
+  loops: a recurrent plan's core loop count (any count >= 1, more than
+  trained included, with the model's own parameters); None: the plan's.
+
   Raises ValueError when P + N exceeds model.cfg.max_seq_len (the cache
-  length), for ids outside the vocabulary, an empty prompt, prompt lengths
+  length), for loops on a plan without a recurrent core or < 1, for ids outside the vocabulary, an empty prompt, prompt lengths
   outside [1, P], a negative count or a negative temperature / top_k.
   """
   prompt = jnp.asarray(prompt_ids)
@@ -120,6 +124,8 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, t
   if not jnp.issubdtype(prompt.dtype, jnp.integer):
     raise ValueError(f"prompt_ids must be integer token ids, got {prompt.dtype}")
   prompt = prompt.astype(jnp.int32)
+  if loops is not None:
+    model.check_loops(int(loops))
   b, p = prompt.shape
   n = int(max_new_tokens)
   if p < 1:
@@ -159,7 +165,7 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, t
   return _generate(graphdef, state, prompt, jnp.asarray(lengths, jnp.int32), jax.random.key(int(seed)),
                    jnp.asarray(1.0 if greedy else temperature, jnp.float32), max_new_tokens=n,
                    top_k=int(top_k), greedy=greedy, return_logits=return_logits,
-                   eos_id=None if eos_id is None else int(eos_id))
+                   eos_id=None if eos_id is None else int(eos_id), loops=None if loops is None else int(loops))
 
 
 def load_checkpoint(workdir: str, step: int | None = None):

@@ -138,23 +138,31 @@ def _write_row(big, small, slot):
   return jax.lax.dynamic_update_slice(big, small.astype(big.dtype), (0, slot) + (0,) * (big.ndim - 2))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_top_k"), donate_argnames=("cache",))
-def _prefill(graphdef, state, cache, prompt, length, slot, seed, temperature, top_k, *, max_top_k: int):
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_top_k", "loops"), donate_argnames=("cache",))
+def _prefill(graphdef, state, cache, prompt, length, slot, seed, temperature, top_k, *, max_top_k: int,
+             loops: int | None = None):
   """Prompt [1, bucket] (right-padded; `length` real tokens) -> (cache with the
-  slot's row [0, bucket) written, its first new token int32 [])."""
+  slot's row [0, bucket) written, its first new token int32 []). loops: a
+  recurrent core's count (None: the plan's)."""
   model = nnx.merge(graphdef, state)
-  fresh = model.init_cache(1, prompt.shape[1], cache[0]["k"].dtype)
-  logits, fresh, _ = model(prompt, cache=fresh, cache_index=jnp.zeros((1,), jnp.int32))
+  fresh = model.init_cache(1, prompt.shape[1], cache[0]["k"].dtype, **_loops(loops))
+  logits, fresh, _ = model(prompt, cache=fresh, cache_index=jnp.zeros((1,), jnp.int32), **_loops(loops))
   cache = jax.tree.map(lambda big, small: _write_row(big, small, slot), cache, fresh)
   last = jax.lax.dynamic_index_in_dim(logits[0], length - 1, keepdims=True)  # [1, V]
   first = sample_rows(last, seed[None], jnp.zeros((1,), jnp.int32), temperature[None], top_k[None], max_top_k)
   return cache, first[0]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "max_top_k", "exit_rule", "unrolled"),
+def _loops(loops: int | None) -> dict:
+  """The model's keyword for a recurrent core's loop count (none: the plan's)."""
+  return {} if loops is None else {"loops": loops}
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "max_top_k", "exit_rule", "unrolled", "loops"),
                    donate_argnames=("cache",))
 def _decode(graphdef, state, cache, tokens, positions, seeds, steps, temperature, top_k, remaining, eos_id, *,
-            chunk: int, max_top_k: int, exit_rule: exits.ExitRule | None = None, unrolled: bool = True):
+            chunk: int, max_top_k: int, exit_rule: exits.ExitRule | None = None, unrolled: bool = True,
+            loops: int | None = None):
   """Up to `chunk` decode steps of every slot at once.
 
   tokens [B]: each slot's last token, at position positions [B]; steps [B]:
@@ -164,6 +172,7 @@ def _decode(graphdef, state, cache, tokens, positions, seeds, steps, temperature
   at a frozen position of their own row. Stops early once every slot has.
   exit_rule: per-token early exit (`exits.forward_with_exits`) or None (full depth).
   unrolled: run the depth layer by layer (`Transformer.__call__(unrolled=True)`).
+  loops: a recurrent core's count (None: the plan's).
   Returns (cache, drawn int32 [B, chunk], -1 where a slot drew nothing,
   loops int32 [B, chunk]: the loops each drawn token ran; 0 without exits).
   """
@@ -176,10 +185,10 @@ def _decode(graphdef, state, cache, tokens, positions, seeds, steps, temperature
   def body(carry):
     i, cache, tok, pos, alive, out, used = carry
     if exit_rule is None:
-      logits, cache, _ = model(tok[:, None], cache=cache, cache_index=pos, unrolled=unrolled)
+      logits, cache, _ = model(tok[:, None], cache=cache, cache_index=pos, unrolled=unrolled, **_loops(loops))
     else:
-      logits, cache, loops = exits.forward_with_exits(model, tok[:, None], cache, pos, exit_rule)
-      used = used.at[:, i].set(jnp.where(alive, loops, 0))
+      logits, cache, ran = exits.forward_with_exits(model, tok[:, None], cache, pos, exit_rule, **_loops(loops))
+      used = used.at[:, i].set(jnp.where(alive, ran, 0))
     nxt = sample_rows(logits[:, -1], seeds, steps + i, temperature, top_k, max_top_k)
     out = out.at[:, i].set(jnp.where(alive, nxt, -1))
     tok, pos = jnp.where(alive, nxt, tok), jnp.where(alive, pos + 1, pos)
@@ -222,12 +231,16 @@ class Engine:
   repeated stage and verifies them in one full-depth call; the tokens are
   plain decoding's (any temperature). `chunk` then counts rounds. Not with
   `exit` nor `depthwise`. `speculation` holds the drafted / accepted counts so far.
+  loops: a recurrent plan's core loop count for every request (prefill,
+  decode and exits), any count >= 1, more than trained included, with the
+  model's own parameters (the cache holds one entry per iteration's layer);
+  None: the plan's repeats. Not with `depthwise` nor `speculate`.
   """
 
   def __init__(self, model, tokenizer=None, slots: int = 8, max_len: int | None = None,
                buckets: Sequence[int] | None = None, max_top_k: int = 64, stop_at_eos: bool = True, seed: int = 0,
                chunk: int = 8, exit: str | None = None, unrolled: bool = True,  # pylint: disable=redefined-builtin
-               depthwise: bool = False, speculate: int = 0, draft_loops: int = 1):
+               depthwise: bool = False, speculate: int = 0, draft_loops: int = 1, loops: int | None = None):
     cap = model.cfg.max_seq_len
     max_len = cap if max_len is None else int(max_len)
     if int(slots) < 1:
@@ -245,15 +258,19 @@ class Engine:
     self.slots, self.max_len, self.buckets, self.max_top_k = int(slots), max_len, buckets, int(max_top_k)
     self.eos_id = tokenizer.eos_id if (tokenizer is not None and stop_at_eos) else None
     self.seed, self.chunk, self.unrolled = int(seed), int(chunk), bool(unrolled)
+    self.loops = None if loops is None else int(loops)
     self.exit_rule = exits.parse_exit(exit)
     if self.exit_rule is not None:
-      exits.loop_boundaries(model.plan)  # ValueError for a model without loops
+      exits.check_model(model, self.loops)  # ValueError for a model without loops
     if depthwise and speculate:
       raise ValueError("speculate and depthwise cannot be combined (the verifier runs every token at full depth)")
+    if self.loops is not None and (depthwise or speculate):
+      raise ValueError(f"loops={self.loops} runs with the plain decoder only (not with depthwise or speculate)")
     self.depthwise = depthwise_lib.Decoder(model, self.slots, self.exit_rule) if depthwise else None
     self.speculate, self.speculation = self._speculation(speculate, draft_loops, cap), {"drafted": 0, "accepted": 0}
     self._graphdef, self._state = nnx.split(model)
-    self._cache = model.init_cache(self.slots, max_len + self.speculate)  # drafts may run k positions past max_len
+    # Drafts may run k positions past max_len; a recurrent plan at `loops` needs one entry per iteration's layer.
+    self._cache = model.init_cache(self.slots, max_len + self.speculate, **_loops(self.loops))  # ValueError: bad loops
     self._waiting: collections.deque[_Request] = collections.deque()
     self._running: list[_Request | None] = [None] * self.slots
     self._submitted = 0
@@ -359,7 +376,8 @@ class Engine:
       self.speculation["drafted"] += int(np.sum(drafted))
       self.speculation["accepted"] += int(np.sum(accepted))
       return finished + self._collect(live, np.asarray(drawn), None)
-    decode = self.depthwise or functools.partial(_decode, exit_rule=self.exit_rule, unrolled=self.unrolled)
+    decode = self.depthwise or functools.partial(_decode, exit_rule=self.exit_rule, unrolled=self.unrolled,
+                                                 loops=self.loops)
     self._cache, drawn, used = decode(self._graphdef, self._state, self._cache, tokens, positions, seeds, steps,
                                       temps, topks, remaining, eos, chunk=self.chunk, max_top_k=self.max_top_k)
     return finished + self._collect(live, np.asarray(drawn), np.asarray(used))
@@ -402,7 +420,7 @@ class Engine:
     padded[0, :p] = req.prompt_ids
     self._cache, first = _prefill(self._graphdef, self._state, self._cache, padded, np.int32(p), np.int32(slot),
                                   np.int32(req.seed), np.float32(req.temperature), np.int32(req.top_k),
-                                  max_top_k=self.max_top_k)
+                                  max_top_k=self.max_top_k, loops=self.loops)
     if self.depthwise is not None:
       self.depthwise.admitted(slot)
     return int(first)

@@ -30,6 +30,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from recursive_lm.model.recurrent import initial_state
 from recursive_lm.model.recursion import apply_layer, layer_modules
 
 
@@ -90,6 +91,17 @@ def loop_boundaries(plan) -> tuple[int, ...]:
   return tuple(out)
 
 
+def check_model(model, loops: int | None = None) -> None:
+  """ValueError unless `model` run with `loops` (a recurrent core's count;
+  None: the plan's) has loop boundaries to exit at."""
+  if model.recurrent:
+    n = model.plan.stages[1].repeats if loops is None else int(loops)
+    if n < 2:
+      raise ValueError(f"early exit needs the recurrent core looped at least twice (loops={n})")
+  else:
+    loop_boundaries(model.plan)
+
+
 def _take(tree, i):
   return jax.tree.map(lambda a: a[i], tree)
 
@@ -120,8 +132,11 @@ def _write_kv(stage, layer, x, ctx, entry):
   return block.write_kv(x, slot, ctx.for_layer(rope=layer.rope, window=layer.window), entry, kv_proj, kv_lora)
 
 
-def forward_with_exits(model, tokens, cache, cache_index, rule: ExitRule):
+def forward_with_exits(model, tokens, cache, cache_index, rule: ExitRule, loops: int | None = None):
   """tokens [B, T] -> (logits [B, T, V] float32, cache, loops int32 [B]).
+
+  A recurrent plan goes to `recurrent_with_exits` (its core run `loops`
+  times, default the plan's repeats); other plans take no loop count.
 
   Like `model(tokens, cache=cache, cache_index=cache_index)` but each row may
   exit at a loop boundary by `rule` (decided on its last position); loops[i]:
@@ -131,6 +146,8 @@ def forward_with_exits(model, tokens, cache, cache_index, rule: ExitRule):
   not exited, so once every row has, the rest of the depth costs just the
   K/V projections. The full layer writes the same K/V again (unchanged).
   """
+  if model.recurrent:
+    return recurrent_with_exits(model, tokens, cache, cache_index, rule, loops)
   plan, cfg = model.plan, model.cfg
   bounds = loop_boundaries(plan)
   ctx, _ = model.context(tokens.shape[1], cache_index)
@@ -219,3 +236,70 @@ def teacher_forced(model, tokens, rule):
       loops = jnp.where(go, j, loops)
       exited = exited | go
   return model.readout(x), loops
+
+
+def recurrent_with_exits(model, tokens, cache, cache_index, rule: ExitRule, loops: int | None = None):
+  """`forward_with_exits` for the recurrent plan (prelude, core x loops, coda;
+  loops: a Python int, default the plan's repeats, with the cache of
+  `model.init_cache(loops=loops)`).
+
+  After every core iteration but the last, a row that has not exited reads
+  out what the model would predict if it stopped there: the coda run on its
+  state (its K/V writes discarded) and the readout, as Huginn decides. A row
+  that exits keeps its core state from then on: the later iterations' K/V
+  are computed from that state (as the plain rule propagates the exit state),
+  and once every row has exited they cost only the K/V projections. The coda
+  then runs once on every row's final core state, writing its K/V; an exited
+  row's logits are those of its exit. loops[i]: core iterations row i ran.
+  """
+  plan, cfg = model.plan, model.cfg
+  check_model(model, loops)
+  n = plan.stages[1].repeats if loops is None else int(loops)
+  ctx, _ = model.context(tokens.shape[1], cache_index)
+  b = tokens.shape[0]
+  cache = list(cache)
+  prelude, core, coda = model.stages
+  u = plan.stages[1].unique_blocks
+  core_layers = plan.loop_layers(1, n)
+
+  def walk(stage, layers, x, c):
+    for i, layer in enumerate(layers):
+      x, entry, _ = apply_layer(stage, layer, x, ctx, _take(c, i))
+      c = _put(c, i, entry)
+    return x, c
+
+  x, cache[0] = walk(prelude, plan.stage_layers(0), model.embed(tokens, jnp.dtype(cfg.compute_dtype)), cache[0])
+  e = x
+  s = initial_state(cfg.recurrent.init_state, e, None, ctx.positions)
+  exited = jnp.zeros((b,), bool)
+  used = jnp.full((b,), n, jnp.int32)
+  prev = None
+  can_skip = hasattr(core.blocks, "write_kv")
+
+  def probe(s):
+    return jax.nn.log_softmax(model.readout(walk(coda, plan.stage_layers(2), s, cache[2])[0][:, -1]), axis=-1)
+
+  for j in range(n):
+    # An exited row's frozen state is every later layer's input (no injection, no update).
+    x = jnp.where(exited[:, None, None], s, model.injection(s, e))
+    for i in range(j * u, (j + 1) * u):
+      layer = core_layers[i]
+      if j == 0 or not can_skip:
+        new, entry, _ = apply_layer(core, layer, x, ctx, _take(cache[1], i))
+      else:  # K/V for every row outside the branch; the full layer only while some row runs
+        entry = _write_kv(core, layer, x, ctx, _take(cache[1], i))
+        new = jax.lax.cond(jnp.all(exited), lambda op: op[0],
+                           lambda op, layer=layer: apply_layer(core, layer, op[0], ctx, op[1])[0], (x, entry))
+      cache[1] = _put(cache[1], i, entry)
+      x = jnp.where(exited[:, None, None], x, new)
+    s = x
+    if j == n - 1:
+      break
+    logp = probe(s) if prev is None else jax.lax.cond(jnp.all(exited), lambda s: prev, probe, s)
+    go = decide(rule, logp, logp if prev is None else prev, j + 1, cache_index)
+    prev = logp
+    go = go & ~exited
+    used = jnp.where(go, j + 1, used)
+    exited = exited | go
+  x, cache[2] = walk(coda, plan.stage_layers(2), s, cache[2])
+  return model.readout(x), cache, used

@@ -13,8 +13,8 @@ parcae's a lies in (0, 1) per channel, so the injection map contracts s
 whatever its parameters (spectral radius < 1 by construction); A_log starts at
 0 and dt at log(e - 1), i.e. delta = 1 and a = exp(-1) on every channel.
 
-`draw` gives a training step its loop count (model.recurrent.sample) and
-initial-state key from (seed, step).
+`draw` gives a training step its loop count (model.recurrent.sample; one
+per row with model.recurrent.per_sequence) and initial-state key from (seed, step).
 
 The initial state (model.recurrent.init_state) is Huginn's truncated normal
 with std sqrt(2 / (5 D)) (`normal`, drawn from a key the caller passes), zeros,
@@ -88,11 +88,12 @@ def initial_state(kind: str, e: jax.Array, key: jax.Array | None, positions: jax
   return jnp.broadcast_to(math.sqrt(2.0 / (5.0 * d)) * noise, e.shape).astype(e.dtype)
 
 
-def draw(rc: RecurrentConfig, repeats: int, seed: int, step: int) -> dict[str, np.ndarray]:
+def draw(rc: RecurrentConfig, repeats: int, seed: int, step: int, batch: int = 1) -> dict[str, np.ndarray]:
   """The training step's recurrent inputs, a function of (seed, step) only so
   that a resumed run draws what the uninterrupted run drew:
 
-    loops  int32 scalar: the core's loop count for the whole batch
+    loops  the core's loop count: int32 [] for the whole batch, or with
+           rc.per_sequence int32 [batch], one independent draw per row
            fixed              the plan's repeats
            poisson_lognormal  tau ~ N(log(mean) - sigma^2 / 2, sigma), loops = Poisson(e^tau) + 1
                               (Huginn; mean 0: the plan's repeats)
@@ -104,15 +105,17 @@ def draw(rc: RecurrentConfig, repeats: int, seed: int, step: int) -> dict[str, n
   """
   rng = np.random.default_rng([seed, step, 0x6C6F6F70])  # 'loop': a stream of its own
   key = rng.integers(0, 2**32, 2, dtype=np.uint32)
+  shape = (batch,) if rc.per_sequence else ()
   if rc.sample == "fixed":
     loops = repeats if rc.curriculum == "none" else max(1, math.floor(curriculum_mean(rc, repeats, step) + 0.5))
+    loops = np.full(shape, loops)
   elif rc.sample == "uniform":
-    loops = int(rng.integers(rc.min_loops, rc.max_loops + 1))
+    loops = rng.integers(rc.min_loops, rc.max_loops + 1, shape)
   else:
     mean, sigma = curriculum_mean(rc, repeats, step), rc.sigma
-    tau = rng.normal(math.log(mean) - sigma**2 / 2, sigma)
-    loops = int(np.clip(rng.poisson(math.exp(tau)) + 1, rc.min_loops, rc.max_loops))
-  return {"loops": np.int32(loops), "key": key}
+    tau = rng.normal(math.log(mean) - sigma**2 / 2, sigma, shape)
+    loops = np.clip(rng.poisson(np.exp(tau)) + 1, rc.min_loops, rc.max_loops)
+  return {"loops": np.asarray(loops, np.int32), "key": key}
 
 
 def curriculum_mean(rc: RecurrentConfig, repeats: int, step: int) -> float:

@@ -26,6 +26,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from recursive_lm import axes
@@ -92,23 +93,29 @@ def _unfold(tree):
 
 
 def run_stage(stage: StageModule, x: jax.Array, ctx: Context, cache: dict | None, depth_data: dict, remat: str,
-              inject: Callable | None = None, loop_states: list | None = None):
+              inject: Callable | None = None, loop_states: list | None = None, loops: int | None = None):
   """Run every effective layer of `stage` on x [B, T, D] with nested scans.
 
   cache: per-depth {'k','v'} [U*C, B, S, Kv, Hd] or None. depth_data: per-depth
   non-parameter values {name: [U*C]} passed to `Context.for_layer` (rotary
   kind, sliding window), so layers that share weights may still differ there.
   inject: x -> x applied at the start of every repeat (the recurrent core's
-  input injection; cycle order only). Returns (x, cache, aux) with aux values
-  stacked per effective layer [U*C]. loop_states: a list that receives x
+  input injection; cycle order only). loop_states: a list that receives x
   [B, T, D] after every loop but the last of a repeated cycle-order stage
-  (the exits' loop boundaries, `exit_readouts`).
+  (the exits' loop boundaries, `exit_readouts`). loops: run a cycle-order
+  stage that many times instead of C (a Python int: the recurrent core at a
+  test-time count), iteration j with repeat min(j, C - 1)'s slots and depth
+  data, and the cache (if any) holding U * loops entries (`Plan.loop_layers`).
+  Returns (x, cache, aux) with aux values stacked per effective layer [U*C]
+  (U * loops).
   """
   spec = stage.spec
   k_n, r_n = spec.unique_blocks, spec.repeats
   block_def, block_state = nnx.split(stage.blocks)
   slot_def, slot_state = nnx.split(stage.slots) if stage.slots is not None else (None, None)
   per_depth = (slot_state, cache, depth_data)
+  folded = _fold(spec, per_depth) if loops is None else _fold_loops(spec, per_depth, loops)
+  r_n = r_n if loops is None else loops
 
   def layer(x, b_state, depth_slice):
     s_state, c, data = depth_slice
@@ -125,11 +132,11 @@ def run_stage(stage: StageModule, x: jax.Array, ctx: Context, cache: dict | None
       x = x if inject is None else inject(x)
       x, ys = jax.lax.scan(lambda x, xs: layer(x, xs[0], xs[1]), x, (block_state, depth_r), length=k_n)
       return x, (ys, x if loop_states is not None else None)  # the state after this loop, when asked
-    x, ((cache_out, aux), states) = jax.lax.scan(outer, x, _fold(spec, per_depth), length=r_n)
+    x, ((cache_out, aux), states) = jax.lax.scan(outer, x, folded, length=r_n)
     if loop_states is not None and r_n > 1:
       loop_states += [states[r] for r in range(r_n - 1)]
   else:
-    assert inject is None, "input injection needs a cycle-order stage"
+    assert inject is None and loops is None, "input injection and loop counts need a cycle-order stage"
 
     @functools.partial(_wrap_outer, remat=remat)
     def outer(x, xs):  # xs: (block k, per-depth [C, ...])
@@ -137,6 +144,16 @@ def run_stage(stage: StageModule, x: jax.Array, ctx: Context, cache: dict | None
       return jax.lax.scan(lambda x, d: layer(x, b_state, d), x, depth_k, length=r_n)
     x, (cache_out, aux) = jax.lax.scan(outer, x, (block_state, _fold(spec, per_depth)), length=k_n)
   return x, _unfold(cache_out), _unfold(aux)
+
+
+def _fold_loops(spec: plan_lib.Stage, per_depth, loops: int):
+  """(slots [U*C], cache [U*loops], data [U*C]) -> each [loops, U, ...]:
+  iteration j takes repeat min(j, C - 1)'s slots and data (cycle order)."""
+  slots, cache, data = per_depth
+  take = np.minimum(np.arange(loops), spec.repeats - 1)
+  slots, data = jax.tree.map(lambda a: a[take], _fold(spec, (slots, data)))
+  cache = jax.tree.map(lambda a: a.reshape((loops, spec.unique_blocks) + a.shape[1:]), cache)
+  return slots, cache, data
 
 
 def apply_layer(stage: StageModule, layer: plan_lib.Layer, x: jax.Array, ctx: Context, cache: dict | None = None):
@@ -184,13 +201,15 @@ def _take(tree, i: int):
 def run_unrolled(stage: StageModule, x: jax.Array, ctx: Context, cache: dict | None, layers: list[plan_lib.Layer],
                  remat: str, inject: Callable | None = None, loop_states: list | None = None):
   """Reference: the same stage as a Python loop over its effective layers
-  (`apply_layer`); inject and loop_states as in `run_stage`."""
+  (`apply_layer`); inject (as in `run_stage`) before each repeat's block 0;
+  loop_states as in `run_stage`. Entry n of the cache belongs to layers[n]
+  (the stage's records, or `Plan.loop_layers` at a test-time loop count)."""
   caches, auxes = [], []
-  for layer in layers:
+  for n, layer in enumerate(layers):
     if inject is not None and layer.block == 0:
       x = inject(x)
     run = _wrap(lambda x, c, layer=layer: apply_layer(stage, layer, x, ctx, c), remat)
-    x, c, aux = run(x, _take(cache, layer.slot) if cache is not None else None)
+    x, c, aux = run(x, _take(cache, n) if cache is not None else None)
     caches.append(c)
     auxes.append(aux)
     if loop_states is not None and stage.spec.ends_loop(layer.block, layer.repeat):
@@ -201,27 +220,39 @@ def run_unrolled(stage: StageModule, x: jax.Array, ctx: Context, cache: dict | N
 
 def run_recurrent(stage: StageModule, injection: nnx.Module, s: jax.Array, e: jax.Array, ctx: Context,
                   depth_data: dict, remat: str, loops: jax.Array, backprop_depth: int):
-  """The recurrent core run `loops` times (a traced int: one compiled program
-  serves every count) with truncated backprop.
+  """The recurrent core run `loops` times (traced: one compiled program serves
+  every count) with truncated backprop.
 
   s: initial state [B, T, D]; e: prelude output [B, T, D], injected at the
   start of every iteration (`injection(s, e)`). An iteration is the stage's U
-  unique blocks in order; iteration i uses the per-depth slots (LoRA,
+  unique blocks in order; a row's iteration i uses the per-depth slots (LoRA,
   per-depth norms) and depth data of repeat min(i, C - 1), so counts beyond
-  the trained C reuse the last repeat's. The first max(loops - k, 0)
-  iterations (k = backprop_depth, static) run in a `lax.fori_loop` on
-  stop-gradient inputs: no gradient and no stored activations, so memory does
-  not grow with loops. The last min(loops, k) run in a scan of length k whose
-  steps before the first counted one leave s unchanged (a `lax.cond`: not computed). Without a KV cache.
-  Returns (s, aux stacked over the scan's k * U layers, zero for skipped
-  steps).
+  the trained C reuse the last repeat's.
+
+  loops: int32 [] (the whole batch) or [B] (one count per row). Rows are
+  aligned at the end: with M = max(loops), row b stays unchanged (masked) for
+  the first M - loops[b] iterations and then runs its own iterations 0 ..
+  loops[b] - 1, so every row's last k (k = backprop_depth, static) iterations
+  fall on the same last k steps. The first max(M - k, 0) steps run in a
+  `lax.fori_loop` on stop-gradient inputs: no gradient and no stored
+  activations, so memory does not grow with the count. The last k run in a
+  scan whose steps before the first counted one leave s unchanged (a
+  `lax.cond`: not computed). A row with loops <= k keeps the gradient of its
+  initial state. Per-row counts with per-depth slots or data run each row's
+  iteration with its own slot (`jax.vmap` over rows). Without a KV cache.
+  Returns (s, aux stacked over the scan's k * U layers, zero for skipped steps).
   """
   spec = stage.spec
-  k, r_n = backprop_depth, spec.repeats
+  k, r_n, u_n = backprop_depth, spec.repeats, spec.unique_blocks
   block_def, block_state = nnx.split(stage.blocks)
   slot_def, slot_state = nnx.split(stage.slots) if stage.slots is not None else (None, None)
   inj_def, inj_state = nnx.split(injection)
   per_depth = _fold(spec, (slot_state, depth_data))  # [C, U, ...]
+  loops = jnp.asarray(loops, jnp.int32)
+  per_row = loops.ndim == 1
+  longest = loops.max()
+  by_row = (lambda a: a[:, None, None]) if per_row else (lambda a: a)
+  own_slots = per_row and (slot_def is not None or bool(depth_data))  # rows may need different slots
 
   def layer(x, xs):
     b_state, (s_state, data) = xs
@@ -231,26 +262,44 @@ def run_recurrent(stage: StageModule, injection: nnx.Module, s: jax.Array, e: ja
 
   layer = _wrap(layer, remat)
 
-  def iteration(params, x, e, i):
+  def iteration(params, x, e, t):
+    """Step t of M: each row's iteration t - (M - loops), where it is >= 0."""
     b_state, depth, i_state = params
-    x = nnx.merge(inj_def, i_state)(x, e)
-    return jax.lax.scan(layer, x, (b_state, _take(depth, jnp.clip(i, 0, r_n - 1))), length=spec.unique_blocks)
+    i = jnp.clip(t - longest + loops, 0, r_n - 1)  # [] or [B]
+
+    def one(x, e, depth_i):
+      x = nnx.merge(inj_def, i_state)(x, e)
+      return jax.lax.scan(layer, x, (b_state, depth_i), length=u_n)
+
+    if own_slots:
+      new, aux = jax.vmap(lambda x, e, i: one(x[None], e[None], _take(depth, i)))(x, e, i)
+      new, aux = new[:, 0], row_stats(aux)
+    else:
+      new, aux = one(x, e, _take(depth, i if i.ndim == 0 else 0))
+    return jnp.where(by_row(t >= longest - loops), new, x), aux
 
   params = (block_state, per_depth, inj_state)
-  loops = jnp.asarray(loops, jnp.int32)
-  free = jnp.maximum(loops - k, 0)
+  free = jnp.maximum(longest - k, 0)
   frozen, e_frozen = jax.lax.stop_gradient(params), jax.lax.stop_gradient(e)
-  ran = jax.lax.fori_loop(0, free, lambda i, x: iteration(frozen, x, e_frozen, i)[0], jax.lax.stop_gradient(s))
-  s = jnp.where(free > 0, ran, s)  # with no free iteration the initial state keeps its gradient
+  ran = jax.lax.fori_loop(0, free, lambda t, x: iteration(frozen, x, e_frozen, t)[0], jax.lax.stop_gradient(s))
+  s = jnp.where(by_row(loops > k), ran, s)  # a row with no free iteration keeps its initial state's gradient
 
   def differentiated(x, j):
-    i = loops - k + j
-    run = lambda x: iteration(params, x, e, i)
+    t = longest - k + j
+    run = lambda x: iteration(params, x, e, t)
     skip = lambda x: (x, jax.tree.map(jnp.zeros_like, jax.eval_shape(run, x)[1]))
-    return jax.lax.cond(i >= 0, run, skip, x)  # a step before the first counted one costs nothing
+    return jax.lax.cond(t >= 0, run, skip, x)  # a step before the first counted one costs nothing
 
   s, aux = jax.lax.scan(_wrap_outer(differentiated, remat), s, jnp.arange(k, dtype=jnp.int32))
   return s, _unfold(aux)
+
+
+def row_stats(stats: dict) -> dict:
+  """Diagnostics computed per part [n, ...] -> values for the whole: the root
+  mean square of RMS statistics (`*_rms`: exact for parts of equal size), the
+  mean of the others."""
+  return {name: jnp.sqrt(jnp.mean(jnp.square(v), 0)) if name.endswith("_rms") else v.mean(0)
+          for name, v in stats.items()}
 
 
 def run_shared(stages, plan: plan_lib.Plan, x: jax.Array, ctx: Context, cache: dict | None, remat: str,

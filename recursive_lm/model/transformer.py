@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from recursive_lm import axes, sharding
@@ -86,14 +87,27 @@ class Transformer(nnx.Module):
     r_loss, r_metrics = mor.router_loss(aux, self.cfg.mor, self.plan.stages[self.routed].repeats)
     return loss + r_loss, {**metrics, **r_metrics}
 
-  def init_cache(self, batch: int, max_len: int, dtype=None) -> list[dict]:
+  def init_cache(self, batch: int, max_len: int, dtype=None, loops: int | None = None) -> list[dict]:
     """Zeroed KV caches, one entry per distinct KV slot of the plan: per stage
     {'k','v'} [U*C, B, S, Kv, Hd] without sharing; with model.kv_sharing one
-    [{'k','v'} [kv_slots, B, S, Kv, Hd]] for the whole depth."""
+    [{'k','v'} [kv_slots, B, S, Kv, Hd]] for the whole depth. loops: a
+    recurrent core run that many times at test time gets U * loops entries
+    (one per iteration's layer; pass the same `loops` to `__call__`)."""
     dtype = dtype or jnp.dtype(self.cfg.compute_dtype)
     if self.plan.kv_sharing != "none" and self.routed is None:
       return [init_kv_cache(self.cfg, self.plan.kv_slots, batch, max_len, dtype)]
-    return [init_kv_cache(self.cfg, s.depth, batch, max_len, dtype) for s in self.plan.stages]
+    depths = [s.depth for s in self.plan.stages]
+    if loops is not None:
+      self.check_loops(loops)
+      depths[1] = self.plan.stages[1].unique_blocks * int(loops)
+    return [init_kv_cache(self.cfg, d, batch, max_len, dtype) for d in depths]
+
+  def check_loops(self, loops) -> None:
+    """ValueError unless this is a recurrent plan and `loops` a count >= 1 (or traced)."""
+    if not self.recurrent:
+      raise ValueError(f"loops={loops}: only a recurrent plan takes a loop count (plan {self.cfg.plan.preset!r})")
+    if isinstance(loops, (int, np.integer)) and loops < 1:
+      raise ValueError(f"loops={loops} must be >= 1")
 
   def __call__(self, tokens: jax.Array, cache: list[dict] | None = None, cache_index: jax.Array | None = None,
                unrolled: bool = False, loops: jax.Array | int | None = None, key: jax.Array | None = None,
@@ -108,9 +122,14 @@ class Transformer(nnx.Module):
 
     Recurrent plans: loops None runs the core the plan's repeats times (any
     path, caches included); an int or traced int runs it that many times
-    with truncated backprop (`run_recurrent`, no cache; changing it does not
+    with truncated backprop (`run_recurrent`; changing it does not
     recompile; aux then holds the core's last model.recurrent.backprop_depth
-    iterations). key: the random initial state's key (None: fixed).
+    iterations); one count per row [B] runs each row its own count. With a
+    cache, loops is a Python int and the cache comes from
+    `init_cache(loops=loops)` (U * loops core entries): any count, more than
+    trained included, decodes with the model's parameters, iteration j with
+    repeat min(j, C - 1)'s per-depth slots. key: the random initial state's
+    key (None: fixed).
 
     loop_states: also return, as aux["loop_states"] [N, B, T, D], the residual
     stream after each of the N loop boundaries of the repeated cycle-order
@@ -130,12 +149,12 @@ class Transformer(nnx.Module):
                   if self.plan.stages[l.stage].ends_loop(l.block, l.repeat)]
         aux = {**aux, "loop_states": _stack_states(states, x)}
       return self.readout(sharding.constrain_residual(x)), (None if cache is None else [c]), aux
-    if loops is not None and not self.recurrent:
-      raise ValueError(f"loops={loops}: only a recurrent plan takes a loop count (plan {cfg.plan.preset!r})")
-    if loops is not None and loop_states:
-      raise ValueError("loop_states: per-loop states are not collected under a run-time loop count")
-    if loops is not None and cache is not None:
-      raise ValueError("a loop count other than the plan's runs without a KV cache")
+    if loops is not None:
+      self.check_loops(loops)
+      if loop_states:
+        raise ValueError("loop_states: per-loop states are not collected under a run-time loop count")
+      if cache is not None:
+        self.check_loop_cache(loops, cache)
     if self.routed is not None and cache is not None:
       raise ValueError(f"model.mor.routing={cfg.mor.routing!r}: generation with a KV cache through routers is "
                        "not implemented yet (training and evaluation without a cache are)")
@@ -147,16 +166,18 @@ class Transformer(nnx.Module):
         e = x
         x = initial_state(cfg.recurrent.init_state, e, key, ctx.positions)
         inject = lambda s, e=e: self.injection(s, e)
+      core_loops = loops if inject is not None else None
       if i == self.routed:
         x, aux, router_aux = mor.run_routed(stage, self.router, x, ctx, self.plan.stage_layers(i), cfg.mor,
                                             cfg.remat)
-      elif inject is not None and loops is not None:
+      elif core_loops is not None and cache is None:
         x, aux = run_recurrent(stage, self.injection, x, e, ctx, depth_arrays[i], cfg.remat, loops,
                                cfg.recurrent.backprop_depth)
       elif unrolled or not cfg.scan or stage.shared_kv:  # shared K/V here: routed plans (every layer writes)
-        x, c, aux = run_unrolled(stage, x, ctx, c, self.plan.stage_layers(i), cfg.remat, inject, states)
+        layers = self.plan.stage_layers(i) if core_loops is None else self.plan.loop_layers(i, core_loops)
+        x, c, aux = run_unrolled(stage, x, ctx, c, layers, cfg.remat, inject, states)
       else:
-        x, c, aux = run_stage(stage, x, ctx, c, depth_arrays[i], cfg.remat, inject, states)
+        x, c, aux = run_stage(stage, x, ctx, c, depth_arrays[i], cfg.remat, inject, states, core_loops)
       x = sharding.constrain_residual(x)
       new_cache.append(c)
       auxes.append(aux)
@@ -164,6 +185,14 @@ class Transformer(nnx.Module):
     if loop_states:
       aux["loop_states"] = _stack_states(states, x)
     return self.readout(x), (new_cache if cache is not None else None), aux
+
+  def check_loop_cache(self, loops, cache: list[dict]) -> None:
+    """ValueError unless `loops` is a Python int matching the cache's core entries."""
+    u = self.plan.stages[1].unique_blocks
+    have = cache[1]["k"].shape[0]
+    if not isinstance(loops, (int, np.integer)) or have != u * loops:
+      raise ValueError(f"loops={loops} with a KV cache needs a Python int and the cache of "
+                       f"init_cache(loops=...): {u} core blocks x loops entries, this cache has {have}")
 
   def context(self, t: int, cache_index: jax.Array | None = None) -> tuple[Context, list[dict]]:
     """The Context of T tokens starting at cache_index (0 without a cache; a
