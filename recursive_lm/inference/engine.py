@@ -61,7 +61,7 @@ import numpy as np
 from flax import nnx
 
 from recursive_lm.data.tokenizers import encode_prompt
-from recursive_lm.inference import exits
+from recursive_lm.inference import exits, layer_weights
 
 
 @dataclasses.dataclass
@@ -137,22 +137,24 @@ def _write_row(big, small, slot):
   return jax.lax.dynamic_update_slice(big, small.astype(big.dtype), (0, slot) + (0,) * (big.ndim - 2))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_top_k"), donate_argnames=("cache",))
-def _prefill(graphdef, state, cache, prompt, length, slot, seed, temperature, top_k, *, max_top_k: int):
+@functools.partial(jax.jit, static_argnames=("graphdef", "layout", "max_top_k"), donate_argnames=("cache",))
+def _prefill(graphdef, layout, state, cache, prompt, length, slot, seed, temperature, top_k, *, max_top_k: int):
   """Prompt [1, bucket] (right-padded; `length` real tokens) -> (cache with the
-  slot's row [0, bucket) written, its first new token int32 [])."""
-  model = nnx.merge(graphdef, state)
+  slot's row [0, bucket) written, its first new token int32 []). state: the
+  weights split per layer (`layer_weights`)."""
+  model = nnx.merge(graphdef, layer_weights.join_layers(layout, state))
   fresh = model.init_cache(1, prompt.shape[1], cache[0]["k"].dtype)
-  logits, fresh, _ = model(prompt, cache=fresh, cache_index=jnp.zeros((1,), jnp.int32))
+  at = jnp.reshape(length - 1, (1,))  # only the last prompt position is read out
+  logits, fresh, _ = model(prompt, cache=fresh, cache_index=jnp.zeros((1,), jnp.int32), logits_at=at)
   cache = jax.tree.map(lambda big, small: _write_row(big, small, slot), cache, fresh)
-  last = jax.lax.dynamic_index_in_dim(logits[0], length - 1, keepdims=True)  # [1, V]
+  last = logits[0]  # [1, V]
   first = sample_rows(last, seed[None], jnp.zeros((1,), jnp.int32), temperature[None], top_k[None], max_top_k)
   return cache, first[0]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "max_top_k", "exit_rule", "unrolled"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "layout", "chunk", "max_top_k", "exit_rule", "unrolled"),
                    donate_argnames=("cache",))
-def _decode(graphdef, state, cache, tokens, positions, seeds, steps, temperature, top_k, remaining, eos_id, *,
+def _decode(graphdef, layout, state, cache, tokens, positions, seeds, steps, temperature, top_k, remaining, eos_id, *,
             chunk: int, max_top_k: int, exit_rule: exits.ExitRule | None = None, unrolled: bool = True):
   """Up to `chunk` decode steps of every slot at once.
 
@@ -163,10 +165,11 @@ def _decode(graphdef, state, cache, tokens, positions, seeds, steps, temperature
   at a frozen position of their own row. Stops early once every slot has.
   exit_rule: per-token early exit (`exits.forward_with_exits`) or None (full depth).
   unrolled: run the depth layer by layer (`Transformer.__call__(unrolled=True)`).
+  state: the weights split per layer (`layer_weights`: read in place by the unrolled step).
   Returns (cache, drawn int32 [B, chunk], -1 where a slot drew nothing,
   loops int32 [B, chunk]: the loops each drawn token ran; 0 without exits).
   """
-  model = nnx.merge(graphdef, state)
+  model = nnx.merge(graphdef, layer_weights.join_layers(layout, state))
   b = tokens.shape[0]
 
   def cond(carry):
@@ -237,7 +240,8 @@ class Engine:
     self.exit_rule = exits.parse_exit(exit)
     if self.exit_rule is not None:
       exits.loop_boundaries(model.plan)  # ValueError for a model without loops
-    self._graphdef, self._state = nnx.split(model)
+    self._graphdef, state = nnx.split(model)
+    self._layout, self._state = layer_weights.split_layers(state)
     self._cache = model.init_cache(self.slots, max_len)
     self._waiting: collections.deque[_Request] = collections.deque()
     self._running: list[_Request | None] = [None] * self.slots
@@ -336,9 +340,9 @@ class Engine:
       seeds[s], steps[s], temps[s], topks[s] = r.seed, len(r.tokens), r.temperature, r.top_k
       remaining[s] = r.max_new_tokens - len(r.tokens)
     eos = np.int32(-1 if self.eos_id is None else self.eos_id)
-    self._cache, drawn, used = _decode(self._graphdef, self._state, self._cache, tokens, positions, seeds, steps,
-                                       temps, topks, remaining, eos, chunk=self.chunk, max_top_k=self.max_top_k,
-                                       exit_rule=self.exit_rule, unrolled=self.unrolled)
+    self._cache, drawn, used = _decode(self._graphdef, self._layout, self._state, self._cache, tokens, positions,
+                                       seeds, steps, temps, topks, remaining, eos, chunk=self.chunk,
+                                       max_top_k=self.max_top_k, exit_rule=self.exit_rule, unrolled=self.unrolled)
     drawn, used = np.asarray(drawn), np.asarray(used)
     for s in live:
       r = self._running[s]
@@ -362,9 +366,9 @@ class Engine:
     p = req.prompt_ids.size
     padded = np.zeros((1, self.bucket(p)), np.int32)
     padded[0, :p] = req.prompt_ids
-    self._cache, first = _prefill(self._graphdef, self._state, self._cache, padded, np.int32(p), np.int32(slot),
-                                  np.int32(req.seed), np.float32(req.temperature), np.int32(req.top_k),
-                                  max_top_k=self.max_top_k)
+    self._cache, first = _prefill(self._graphdef, self._layout, self._state, self._cache, padded, np.int32(p),
+                                  np.int32(slot), np.int32(req.seed), np.float32(req.temperature),
+                                  np.int32(req.top_k), max_top_k=self.max_top_k)
     return int(first)
 
   def _append(self, req: _Request, token: int) -> str | None:

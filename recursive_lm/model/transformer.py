@@ -82,8 +82,13 @@ class Transformer(nnx.Module):
     return [init_kv_cache(self.cfg, s.depth, batch, max_len, dtype) for s in self.plan.stages]
 
   def __call__(self, tokens: jax.Array, cache: list[dict] | None = None, cache_index: jax.Array | None = None,
-               unrolled: bool = False, loops: jax.Array | int | None = None, key: jax.Array | None = None):
+               unrolled: bool = False, loops: jax.Array | int | None = None, key: jax.Array | None = None,
+               logits_at: jax.Array | None = None):
     """tokens [B, T] int -> (logits [B, T, V] float32, cache, aux).
+
+    logits_at: int [B], read out only position logits_at[b] of row b (logits
+    [B, 1, V]): a prefill needs only its last position's, and the readout of
+    a large vocabulary at every prompt position would cost more than the layers.
 
     With a cache, the tokens sit at positions cache_index + [0, T) and their
     keys/values are written there; cache_index is a scalar or one per row [B]
@@ -101,7 +106,7 @@ class Transformer(nnx.Module):
     x = sharding.constrain_residual(self.embed(tokens, jnp.dtype(cfg.compute_dtype)))
     if self.plan.kv_sharing != "none":
       x, c, aux = run_shared(self.stages, self.plan, x, ctx, None if cache is None else cache[0], cfg.remat)
-      return self.readout(sharding.constrain_residual(x)), (None if cache is None else [c]), aux
+      return self.readout(_rows_at(sharding.constrain_residual(x), logits_at)), (None if cache is None else [c]), aux
     if loops is not None and not self.recurrent:
       raise ValueError(f"loops={loops}: only a recurrent plan takes a loop count (plan {cfg.plan.preset!r})")
     if loops is not None and cache is not None:
@@ -125,7 +130,7 @@ class Transformer(nnx.Module):
       new_cache.append(c)
       auxes.append(aux)
     aux = jax.tree.map(lambda *a: jnp.concatenate(a), *auxes)
-    return self.readout(x), (new_cache if cache is not None else None), aux
+    return self.readout(_rows_at(x, logits_at)), (new_cache if cache is not None else None), aux
 
   def context(self, t: int, cache_index: jax.Array | None = None) -> tuple[Context, list[dict]]:
     """The Context of T tokens starting at cache_index (0 without a cache; a
@@ -144,6 +149,11 @@ class Transformer(nnx.Module):
     x = self.final_norm(x)
     logits = self.embed.attend(x) if self.head is None else self.head(x)
     return logits.astype(jnp.float32)
+
+
+def _rows_at(x: jax.Array, at: jax.Array | None) -> jax.Array:
+  """x [B, T, D] -> x[b, at[b]] as [B, 1, D] (x itself when at is None)."""
+  return x if at is None else jnp.take_along_axis(x, jnp.asarray(at, jnp.int32)[:, None, None], axis=1)
 
 
 def rope_scalings(cfg: ModelConfig, kinds: int) -> tuple:
