@@ -60,6 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.kernels = ke = ml_collections.ConfigDict()
   ke.attention = "auto"  # auto | xla | cudnn | splash | blocked
   ke.dense = "auto"  # auto | custom_vjp (hand-written backward) | xla (x @ W with autodiff)
+  ke.decode = "auto"  # auto (= single) | single (one query over the cache, window-only reads) | masked (attend)
   m.plan = p = ml_collections.ConfigDict()
   p.preset = "vanilla"  # vanilla | looped | cycle | sequence | middle_cycle | middle_sequence | sandwich | recurrent
   p.num_layers = 4  # effective depth (recurrent: prelude + core blocks * repeats + coda)

@@ -68,6 +68,7 @@ class KernelsConfig:
   """Kernel choices (recursive_lm.model.kernels): auto picks per backend."""
   attention: str = "auto"
   dense: str = "auto"
+  decode: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +188,7 @@ REMAT = ("none", "full", "dots", "dots_no_batch", "nested")
 MESH_RULES = ("replicated", "data", "fsdp", "fsdp_tensor", "fsdp_tensor_expert")
 ATTENTION_KERNELS = ("auto", "xla", "cudnn", "splash", "blocked")
 DENSE_KERNELS = ("auto", "custom_vjp", "xla")
+DECODE_KERNELS = ("auto", "single", "masked")
 INJECTIONS = ("concat", "add", "parcae")
 INIT_STATES = ("normal", "zeros", "prelude")
 LOOP_SAMPLES = ("fixed", "poisson_lognormal", "uniform")

@@ -12,8 +12,9 @@ from recursive_lm import plan as plan_lib
 from recursive_lm.config import tasks as synthetic
 from recursive_lm.config.defaults import base_config
 from recursive_lm.config.errors import ConfigError
-from recursive_lm.config.schema import (ATTENTION_KERNELS, DENSE_KERNELS, INIT_STATES, INJECTIONS, LOOP_SAMPLES,
-                                        LORA_TARGETS, MESH_RULES, MLP_TYPES, PLAN_PRESETS, REMAT, Config, DataConfig,
+from recursive_lm.config.schema import (ATTENTION_KERNELS, DECODE_KERNELS, DENSE_KERNELS, INIT_STATES, INJECTIONS,
+                                        LOOP_SAMPLES, LORA_TARGETS, MESH_RULES, MLP_TYPES, PLAN_PRESETS, REMAT, Config,
+                                        DataConfig,
                                         KernelsConfig, LoraConfig, MeshConfig, MoEConfig, ModelConfig, OptimConfig,
                                         PlanConfig, RecurrentConfig, TrainConfig)
 
@@ -236,7 +237,8 @@ def load(cd: ml_collections.ConfigDict) -> Config:
       rope_base_local=float(_positive("model.rope_base_local", m.rope_base_local, allow_zero=True)),
       kv_sharing=m.kv_sharing,
       kernels=KernelsConfig(attention=_choice("model.kernels.attention", m.kernels.attention, ATTENTION_KERNELS),
-                            dense=_choice("model.kernels.dense", m.kernels.dense, DENSE_KERNELS)),
+                            dense=_choice("model.kernels.dense", m.kernels.dense, DENSE_KERNELS),
+                            decode=_choice("model.kernels.decode", m.kernels.get("decode", "auto"), DECODE_KERNELS)),
       recurrent=_recurrent(m),
       **_arch_options(m))
 
