@@ -81,7 +81,9 @@ def _generate(graphdef, layout, weights, prompt, lengths, key, temperature, *, m
     tokens, cache, seen, done = carry
     pos = lengths + i  # [B]: each row's token at `pos` goes in; it predicts pos + 1
     tok = tokens[rows, pos][:, None]
-    logits, cache, _ = model()(tok, cache=cache, cache_index=pos, unrolled=True)
+    # The cache travels as per-layer pieces, updated in place (see layer_weights).
+    logits, cache, _ = model()(tok, cache=layer_weights.restack(cache), cache_index=pos, unrolled=True)
+    cache = layer_weights.unstack(cache)
     nxt = sample_logits(logits[:, -1], jax.random.fold_in(key, i + 1), temperature, top_k, greedy)
     if eos_id is not None:  # a finished row keeps emitting EOS
       nxt = jnp.where(done, eos_id, nxt)
@@ -94,7 +96,7 @@ def _generate(graphdef, layout, weights, prompt, lengths, key, temperature, *, m
   step = body
   if eos_id is not None:  # once every row is done, the remaining steps skip the model
     step = lambda i, carry: jax.lax.cond(jnp.all(carry[3]), lambda c: c, functools.partial(body, i), carry)
-  tokens, _, seen, _ = jax.lax.fori_loop(0, n - 1, step, (tokens, cache, seen, done))
+  tokens, _, seen, _ = jax.lax.fori_loop(0, n - 1, step, (tokens, layer_weights.unstack(cache), seen, done))
   return (tokens, seen) if return_logits else tokens
 
 

@@ -1,5 +1,6 @@
-"""The model's weights laid out for a decode loop: every stacked per-layer
-array split into its layers outside the loop, restacked inside it.
+"""The model's weights (and KV cache) laid out for a decode loop: every
+stacked per-layer array split into its layers outside the loop, restacked
+inside it.
 
 A stage stores its blocks, depth slots and K/V projections stacked on a
 leading axis [U, ...] (`recursion.StageModule`). A decode step that walks the
@@ -15,6 +16,13 @@ once. `join_layers` (inside the loop body) stacks them back, and the model's
 own a[i] of that stack is folded by XLA's simplifier into the piece itself
 (slice of a concatenation), so the matmuls read the weights where they lie.
 The values are the model's own; only where they live changes.
+
+The KV cache [L, B, S, K, Hd] has the same problem: the step took each
+layer's slice (a copy) and stacked the updated slices again (another copy),
+two copies of the whole cache per step. Carried through the loop as
+per-layer pieces (`unstack` outside, `restack` at the top of the body and
+`unstack` of the step's new cache at its end, both folded by XLA), each
+layer's cache is updated in place.
 """
 
 from __future__ import annotations
@@ -77,3 +85,13 @@ def join_layers(layout: Layout, pieces: list):
   """The state `split_layers` took apart (inside a jitted function)."""
   leaves = [jnp.stack(p) if s else p for p, s in zip(pieces, layout.stacked)]
   return jax.tree_util.tree_unflatten(layout.treedef, leaves)
+
+
+def unstack(tree):
+  """Every leaf [L, ...] of tree -> the tuple of its L slices."""
+  return jax.tree.map(lambda a: tuple(a[i] for i in range(a.shape[0])), tree)
+
+
+def restack(tree):
+  """The inverse of `unstack`."""
+  return jax.tree.map(jnp.stack, tree, is_leaf=lambda x: isinstance(x, tuple))
