@@ -117,3 +117,14 @@ def test_engine_with_single_query_equals_masked():
     eng = Engine(m, slots=2, buckets=(4, 8, 16), chunk=3)
     got.append([c.tokens for c in eng.generate(prompts, max_new_tokens=8)])
   assert got[0] == got[1]
+
+
+def test_split_weights_follow_an_updated_model():
+  """`layer_weights.split_layers` reuses its last split only while the model holds the same arrays."""
+  model, other = build(**WINDOWED), build(seed=7, **WINDOWED)
+  prompt = np.asarray(jax.random.randint(jax.random.key(3), (2, 4), 0, V), np.int32)
+  first = np.asarray(generate(model, prompt, 6, return_logits=True)[1])
+  nnx.update(model, nnx.state(other))  # new arrays in the same structure
+  np.testing.assert_array_equal(generate(model, prompt, 6, return_logits=True)[1],
+                                generate(other, prompt, 6, return_logits=True)[1])
+  assert not np.allclose(first, generate(model, prompt, 6, return_logits=True)[1])
