@@ -28,6 +28,7 @@ BLOCKS = ("dense", "moeut")
 MESH_RULES = ("replicated", "data", "fsdp", "fsdp_tensor", "fsdp_tensor_expert")
 ATTENTION_KERNELS = ("auto", "xla", "cudnn", "splash", "blocked")
 DENSE_KERNELS = ("auto", "custom_vjp", "xla")
+DECODE_KERNELS = ("auto", "single", "masked")
 MOE_NORM_STYLES = ("peri", "pre")
 MOE_DISPATCH = ("auto", "loop", "blocks", "ragged", "megablox", "ragged_mgpu", "dense")
 INJECTIONS = ("concat", "add", "parcae")
@@ -61,6 +62,8 @@ class KernelsConfig:
   attention: str = option("auto", "attention kernel", choices=ATTENTION_KERNELS)
   dense: str = option("auto", "dense matmul: custom_vjp (hand-written backward) or xla (x @ W with autodiff)",
                       choices=DENSE_KERNELS)
+  decode: str = option("auto", "decode attention: auto (= single) | single (one query over the cache, window-only "
+                       "reads) | masked (the full attention path)", choices=DECODE_KERNELS)
 
 
 @dataclasses.dataclass(frozen=True)

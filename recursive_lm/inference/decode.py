@@ -6,7 +6,12 @@
      [0, P) and gives the logits that choose token P;
   2. decode: a `jax.lax.fori_loop` feeds each row's next token at its own
      cache index P_row + i, each call reading the whole cache and writing one slot.
+     The step walks the depth layer by layer (`Transformer(unrolled=True)`),
+     whatever model.scan says: with the weights split per layer
+     (`layer_weights`) it reads every weight in place, where a scan slices
+     (copies) each layer's weights and cache out of their stacks at every step.
 
+The prefill reads out only each row's last prompt position (`logits_at`).
 The model's state enters the jitted function as arrays (nnx.split outside,
 nnx.merge inside), so repeated calls with the same model structure and shapes
 reuse the compiled program. Prompts of different lengths are right-padded
@@ -23,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from recursive_lm.inference import layer_weights
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, temperature, top_k: int, greedy: bool) -> jax.Array:
@@ -42,16 +49,18 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature, top_k: int, gr
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k", "greedy", "return_logits",
-                                             "eos_id", "loops"))
-def _generate(graphdef, state, prompt, lengths, key, temperature, *, max_new_tokens: int, top_k: int, greedy: bool,
-              return_logits: bool, eos_id: int | None = None, loops: int | None = None):
-  model = nnx.merge(graphdef, state)
+@functools.partial(jax.jit, static_argnames=("graphdef", "layout", "max_new_tokens", "top_k", "greedy",
+                                             "return_logits", "eos_id", "loops"))
+def _generate(graphdef, layout, weights, prompt, lengths, key, temperature, *, max_new_tokens: int, top_k: int,
+              greedy: bool, return_logits: bool, eos_id: int | None = None, loops: int | None = None):
+  # The weights arrive split per layer (`layer_weights`); each step restacks them, and its
+  # layer-by-layer walk reads them in place (no per-step copy of every weight).
+  model = lambda: nnx.merge(graphdef, layer_weights.join_layers(layout, weights))
   b, p = prompt.shape
   n = max_new_tokens
   rows = jnp.arange(b)
   run = {} if loops is None else {"loops": loops}  # a recurrent core's count (none: the plan's)
-  cache = model.init_cache(b, p + n, **run)
+  cache = model().init_cache(b, p + n, **run)
   # Row i: its prompt, then N new tokens (EOS once it stopped: skipped steps keep it), then zeros.
   idx = jnp.arange(p + n)
   tokens = jnp.concatenate([prompt, jnp.zeros((b, n), jnp.int32)], axis=1)
@@ -60,8 +69,9 @@ def _generate(graphdef, state, prompt, lengths, key, temperature, *, max_new_tok
 
   # Prefill: the right-padded prompts in one call; row i's position lengths[i] - 1 predicts its first token.
   # The padding fills cache slots that a row overwrites (at its own position) before its queries can see them.
-  logits, cache, _ = model(prompt, cache=cache, cache_index=jnp.zeros((b,), jnp.int32), **run)
-  last = logits[rows, lengths - 1]
+  logits, cache, _ = model()(prompt, cache=cache, cache_index=jnp.zeros((b,), jnp.int32), logits_at=lengths - 1,
+                             **run)
+  last = logits[:, 0]
   first = sample_logits(last, jax.random.fold_in(key, 0), temperature, top_k, greedy)
   tokens = tokens.at[rows, lengths].set(first)
   done = (first == eos_id) if eos_id is not None else jnp.zeros((b,), bool)  # rows past their EOS
@@ -73,7 +83,9 @@ def _generate(graphdef, state, prompt, lengths, key, temperature, *, max_new_tok
     tokens, cache, seen, done = carry
     pos = lengths + i  # [B]: each row's token at `pos` goes in; it predicts pos + 1
     tok = tokens[rows, pos][:, None]
-    logits, cache, _ = model(tok, cache=cache, cache_index=pos, **run)
+    # The cache travels as per-layer pieces, updated in place (see layer_weights).
+    logits, cache, _ = model()(tok, cache=layer_weights.restack(cache), cache_index=pos, unrolled=True, **run)
+    cache = layer_weights.unstack(cache)
     nxt = sample_logits(logits[:, -1], jax.random.fold_in(key, i + 1), temperature, top_k, greedy)
     if eos_id is not None:  # a finished row keeps emitting EOS
       nxt = jnp.where(done, eos_id, nxt)
@@ -86,7 +98,7 @@ def _generate(graphdef, state, prompt, lengths, key, temperature, *, max_new_tok
   step = body
   if eos_id is not None:  # once every row is done, the remaining steps skip the model
     step = lambda i, carry: jax.lax.cond(jnp.all(carry[3]), lambda c: c, functools.partial(body, i), carry)
-  tokens, _, seen, _ = jax.lax.fori_loop(0, n - 1, step, (tokens, cache, seen, done))
+  tokens, _, seen, _ = jax.lax.fori_loop(0, n - 1, step, (tokens, layer_weights.unstack(cache), seen, done))
   return (tokens, seen) if return_logits else tokens
 
 
@@ -161,8 +173,9 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, t
   if n == 0:
     return (prompt, jnp.zeros((b, 0, model.cfg.vocab_size), jnp.float32)) if return_logits else prompt
   graphdef, state = nnx.split(model)
+  layout, weights = layer_weights.split_layers(state)
   greedy = float(temperature) == 0.0
-  return _generate(graphdef, state, prompt, jnp.asarray(lengths, jnp.int32), jax.random.key(int(seed)),
+  return _generate(graphdef, layout, weights, prompt, jnp.asarray(lengths, jnp.int32), jax.random.key(int(seed)),
                    jnp.asarray(1.0 if greedy else temperature, jnp.float32), max_new_tokens=n,
                    top_k=int(top_k), greedy=greedy, return_logits=return_logits,
                    eos_id=None if eos_id is None else int(eos_id), loops=None if loops is None else int(loops))

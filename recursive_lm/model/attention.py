@@ -74,6 +74,7 @@ class Attention(nnx.Module):
     self.num_heads, self.num_kv_heads, self.head_dim = h, k, hd
     self.query_scale = (cfg.query_pre_attn_scalar or hd) ** -0.5
     self.causal = kernels.attention_kernel(cfg)
+    self.decode = kernels.decode_kernel(cfg)
     self.q = Dense(d, h * hd, axes.EMBED, axes.HEADS, d**-0.5, rngs, pd, mm)
     self.k = Dense(d, k * hd, axes.EMBED, axes.KV_HEADS, d**-0.5, rngs, pd, mm) if own_kv else None
     self.v = Dense(d, k * hd, axes.EMBED, axes.KV_HEADS, d**-0.5, rngs, pd, mm) if own_kv else None
@@ -98,7 +99,7 @@ class Attention(nnx.Module):
     q = q if q_norm is None else q_norm(q)
     q = apply_rope(q, ctx.cos, ctx.sin)
     out, cache = cached_causal_attention(q.reshape(b, t, kh, g, hd), k, v, ctx, cache, self.query_scale, shared,
-                                         self.causal)
+                                         self.causal, self.decode)
     return self.o(out.reshape(b, t, self.num_heads * hd), lora.get("o")), cache
 
 
@@ -118,7 +119,7 @@ class Attention(nnx.Module):
 
 
 def cached_causal_attention(q, k, v, ctx: Context, cache: dict | None, scale: float | None = None,
-                            keep: bool = False, causal=None):
+                            keep: bool = False, causal=None, decode=None):
   """The attention core shared by every attention layer.
 
   q [B, T, K, G, Hd] (rotated, not yet scaled), k/v [B, T, K, Hd] of the new
@@ -134,25 +135,26 @@ def cached_causal_attention(q, k, v, ctx: Context, cache: dict | None, scale: fl
   return the new tokens' {'k','v'} (the entry a shared slot's writer makes).
   causal: the kernel of the no-cache self-attention, (q, k, v, positions,
   window) -> out (`kernels.attention_kernel`; default the blocked path); the
-  cache path reads the cache with `attend` on every backend.
+  cache path reads the cache with `attend` on every backend, except a single
+  query (T = 1, a decode step), which goes to `decode` when given
+  (`kernels.decode_kernel`: `attend_one`).
   """
   causal = causal_attend_blocked if causal is None else causal
   q = q * jnp.asarray(q.shape[-1] ** -0.5 if scale is None else scale, q.dtype)
-  if k is None:
-    if ctx.cache_index is None and "pos" in cache:  # the entry's keys sit at their own positions [B, S]
+  if k is None and ctx.cache_index is None:
+    if "pos" in cache:  # the entry's keys sit at their own positions [B, S]
       return attend(q, cache["k"], cache["v"], ctx.positions, cache["pos"], ctx.window), cache
-    if ctx.cache_index is None:
-      return causal(q, cache["k"], cache["v"], ctx.positions, ctx.window), cache
-    key_pos = jnp.arange(cache["k"].shape[1])
-    return attend(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), ctx.positions, key_pos,
-                  ctx.window), cache
+    return causal(q, cache["k"], cache["v"], ctx.positions, ctx.window), cache
   if cache is None:
     if ctx.positions.ndim == 2:  # per-row positions without a cache (Mixture-of-Recursions' masked reference)
       return attend(q, k, v, ctx.positions, ctx.positions, ctx.window), ({"k": k, "v": v} if keep else None)
     return causal(q, k, v, ctx.positions, ctx.window), ({"k": k, "v": v} if keep else None)
-  cache = {"k": write_cache(cache["k"], k, ctx.cache_index), "v": write_cache(cache["v"], v, ctx.cache_index)}
-  key_pos = jnp.arange(cache["k"].shape[1])
-  return attend(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), ctx.positions, key_pos, ctx.window), cache
+  if k is not None:
+    cache = {"k": write_cache(cache["k"], k, ctx.cache_index), "v": write_cache(cache["v"], v, ctx.cache_index)}
+  ck, cv = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
+  if decode is not None and q.shape[1] == 1:
+    return decode(q, ck, cv, ctx.positions, ctx.window), cache
+  return attend(q, ck, cv, ctx.positions, jnp.arange(ck.shape[1]), ctx.window), cache
 
 
 def write_cache(cache: jax.Array, x: jax.Array, index: jax.Array) -> jax.Array:
@@ -186,6 +188,41 @@ def attend(q, k, v, q_pos, k_pos, window=None):
   scores = jnp.where(_visible(q_pos, k_pos, window), scores, _MASKED)
   probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
   return jnp.einsum("bkgts,bskd->btkgd", probs, v)
+
+
+def attend_one(q, k, v, q_pos, window=None):
+  """Single-query attention over a KV cache (a decode step), without a mask of
+  the cache's size per query and, for a sliding-window layer, reading only
+  the window.
+
+  q [B, 1, K, G, Hd] (pre-scaled); k/v [B, S, K, Hd]: the cache, slot j at
+  position j, this step's key already written; q_pos [1] or [B, 1]: the
+  query's position (one for every row, or one per row). window: this layer's
+  window; a static int W with 0 < W < S reads, per row, only the W slots
+  ending at its position (a dynamic slice of the cache: the other S - W slots
+  are never touched); 0 / None / W >= S read all S slots; a traced window
+  (a scan over depths) reads all S and masks by distance. Only the slots
+  after the query's position are masked, by a [B, S'] comparison of
+  positions. Same values as `attend(q, k, v, q_pos, arange(S), window)`.
+  Returns [B, 1, K, G, Hd]; scores and softmax in float32.
+  """
+  b, s = q.shape[0], k.shape[1]
+  pos = jnp.broadcast_to(jnp.reshape(q_pos, (-1,)), (b,)).astype(jnp.int32)  # [B]
+  static = isinstance(window, int) or window is None
+  if static and window and window < s:
+    start = jnp.clip(pos - window + 1, 0, s - window)  # [B]: the window, kept inside the cache
+    take = jax.vmap(lambda c, i: jax.lax.dynamic_slice_in_dim(c, i, window, axis=0))
+    k, v = take(k, start), take(v, start)
+    k_pos = start[:, None] + jnp.arange(window, dtype=jnp.int32)  # [B, W]
+  else:
+    k_pos = jnp.arange(s, dtype=jnp.int32)[None]  # [1, S]
+  ok = k_pos <= pos[:, None]  # the slice may start before the query when pos < W - 1 or end after it
+  if not static:
+    ok &= (window == 0) | (pos[:, None] - k_pos < window)
+  scores = jnp.einsum("bkgd,bskd->bkgs", q[:, 0], k, preferred_element_type=jnp.float32)
+  scores = jnp.where(ok[:, None, None, :], scores, _MASKED)
+  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+  return jnp.einsum("bkgs,bskd->bkgd", probs, v)[:, None]
 
 
 # Query block length of the blocked causal path. Each query block only meets

@@ -11,6 +11,7 @@ custom-VJP `layers.linear`) and takes the vendor kernels elsewhere:
                                            cannot take the dtype /     installed jax lacks it
                                            head size (`cudnn_problem`)
   model.kernels.dense        custom_vjp    xla                         xla
+  model.kernels.decode       single        single                      single
   model.moe.dispatch         loop          blocks                      megablox, or ragged where the
   (MoEUT models; resolved by                                           installed jax lacks it
   `dispatch.choose_dispatch`)
@@ -22,8 +23,9 @@ backend and what would work, never a silent fallback. The kernels chosen are
 logged once per distinct choice (absl INFO), so `auto` says what it picked.
 
 Every attention kernel here computes the causal self-attention of a chunk
-with itself (no KV cache; the decode path reads the cache with
-`attention.attend` on every backend): q [B, T, K, G, Hd] pre-scaled, k/v
+with itself (no KV cache; a chunk against the cache goes through
+`attention.attend`, a single query, the decode step, through the
+`decode_kernel`): q [B, T, K, G, Hd] pre-scaled, k/v
 [B, T, K, Hd], positions [T] (consecutive: the index-based causal masks of the
 vendor kernels equal the position masks), window None / 0 / this layer's
 sliding window (a Python int, or a traced int32 inside a scan over depths)
@@ -181,6 +183,19 @@ DENSE_KERNELS = {"custom_vjp": layers.linear, "xla": plain_linear}
 def dense_kernel(cfg: ModelConfig, backend: str | None = None):
   """The (x, w) -> x @ w function of this model's dense projections."""
   return DENSE_KERNELS[resolved(cfg, backend).dense]
+
+
+# ----------------------------------------------------------------------------
+# Decode attention: one query over the KV cache.
+
+
+def decode_kernel(cfg: ModelConfig):
+  """The attention of a single query over the cache (a decode step), or None
+  for the general masked path (`attention.attend`). 'single' (= auto on every
+  backend, plain jax): `attention.attend_one`, which builds no mask of the
+  cache's size per query and reads only a sliding-window layer's window."""
+  from recursive_lm.model.attention import attend_one  # attention.py builds its kernels from here
+  return None if cfg.kernels.decode == "masked" else attend_one
 
 
 # ----------------------------------------------------------------------------

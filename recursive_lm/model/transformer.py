@@ -111,8 +111,12 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens: jax.Array, cache: list[dict] | None = None, cache_index: jax.Array | None = None,
                unrolled: bool = False, loops: jax.Array | int | None = None, key: jax.Array | None = None,
-               loop_states: bool = False):
+               loop_states: bool = False, logits_at: jax.Array | None = None):
     """tokens [B, T] int -> (logits [B, T, V] float32, cache, aux).
+
+    logits_at: int [B], read out only position logits_at[b] of row b (logits
+    [B, 1, V]): a prefill needs only its last position's, and the readout of
+    a large vocabulary at every prompt position would cost more than the layers.
 
     With a cache, the tokens sit at positions cache_index + [0, T) and their
     keys/values are written there; cache_index is a scalar or one per row [B]
@@ -148,7 +152,7 @@ class Transformer(nnx.Module):
         states = [h for h, l in zip(hidden, self.plan.layers())
                   if self.plan.stages[l.stage].ends_loop(l.block, l.repeat)]
         aux = {**aux, "loop_states": _stack_states(states, x)}
-      return self.readout(sharding.constrain_residual(x)), (None if cache is None else [c]), aux
+      return self.readout(_rows_at(sharding.constrain_residual(x), logits_at)), (None if cache is None else [c]), aux
     if loops is not None:
       self.check_loops(loops)
       if loop_states:
@@ -184,7 +188,7 @@ class Transformer(nnx.Module):
     aux = {**jax.tree.map(lambda *a: jnp.concatenate(a), *auxes), **router_aux}
     if loop_states:
       aux["loop_states"] = _stack_states(states, x)
-    return self.readout(x), (new_cache if cache is not None else None), aux
+    return self.readout(_rows_at(x, logits_at)), (new_cache if cache is not None else None), aux
 
   def check_loop_cache(self, loops, cache: list[dict]) -> None:
     """ValueError unless `loops` is a Python int matching the cache's core entries."""
@@ -216,6 +220,11 @@ class Transformer(nnx.Module):
 def _stack_states(states: list, x: jax.Array) -> jax.Array:
   """Loop-boundary states -> [N, B, T, D] (N = 0 for a plan without loops)."""
   return jnp.stack(states) if states else jnp.zeros((0,) + x.shape, x.dtype)
+
+
+def _rows_at(x: jax.Array, at: jax.Array | None) -> jax.Array:
+  """x [B, T, D] -> x[b, at[b]] as [B, 1, D] (x itself when at is None)."""
+  return x if at is None else jnp.take_along_axis(x, jnp.asarray(at, jnp.int32)[:, None, None], axis=1)
 
 
 def rope_scalings(cfg: ModelConfig, kinds: int) -> tuple:
