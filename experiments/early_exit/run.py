@@ -18,8 +18,8 @@ For every run (default: exit_s* under --runs; plain_s* too when present):
     draft acceptance against plain decoding (outputs checked equal).
 
 --depthwise also runs `python -m recursive_lm.benchmark generate --workdir RUN
---gen_exit RULE --gen_depthwise` per rule once the benchmark has that flag
-(depth-wise batching, another module), and records its JSON.
+--gen_exit RULE --gen_prompts text` per rule (exit_static vs exit_depthwise in one run)
+and records its JSON.
 
 Timing on a shared CPU is noisy: every tokens/s is one warm run (after an
 untimed compile run); compare within a table, not across machines.
@@ -122,17 +122,15 @@ def engine_run(model, tokenizer, prompts, new: int, slots: int, **engine_kw):
 
 
 def depthwise_records(workdir: str, rules: list[str], args) -> list[dict] | str:
-  helpfull = subprocess.run([sys.executable, "-m", "recursive_lm.benchmark", "--helpfull"], capture_output=True,
-                            text=True).stdout
-  if "gen_depthwise" not in helpfull:
-    return "benchmark generate has no --gen_depthwise flag yet (depth-wise batching not merged)"
+  """`benchmark generate --gen_exit RULE` per rule: with an exit rule it serves the same requests with exits
+  waiting for the deepest row (exit_static) and with depth-wise batching (exit_depthwise), in one run."""
   out = []
   for rule in rules:
     if rule == "none":
       continue
     path = os.path.join(args.tmp, f"dw_{os.path.basename(workdir)}_{rule.replace(':', '_')}.json")
     res = subprocess.run([sys.executable, "-m", "recursive_lm.benchmark", "generate", "--workdir", workdir,
-                          "--out", path, "--gen_exit", rule, "--gen_depthwise", f"--gen_slots={args.dw_slots}",
+                          "--out", path, "--gen_exit", rule, "--gen_prompts=text", f"--gen_slots={args.dw_slots}",
                           f"--gen_requests={args.dw_requests}", f"--gen_max_prompt={args.prompt_len}",
                           f"--gen_max_new={args.new}"], capture_output=True, text=True)
     out.append(json.load(open(path)) if res.returncode == 0 else {"exit": rule, "error": res.stderr[-500:]})
@@ -195,7 +193,7 @@ def main():
   p.add_argument("--slots", type=int, default=8)
   p.add_argument("--prompt_len", type=int, default=16)
   p.add_argument("--new", type=int, default=32)
-  p.add_argument("--depthwise", action="store_true", help="also run `benchmark generate --gen_depthwise`")
+  p.add_argument("--depthwise", action="store_true", help="also run `benchmark generate --gen_exit RULE` (depth-wise batching) per rule")
   p.add_argument("--dw_slots", type=int, default=32)
   p.add_argument("--dw_requests", type=int, default=64)
   p.add_argument("--tmp", default="/tmp")

@@ -182,6 +182,8 @@ def config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
         continue  # a field this version no longer has
       if isinstance(node[key], ml_collections.ConfigDict):
         fill(node[key], value, f"{prefix}{key}.")
+      elif isinstance(node[key], str) and isinstance(value, list):  # a resolved list typed as a string
+        node[key] = ",".join(str(v) for v in value)  # (model.mor.capacities, train.exit_loss_weights)
       else:
         node[key] = value
 

@@ -198,7 +198,7 @@ def attend_one(q, k, v, q_pos, window=None):
   q [B, 1, K, G, Hd] (pre-scaled); k/v [B, S, K, Hd]: the cache, slot j at
   position j, this step's key already written; q_pos [1] or [B, 1]: the
   query's position (one for every row, or one per row). window: this layer's
-  window; a static int W with 0 < W < S reads, per row, only the W slots
+  window (or one per row [B]); a static int W with 0 < W < S reads, per row, only the W slots
   ending at its position (a dynamic slice of the cache: the other S - W slots
   are never touched); 0 / None / W >= S read all S slots; a traced window
   (a scan over depths) reads all S and masks by distance. Only the slots
@@ -217,8 +217,9 @@ def attend_one(q, k, v, q_pos, window=None):
   else:
     k_pos = jnp.arange(s, dtype=jnp.int32)[None]  # [1, S]
   ok = k_pos <= pos[:, None]  # the slice may start before the query when pos < W - 1 or end after it
-  if not static:
-    ok &= (window == 0) | (pos[:, None] - k_pos < window)
+  if not static:  # a traced window: one for every row [], or one per row [B] (depth-wise batching)
+    w = window if jnp.ndim(window) == 0 else window[:, None]
+    ok &= (w == 0) | (pos[:, None] - k_pos < w)
   scores = jnp.einsum("bkgd,bskd->bkgs", q[:, 0], k, preferred_element_type=jnp.float32)
   scores = jnp.where(ok[:, None, None, :], scores, _MASKED)
   probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
