@@ -94,3 +94,14 @@ def tiny_config(**overrides):
   short = {"preset": "model.plan.preset", "num_layers": "model.plan.num_layers", "repeats": "model.plan.repeats",
            "per_depth_norms": "model.plan.per_depth_norms", "lora_rank": "model.lora.rank", "remat": "model.remat"}
   return set_keys(c, {short.get(key, key): value for key, value in overrides.items()})
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs():
+  """After each test module, drop JAX's compiled programs. The whole suite
+  compiles thousands of small programs in one process; each XLA:CPU
+  executable keeps its own memory mappings, and a whole-suite run was seen to
+  crash inside the compiler late in the run (segmentation fault), which is
+  what running out of mappings (vm.max_map_count) looks like."""
+  yield
+  jax.clear_caches()
