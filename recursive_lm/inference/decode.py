@@ -69,8 +69,9 @@ def _generate(graphdef, layout, weights, prompt, lengths, key, temperature, *, m
 
   # Prefill: the right-padded prompts in one call; row i's position lengths[i] - 1 predicts its first token.
   # The padding fills cache slots that a row overwrites (at its own position) before its queries can see them.
+  # Layer by layer like the decode steps: a scan would first copy every layer's weights into one stack.
   logits, cache, _ = model()(prompt, cache=cache, cache_index=jnp.zeros((b,), jnp.int32), logits_at=lengths - 1,
-                             **run)
+                             unrolled=True, **run)
   last = logits[:, 0]
   first = sample_logits(last, jax.random.fold_in(key, 0), temperature, top_k, greedy)
   tokens = tokens.at[rows, lengths].set(first)
