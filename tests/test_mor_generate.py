@@ -8,6 +8,9 @@ expert and token routing, with recursion-wise caching (kv_sharing 'none') and
 sharing ('recursion').
 """
 
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -148,3 +151,72 @@ def test_engine_refuses_exits_and_speculation_with_routers():
   for kw in (dict(exit="confidence:0.9"), dict(speculate=2)):
     with pytest.raises(ValueError, match="the routers decide each token's depth"):
       Engine(model, slots=2, **kw)
+
+
+@pytest.mark.parametrize("routing", ["expert", "token"])
+def test_depthwise_engine_equals_plain_engine(routing):
+  """Depth-wise batching with the router as exit rule: a token the router stops
+  leaves its slot (re-entering at loop 0 with the next token), so slots sit at
+  different steps; every request gets the plain engine's tokens and recursions.
+  Slots are reused (stale entries, 'valid' included, behind each new request)."""
+  model = routed(routing, **{"model.mor.weighting": "unit"})  # a step's full update: keys matter more
+  # Short prompts after long requests, in small buckets: decoded positions a slot's earlier request wrote.
+  lengths, budgets = [17, 9, 5, 1, 3, 2], [9, 5, 4, 6, 7, 8]
+  prompts = _prompts(lengths)
+  out = []
+  for depthwise in (False, True):
+    eng = Engine(model, slots=3, buckets=(2, 4, 8, 16, 32), chunk=2, depthwise=depthwise)
+    if depthwise:
+      eng.depthwise.ticks = 4  # not a multiple of the loops: requests are admitted mid-loop of the others
+    last, admit = {}, eng._admit
+    eng._admit = lambda slot, req, admit=admit, last=last: (last.__setitem__(slot, req.id), admit(slot, req))[1]
+    for i, (p, n) in enumerate(zip(prompts, budgets)):
+      eng.submit(p, max_new_tokens=n, id=i)
+    done = {c.id: c for c in eng.stream()}
+    out.append(done)
+    # Each slot's cache row: at every position its last request decoded, step r's entries hold the token as a
+    # key exactly when it took more than r recursions (whatever an earlier request left there).
+    valid = np.asarray(eng._cache[model.routed]["valid"]).reshape(3, 2, 3, -1)  # [step, block, slot, S]
+    for slot, rid in last.items():
+      p, depths = lengths[rid], np.asarray(done[rid].exit_loops)
+      for r in range(3):
+        want = np.broadcast_to(depths > r, (2, depths.size))
+        np.testing.assert_array_equal(valid[r, :, slot, p:p + depths.size], want,
+                                      err_msg=f"depthwise={depthwise} request {rid} step {r}")
+  plain, depthwise = out
+  for i in range(len(prompts)):
+    assert depthwise[i].tokens == plain[i].tokens, i
+    assert depthwise[i].exit_loops == plain[i].exit_loops, i
+  used = [d for c in plain.values() for d in c.exit_loops]
+  assert len(set(used)) > 1 and min(used) < 3  # tokens left their slots before the last step
+
+
+@pytest.mark.slow
+def test_generate_cli_on_a_trained_routed_run(tmp_path):
+  """configs/mor.py:size=tiny trained through the CLI, then `recursive_lm.generate
+  --depthwise` on it: completions are plain `generate`'s, mean_exit_loop the
+  mean recursions the plain engine's decoded tokens took."""
+  from recursive_lm import data
+  from recursive_lm.data.tokenizers import encode_prompt
+  from recursive_lm.inference import load_checkpoint
+  from test_train_e2e import cli
+
+  wd, inp, out = tmp_path / "run", tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+  config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "mor.py")
+  r = cli("recursive_lm.train", f"--config={config}:size=tiny", f"--workdir={wd}", "--config.train.steps=4",
+          "--config.train.eval_every=4", "--config.train.checkpoint_every=4")
+  assert r.returncode == 0, r.stderr[-3000:]
+  prompts = ["def f(x):", "import os\n", "The"]
+  inp.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(prompts)))
+  r = cli("recursive_lm.generate", f"--workdir={wd}", f"--input={inp}", f"--output={out}", "--max_new_tokens=12",
+          "--slots=2", "--depthwise", "--ignore_eos")
+  assert r.returncode == 0, r.stderr[-3000:]
+  recs = [json.loads(line) for line in out.read_text().splitlines()]
+  cfg, model, _ = load_checkpoint(str(wd))
+  tok = data.get_tokenizer(cfg.data.tokenizer)
+  ids = [np.asarray(encode_prompt(tok, p), np.int32) for p in prompts]
+  plain = Engine(model, tok, slots=2, stop_at_eos=False).generate(ids, max_new_tokens=12)
+  for rec, p, c in zip(recs, ids, plain):
+    want = np.asarray(generate(model, p[None], 12))[0, p.size:]
+    assert rec["completion"] == tok.decode(want) and rec["new_tokens"] == 12
+    assert rec["mean_exit_loop"] == pytest.approx(np.mean(c.exit_loops)) and 0 <= rec["mean_exit_loop"] <= 3
