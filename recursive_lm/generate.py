@@ -9,9 +9,9 @@ line, in input order: {"id", "completion", "new_tokens", "finish_reason"}
 (finish_reason "length" | "eos" | "stop"; the completion leaves out EOS and
 is cut before a stop string; with --exit also "mean_exit_loop", the loops
 run per decoded token, null when none was decoded; for a model with
-Mixture-of-Recursions routers the mean recursions its decoded tokens took), or {"id", "error"} for a line that cannot run
-(broken JSON, no prompt, bad fields, prompt + new tokens beyond
-model.max_seq_len): the error names the line and what is wrong, the other
+Mixture-of-Recursions routers the mean recursions its decoded tokens took),
+or {"id", "error"} for a line that cannot run (broken JSON, no prompt, bad
+fields, prompt + new tokens beyond model.max_seq_len): the error names the line and what is wrong, the other
 lines still run, and the exit status is 1. Prompts are encoded after BOS when
 the run's tokenizer expects it, as `sample` does. --speculate K > 0 decodes
 by few-loop self-speculation (K tokens drafted by the model cut after
