@@ -327,6 +327,8 @@ class Decoder:
 
   def __init__(self, model, slots: int, exit_rule: Any = None):
     self.layout = Layout(model)  # ValueError for a plan it cannot batch by depth
+    if self.layout.routed and exit_rule is not None:
+      raise ValueError("a model with routers (model.mor) takes no exit rule: its routers are the exit rule")
     self.exit_rule = exit_rule
     self.loops = self.layout.loops
     self.state = init_state(model, slots, exit_rule)
