@@ -69,6 +69,27 @@ def test_generate_equals_recomputation_from_scratch(routing, kv):
     assert 0 in depths  # and some none at all (step 0 below capacity 1 thresholds too)
 
 
+@pytest.mark.parametrize("routing,bias,caps,want", [
+    ("expert", [9.0, 9.0, -9.0], "1,0.5,0.5", 2), ("expert", [-9.0, -9.0, 9.0], "1,0.5,0.5", 1),
+    ("expert", [-9.0, 9.0, 9.0], "0.5,0.5,0.5", 0), ("expert", [9.0, 9.0, 9.0], "0.5,0.5,0.5", 3),
+    ("expert", [9.0, -9.0, 9.0], "1,1,0.5", 3), ("token", [-9.0, 9.0, -9.0], "", 2),
+    ("token", [-9.0, -9.0, 9.0], "", 3)])
+def test_causal_routing_follows_the_rule(routing, bias, caps, want):
+  """Routers pushed far to one side: expert routing thresholds each step at
+  0.5 (a step of capacity 1 takes every token still active), token routing
+  gives the argmax depth; prefill with a cache and the cache-free reference
+  agree, and unlike training's top-k neither fills a capacity."""
+  model = build(preset="middle_cycle", num_layers=8, repeats=3,
+                **{"model.mor.routing": routing, "model.mor.capacities": caps})
+  model.router.w[...] = jnp.zeros_like(model.router.w[...])
+  model.router.b[...] = jnp.asarray(bias, model.router.b[...].dtype)
+  tokens = jnp.asarray(np.random.default_rng(4).integers(0, V, (2, 6)), jnp.int32)
+  _, _, aux = model(tokens, routing="threshold")
+  np.testing.assert_array_equal(aux["router_depth"], np.full((2, 6), want))
+  _, _, aux = model(tokens, cache=model.init_cache(2, 8), cache_index=jnp.zeros((2,), jnp.int32))
+  np.testing.assert_array_equal(aux["router_depth"], np.full((2, 6), want))
+
+
 @pytest.mark.parametrize("routing,kv", [("expert", "none"), ("token", "recursion")])
 def test_prefill_equals_token_by_token(routing, kv):
   """One call over the prompt writes the cache (K/V where valid, and 'valid')

@@ -278,9 +278,9 @@ def decode(graphdef, state, cache, dw, tokens, positions, fresh, seeds, steps, t
       x = mor.apply_update(x, f, run[:, None], g, mcfg)
       ran = dw["loop"] + run
       # Whether the token takes its next step; a token that does not is read out now and leaves the slot.
-      nxt, _ = mor.causal_choice(model.router, mcfg, x, jnp.minimum(ran, last_loop - 1), jnp.ones((b, 1), bool),
-                                 token)
-      stays = run & (ran < last_loop) & nxt[:, 0]
+      again, _ = mor.causal_choice(model.router, mcfg, x, jnp.minimum(ran, last_loop - 1), jnp.ones((b, 1), bool),
+                                   token)
+      stays = run & (ran < last_loop) & again[:, 0]
       cache = _unchosen_after(lay, cache, ran, ~stays, rows, pos)
     else:  # One loop, each row at its own depth.
       x, cache = _one_loop(model, lay, x, ctx, cache, dw["loop"], rows, pos, e)
