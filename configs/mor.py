@@ -14,8 +14,11 @@ recursion step r keeps the top capacity_r share of the tokens still active
 one router gives each token a depth. Training gathers each step's tokens, so
 a step costs its share of the tokens; router statistics go to metrics.jsonl
 as router/* (router/depth_frac: share of tokens per depth 0..R,
-router/step_frac: share per step). Generation with routers is not
-implemented yet (the model refuses a KV cache).
+router/step_frac: share per step). Generation routes each token causally
+(expert: sigmoid(router) >= 0.5 per step; token: its argmax depth), with the
+KV cache holding each step's chosen tokens (model/mor.py `run_causal`):
+
+  python -m recursive_lm.generate --workdir runs/mor --input prompts.jsonl --output out.jsonl [--depthwise]
 
 Variants (`:key=value,...`): size=small|tiny, routing=expert|token,
 repeats (R), blocks (unique blocks in the loop; 0: the size's default),

@@ -335,7 +335,8 @@ def run_generate(cd) -> dict:
   runs to the largest count; one compiled shape) against the engine's
   continuous batching with as many slots. tokens/s counts the tokens the
   requests asked for, over wall time; each side runs the workload once
-  untimed (compilation) and once timed."""
+  untimed (compilation) and once timed. A model with routers (model.mor)
+  is also served by depth-wise batching (`_router_record`)."""
   import numpy as np
   from flax import nnx
 
@@ -364,6 +365,10 @@ def run_generate(cd) -> dict:
     loops = len(exits.loop_boundaries(model.plan)) + 1 if rule is not None else None
   except ValueError as e:
     raise ConfigError(f"--gen_{e}") from None
+  routed = model.routed is not None
+  if rule is not None and routed:
+    raise ConfigError(f"--gen_exit={_GEN_EXIT.value}: the model's routers (model.mor.routing="
+                      f"{cfg.model.mor.routing!r}) decide each token's depth; leave --gen_exit at none")
   if rule is not None:
     try:
       depthwise.check_plan(model.plan)
@@ -414,6 +419,7 @@ def run_generate(cd) -> dict:
       "static_tokens_per_s": round(static_tps, 1), "continuous_tokens_per_s": round(cont_tps, 1),
       "continuous_vs_static": round(cont_tps / static_tps, 3), "greedy_agreement": agree,
       **(_exit_record(continuous, _GEN_EXIT.value, loops, useful, c_out) if rule is not None else {}),
+      **(_router_record(continuous, c_done, cont_tps, useful) if routed else {}),
       **(_exit_eval(model, cfg, rule, _GEN_EVAL_BATCHES.value) if rule is not None and _GEN_EVAL_BATCHES.value else {}),
       "config": {"preset": cfg.model.plan.preset, "d_model": cfg.model.d_model,
                  "effective_depth": cfg.model.plan.num_layers},
@@ -443,6 +449,23 @@ def _exit_record(continuous, spec: str, loops: int, useful: int, full: list) -> 
           "depthwise_agreement_with_exit_static": round(d_same / useful, 4),
           "note": "exit_static: a step runs every loop's layers while any slot still runs (then K/V projections "
                   "only); exit_depthwise: a step is one loop for every slot, each at its own loop index"}
+
+
+def _router_record(continuous, done: list, all_tps: float, useful: int) -> dict:
+  """A model with routers (model.mor): the plain engine run `done` (every recursion step's layers run for
+  every token, an unchosen token's result dropped) against depth-wise batching, where a token the router
+  stops leaves its slot."""
+  import numpy as np
+
+  d_done, d_seconds = continuous(depthwise=True)
+  same = sum(int(a == b) for x, y in zip([c.tokens for c in d_done], [c.tokens for c in done]) for a, b in zip(x, y))
+  depthwise_tps = useful / d_seconds
+  return {"router_all_recursions_tokens_per_s": round(all_tps, 1),
+          "router_depthwise_tokens_per_s": round(depthwise_tps, 1),
+          "router_depthwise_vs_all_recursions": round(depthwise_tps / all_tps, 3),
+          "mean_recursions": round(float(np.mean(np.concatenate([c.exit_loops for c in done if c.exit_loops]))), 3),
+          # The two engines decode the same tokens (up to float reassociation flipping a near tie).
+          "router_depthwise_agreement": round(same / useful, 4)}
 
 
 def _exit_eval(model, cfg, rule, n: int) -> dict:

@@ -71,6 +71,19 @@ def test_generate_mode_compares_static_and_continuous(tmp_path):
   assert proc.returncode == 2 and proc.stderr.count("error:") == 1 and "--gen_exit='kl:0'" in proc.stderr
 
 
+def test_generate_mode_on_a_routed_model_compares_depthwise_with_all_recursions(tmp_path):
+  out = tmp_path / "gen.json"
+  proc = _run("generate", "--config", "configs/mor.py:size=tiny", "--gen_requests", "4", "--gen_slots", "2",
+              "--gen_max_prompt", "8", "--gen_max_new", "6", "--out", str(out))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rec = json.loads(out.read_text())
+  assert rec["router_all_recursions_tokens_per_s"] == rec["continuous_tokens_per_s"] > 0
+  assert rec["router_depthwise_tokens_per_s"] > 0 and rec["router_depthwise_agreement"] == 1.0
+  assert 0 <= rec["mean_recursions"] <= 3 and rec["greedy_agreement"] == 1.0
+  proc = _run("generate", "--config", "configs/mor.py:size=tiny", "--gen_exit", "confidence:0.9")
+  assert proc.returncode == 2 and proc.stderr.count("error:") == 1 and "routers" in proc.stderr
+
+
 def test_train_mode_times_a_recurrent_plan_at_each_loop_count(tmp_path):
   """One compiled step, timed at loops 1 then 6 (k = 2): per-count step times
   and peak memory, and their ratios; --loops on another plan exits 2."""

@@ -283,10 +283,12 @@ def test_capacities_without_routing_is_an_error():
     config_lib.load(tiny_config(**{**routed("none"), "model.mor.capacities": "1,0.5"}))
 
 
-def test_generation_with_routers_is_refused_not_wrong():
+def test_training_routing_with_a_kv_cache_is_refused_not_wrong():
+  """Top-k over the sequence is not causal: a cache takes generation's threshold
+  routing only (tests/test_mor_generate.py)."""
   model = build_random(**routed("expert"))
-  with pytest.raises(ValueError, match="generation with a KV cache through routers is not implemented"):
-    model(toks(0), cache=model.init_cache(3, 16), cache_index=jnp.asarray(0))
+  with pytest.raises(ValueError, match="routing='topk'"):
+    model(toks(0), cache=model.init_cache(3, 16), cache_index=jnp.asarray(0), routing="topk")
 
 
 @pytest.mark.parametrize("routing", ["expert", "token"])

@@ -140,8 +140,8 @@ class MoEConfig:
 @dataclasses.dataclass(frozen=True)
 class MoRConfig:
   """Mixture-of-Recursions (recursive_lm/model/mor.py): routers choose how many recursions of the plan's one
-  repeated stage (cycle order) each token takes. Training only (no generation with routers yet). `capacities`
-  is typed as a string and resolved by validate.load to one value per recursion step (empty when off)."""
+  repeated stage (cycle order) each token takes; generation routes each token causally (mor.run_causal).
+  `capacities` is typed as a string and resolved by validate.load to one value per recursion step (empty when off)."""
   routing: str = option("none", "none | expert (a router per step, top-k of the sequence) | token (a depth per token)",
                         choices=MOR_ROUTINGS)
   capacities: tuple[float, ...] = option(

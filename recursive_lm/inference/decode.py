@@ -126,6 +126,8 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, t
 
   loops: a recurrent plan's core loop count (any count >= 1, more than
   trained included, with the model's own parameters); None: the plan's.
+  A model with routers (model.mor) routes each token causally, prompt and
+  decoded tokens alike (`mor.run_causal`).
 
   Raises ValueError when P + N exceeds model.cfg.max_seq_len (the cache
   length), for loops on a plan without a recurrent core or < 1, for ids outside the vocabulary, an empty prompt, prompt lengths

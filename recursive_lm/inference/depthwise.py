@@ -35,6 +35,18 @@ token that ran every loop goes through them in full. So a request gets the
 tokens (and exit loops) it gets from `exits.forward_with_exits`, alone or
 batched (tested), and with exits off the tokens of plain decoding.
 
+Routers (model.mor, `mor.run_causal`) are the exit rule: the loop is the
+routed stage and loop r is recursion step r. A row runs step r only when its
+token was chosen for it (an entering token's step-0 choice is made at entry;
+a token of depth 0 runs nothing and leaves); after the step the router of
+step r + 1 decides on the new state, and a token it stops is read out at
+once (the stages after the loop run on its state, as in the plain forward)
+and its slot takes the next token at loop 0. Each step writes 'valid' (the
+token is a key of that step) at the row's position, and a leaving token
+clears it for the steps it skips, so the cache holds what the plain forward
+writes; the tokens and recursions are those of plain decoding (tested).
+Recursion-wise KV sharing is not supported here (as above).
+
 Cost per tick: one loop of U blocks for every row, the readout of every row
 (needed by the exit rule), the pre/post stages, and with exits the K/V
 projections of loops 1 .. C-1 (their shared base projection is the same
@@ -57,6 +69,7 @@ import numpy as np
 from flax import nnx
 
 from recursive_lm.inference import exits
+from recursive_lm.model import mor
 from recursive_lm.model.attention import Context
 from recursive_lm.model.recurrent import initial_state
 from recursive_lm.model.recursion import apply_layer, layer_modules
@@ -129,6 +142,7 @@ class Layout:
     windowed = self.loop_layers[0].window is not None
     self.window = np.asarray([l.window for l in self.loop_layers], np.int32) if windowed else None
     self.recurrent = bool(model.recurrent)
+    self.routed = model.routed is not None
 
 
 def _store(cache, stage: int, slot, rows, pos, entry):
@@ -147,8 +161,9 @@ def _static_layer(model, layer, x, ctx, cache, rows, pos):
   return x, _store(cache, layer.stage, layer.slot, rows, pos, entry)
 
 
-def _one_loop(model, lay: Layout, x, ctx, cache, loop, rows, pos, e):
-  """Loop loop[b] of the shared stage on row b of x [B, 1, D]."""
+def _one_loop(model, lay: Layout, x, ctx, cache, loop, rows, pos, e, chosen=None):
+  """Loop loop[b] of the shared stage on row b of x [B, 1, D]. chosen [B]
+  (routed stage): whether the row's token is a key of its step ('valid')."""
   stage = model.stages[lay.loop_stage]
   if lay.recurrent:
     x = model.injection(x, e)
@@ -156,6 +171,8 @@ def _one_loop(model, lay: Layout, x, ctx, cache, loop, rows, pos, e):
     idx = loop * lay.blocks + u  # [B]: each row's per-depth slot (cycle order)
     block, _, _, _ = layer_modules(stage, lay.loop_layers[u])
     entry = jax.tree.map(lambda a: a[idx, rows], cache[lay.loop_stage])  # [B, S, K, Hd]
+    if chosen is not None:
+      entry["valid"] = entry["valid"].at[rows, pos].set(chosen)
     window = None if lay.window is None else jnp.asarray(lay.window)[idx]
     lctx = row_context(ctx, jnp.asarray(lay.rope)[idx], window)
     x, entry, _ = block(x, row_slot(stage, idx), lctx, entry)
@@ -180,16 +197,31 @@ def _fill_skipped(model, lay: Layout, x, ctx, cache, ran, exited, rows, pos):
   return cache
 
 
+def _unchosen_after(lay: Layout, cache, ran, leave, rows, pos):
+  """Routed stage: a row leaving after `ran` steps is no key of steps ran .. C - 1
+  at its position ('valid' off there, whatever the position held before)."""
+  c = dict(cache[lay.loop_stage])
+  steps = np.repeat(np.arange(lay.loops), lay.blocks)  # [C * U]: each slot's step
+  old = c["valid"][:, rows, pos]  # [C * U, B]
+  c["valid"] = c["valid"].at[:, rows, pos].set(old & ~(leave[None] & (steps[:, None] >= ran[None])))
+  cache = list(cache)
+  cache[lay.loop_stage] = c
+  return cache
+
+
 def init_state(model, slots: int, rule) -> dict:
   """Per-slot state carried between ticks (and device calls): the residual
   stream in the loop x [B, 1, D], the next loop to run loop [B], the previous
   loop's log-probabilities prev [B, V] (for rules that compare loops; [B, 0]
-  otherwise), and for recurrent plans the prelude output e [B, 1, D]."""
+  otherwise), for recurrent plans the prelude output e [B, 1, D], and for
+  token routing the depth - 1 each row's token was given, given [B], with its
+  probability g [B]."""
   dtype, d = jnp.dtype(model.cfg.compute_dtype), model.cfg.d_model
   keep_prev = rule is not None and getattr(rule, "kind", None) != "confidence"
   return {"x": jnp.zeros((slots, 1, d), dtype), "loop": jnp.zeros((slots,), jnp.int32),
           "prev": jnp.zeros((slots, model.cfg.vocab_size if keep_prev else 0), jnp.float32),
-          "e": jnp.zeros((slots, 1, d), dtype)}
+          "e": jnp.zeros((slots, 1, d), dtype), "given": jnp.zeros((slots,), jnp.int32),
+          "g": jnp.zeros((slots,), jnp.float32)}
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "layout", "ticks", "max_top_k", "exit_rule"),
@@ -232,9 +264,27 @@ def decode(graphdef, state, cache, dw, tokens, positions, fresh, seeds, steps, t
       e = jnp.where(enter[:, None, None], x0, e)
       x0 = initial_state(model.cfg.recurrent.init_state, x0, None, ctx.positions)
     x = jnp.where(enter[:, None, None], x0, dw["x"])
-    # One loop, each row at its own depth.
-    x, cache = _one_loop(model, lay, x, ctx, cache, dw["loop"], rows, pos, e)
-    ran = dw["loop"] + 1
+    given, g_tok = dw["given"], dw["g"]
+    if lay.routed:  # the router is the exit rule: whether the row's token takes this step
+      mcfg = model.cfg.mor
+      if mcfg.routing == "token":
+        given0, g0 = mor.token_depths(model.router, x0)
+        given, g_tok = jnp.where(enter, given0[:, 0], given), jnp.where(enter, g0[:, 0], g_tok)
+      token = (given[:, None], g_tok[:, None]) if mcfg.routing == "token" else None
+      # A continuing row was chosen for this step when it stayed (the same decision on the same state).
+      chosen, g = mor.causal_choice(model.router, mcfg, x, dw["loop"], jnp.ones((b, 1), bool), token)
+      run = jnp.where(enter, chosen[:, 0], True)
+      f, cache = _one_loop(model, lay, x, ctx, cache, dw["loop"], rows, pos, e, run)
+      x = mor.apply_update(x, f, run[:, None], g, mcfg)
+      ran = dw["loop"] + run
+      # Whether the token takes its next step; a token that does not is read out now and leaves the slot.
+      again, _ = mor.causal_choice(model.router, mcfg, x, jnp.minimum(ran, last_loop - 1), jnp.ones((b, 1), bool),
+                                   token)
+      stays = run & (ran < last_loop) & again[:, 0]
+      cache = _unchosen_after(lay, cache, ran, ~stays, rows, pos)
+    else:  # One loop, each row at its own depth.
+      x, cache = _one_loop(model, lay, x, ctx, cache, dw["loop"], rows, pos, e)
+      ran = dw["loop"] + 1
     prev = dw["prev"]
     if exit_rule is not None:
       logits = model.readout(x[:, -1])  # [B, V]
@@ -244,7 +294,7 @@ def decode(graphdef, state, cache, dw, tokens, positions, fresh, seeds, steps, t
       cache = _fill_skipped(model, lay, x, ctx, cache, ran, ruled, rows, pos)
     else:
       ruled = jnp.zeros((b,), bool)
-    leave = ruled | (ran >= last_loop)
+    leave = ~stays if lay.routed else ruled | (ran >= last_loop)
     # The stages after the loop, with exited rows frozen at their exit state.
     out_x = x
     for layer in lay.post:
@@ -259,7 +309,7 @@ def decode(graphdef, state, cache, dw, tokens, positions, fresh, seeds, steps, t
     tok, pos = jnp.where(emit, nxt, tok), jnp.where(emit, pos + 1, pos)
     count = count + emit
     alive = alive & ~(emit & ((count >= remaining) | (nxt == eos_id)))
-    dw = {"x": x.astype(dtype), "loop": jnp.where(leave, 0, ran), "prev": prev, "e": e}
+    dw = {"x": x.astype(dtype), "loop": jnp.where(leave, 0, ran), "prev": prev, "e": e, "given": given, "g": g_tok}
     return i + 1, cache, dw, tok, pos, alive, count, out, used
 
   dw = dict(dw, loop=jnp.where(fresh, 0, dw["loop"]))
@@ -277,6 +327,8 @@ class Decoder:
 
   def __init__(self, model, slots: int, exit_rule: Any = None):
     self.layout = Layout(model)  # ValueError for a plan it cannot batch by depth
+    if self.layout.routed and exit_rule is not None:
+      raise ValueError("a model with routers (model.mor) takes no exit rule: its routers are the exit rule")
     self.exit_rule = exit_rule
     self.loops = self.layout.loops
     self.state = init_state(model, slots, exit_rule)

@@ -75,7 +75,8 @@ class Completion:
   tokens: list[int]
   text: str
   finish_reason: str
-  exit_loops: list[int] | None = None  # with exits: loops run for each decoded token (the first is prefilled)
+  # With exits: loops run for each decoded token (the first is prefilled); with routers, recursions it took.
+  exit_loops: list[int] | None = None
 
   @property
   def new_tokens(self) -> int:
@@ -178,7 +179,8 @@ def _decode(graphdef, layout, state, cache, tokens, positions, seeds, steps, tem
   state: the weights split per layer (`layer_weights`: read in place by the unrolled step).
   loops: a recurrent core's count (None: the plan's).
   Returns (cache, drawn int32 [B, chunk], -1 where a slot drew nothing,
-  loops int32 [B, chunk]: the loops each drawn token ran; 0 without exits).
+  loops int32 [B, chunk]: the loops each drawn token ran, with routers the
+  recursions it took; 0 without either).
   """
   model = nnx.merge(graphdef, layer_weights.join_layers(layout, state))
   b = tokens.shape[0]
@@ -189,8 +191,10 @@ def _decode(graphdef, layout, state, cache, tokens, positions, seeds, steps, tem
   def body(carry):
     i, cache, tok, pos, alive, out, used = carry
     if exit_rule is None:
-      logits, cache, _ = model(tok[:, None], cache=join(cache), cache_index=pos, unrolled=unrolled, **_loops(loops))
+      logits, cache, aux = model(tok[:, None], cache=join(cache), cache_index=pos, unrolled=unrolled, **_loops(loops))
       cache = split(cache)
+      if "router_depth" in aux:  # routers (model.mor): the recursions each token took
+        used = used.at[:, i].set(jnp.where(alive, aux["router_depth"][:, 0], 0))
     else:
       logits, cache, ran = exits.forward_with_exits(model, tok[:, None], cache, pos, exit_rule, **_loops(loops))
       used = used.at[:, i].set(jnp.where(alive, ran, 0))
@@ -245,6 +249,10 @@ class Engine:
   decode and exits), any count >= 1, more than trained included, with the
   model's own parameters (the cache holds one entry per iteration's layer);
   None: the plan's repeats. Not with `depthwise` nor `speculate`.
+  Routers (model.mor): each token takes the recursions its routers give it
+  (`mor.run_causal`; with `depthwise`, a token the router stops leaves its
+  slot at once); `Completion.exit_loops` holds them. Not with `exit` nor
+  `speculate`.
   """
 
   def __init__(self, model, tokenizer=None, slots: int = 8, max_len: int | None = None,
@@ -276,6 +284,11 @@ class Engine:
       raise ValueError("speculate and depthwise cannot be combined (the verifier runs every token at full depth)")
     if self.loops is not None and (depthwise or speculate):
       raise ValueError(f"loops={self.loops} runs with the plain decoder only (not with depthwise or speculate)")
+    self.routed = model.routed is not None
+    if self.routed and (self.exit_rule is not None or speculate):
+      raise ValueError(f"model.mor.routing={model.cfg.mor.routing!r}: the routers decide each token's depth; "
+                       "exit and speculate are not supported with them")
+    self._depths = self.exit_rule is not None or self.routed  # record each token's loops / recursions
     self.depthwise = depthwise_lib.Decoder(model, self.slots, self.exit_rule) if depthwise else None
     self.speculate, self.speculation = self._speculation(speculate, draft_loops, cap), {"drafted": 0, "accepted": 0}
     # The stacked state (depth-wise batching, speculation) and the same weights split per layer (prefill and the
@@ -407,7 +420,7 @@ class Engine:
     for s in live:
       r = self._running[s]
       for i, token in enumerate(drawn[s]):
-        if token >= 0 and self.exit_rule is not None:
+        if token >= 0 and self._depths:
           r.loops.append(int(used[s, i]))
         # The device stops a slot at its count or EOS; a stop string is found here, and what the
         # slot drew after it in this chunk is dropped.
@@ -468,4 +481,4 @@ class Engine:
     if reason == "stop":
       text = text[:self._stop_at(req)]
     return Completion(req.id, req.prompt_ids, list(req.tokens), text, reason,
-                      list(req.loops) if self.exit_rule is not None else None)
+                      list(req.loops) if self._depths else None)

@@ -129,7 +129,9 @@ def cached_causal_attention(q, k, v, ctx: Context, cache: dict | None, scale: fl
 
   k = v = None: a layer reading a shared KV slot; `cache` is that slot's
   entry, the K/V of the same T tokens without a cache (ctx.cache_index None)
-  or the cache [B, S, K, Hd], returned unchanged; an entry with 'pos' [B, S]
+  or the cache [B, S, K, Hd], returned unchanged. A cache with 'valid' [B, S]
+  bool (a routed recursion step's, `mor.run_causal`) shows only the keys
+  whose 'valid' is set, and comes back with it. An entry with 'pos' [B, S]
   holds other tokens, at those positions (Mixture-of-Recursions: a later
   recursion's tokens reading the first recursion's K/V). keep: without a cache,
   return the new tokens' {'k','v'} (the entry a shared slot's writer makes).
@@ -150,8 +152,14 @@ def cached_causal_attention(q, k, v, ctx: Context, cache: dict | None, scale: fl
       return attend(q, k, v, ctx.positions, ctx.positions, ctx.window), ({"k": k, "v": v} if keep else None)
     return causal(q, k, v, ctx.positions, ctx.window), ({"k": k, "v": v} if keep else None)
   if k is not None:
-    cache = {"k": write_cache(cache["k"], k, ctx.cache_index), "v": write_cache(cache["v"], v, ctx.cache_index)}
+    cache = {**cache, "k": write_cache(cache["k"], k, ctx.cache_index),
+             "v": write_cache(cache["v"], v, ctx.cache_index)}
   ck, cv = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
+  if "valid" in cache:  # Mixture-of-Recursions: only the tokens this recursion step chose are keys
+    s = ck.shape[1]
+    k_pos = jnp.where(cache["valid"], jnp.arange(s, dtype=jnp.int32), _HIDDEN)  # [B, S]
+    q_pos = jnp.broadcast_to(ctx.positions, q.shape[:2])
+    return attend(q, ck, cv, q_pos, k_pos, ctx.window), cache
   if decode is not None and q.shape[1] == 1:
     return decode(q, ck, cv, ctx.positions, ctx.window), cache
   return attend(q, ck, cv, ctx.positions, jnp.arange(ck.shape[1]), ctx.window), cache
@@ -230,6 +238,7 @@ def attend_one(q, k, v, q_pos, window=None):
 # the keys at or before it, so about half of the T x T scores are never
 # computed, and the score blocks stay cache-sized on CPU.
 CAUSAL_BLOCK = 128
+_HIDDEN = 2**31 - 1  # the key position of a cache entry no query may see (after every query position)
 _MASKED = -1e30  # finite, so exp(masked - row max) is exactly 0 without inf - inf
 
 

@@ -131,4 +131,4 @@ class Block(nnx.Module):
     k, v = self.project_kv(x, slot, ctx, kv_proj, kv_lora)
     if k is None:
       return cache
-    return {"k": write_cache(cache["k"], k, ctx.cache_index), "v": write_cache(cache["v"], v, ctx.cache_index)}
+    return {**cache, "k": write_cache(cache["k"], k, ctx.cache_index), "v": write_cache(cache["v"], v, ctx.cache_index)}

@@ -68,6 +68,32 @@ KV in training (the attention pattern each generation-time cache implies):
           of `recursive_lm.plan` (later repeats read the first repeat's
           slot). In generation only step 0 writes the cache: every token
           step 0 takes has its K/V there for every later step.
+
+Generation (`run_causal`): top-k over a sequence is not causal, so each
+token decides alone, from its own residual stream, in any forward that uses
+a KV cache (and, as the reference, in the cache-free forward with
+routing='threshold'):
+
+  expert  step r takes a token that step r - 1 took (every token for r = 0)
+          when sigmoid(logit_r) >= 0.5, the threshold the BCE loss trains
+          for; a step of capacity 1 takes every candidate, as its top-k does
+          in training (top-k of all candidates is causal).
+  token   argmax depth (top-1), with no buffer limit: a token takes exactly
+          the depth it was given.
+
+A chosen token's update is the training one (`_update`, with the same g).
+The KV cache of the routed stage carries, next to 'k' and 'v' [U*R, B, S, K,
+Hd], 'valid' [U*R, B, S] bool: whether the token at that position was chosen
+by the entry's step. Attention reads only valid keys (`attention.
+cached_causal_attention`), so recursion-wise caching (each step's entries
+hold the tokens that step chose) and recursion-wise sharing (later steps read
+step 0's entries, which hold the tokens step 0 chose) give the attention
+pattern of training. Every step writes its 'valid' at every new position
+(True or False), so nothing a position held before (padding, an earlier
+request in an engine slot) is ever read as a key. The layers of a step run
+on every token of the chunk (a masked step: an unchosen token's result is
+dropped); compute is skipped per token by the depth-wise engine
+(`inference.depthwise`), where a token the router stops leaves its slot.
 """
 
 from __future__ import annotations
@@ -82,9 +108,9 @@ from flax import nnx
 from recursive_lm import axes
 from recursive_lm import plan as plan_lib
 from recursive_lm.config import ModelConfig
-from recursive_lm.model.attention import Context
+from recursive_lm.model.attention import Context, write_cache
 from recursive_lm.model.layers import NormParam, normal
-from recursive_lm.model.recursion import StageModule, _wrap, apply_layer
+from recursive_lm.model.recursion import StageModule, _take, _wrap, apply_layer
 
 
 def step_sizes(capacities: tuple[float, ...], t: int) -> tuple[int, ...]:
@@ -245,3 +271,85 @@ def router_loss(aux: dict, mcfg, repeats: int) -> tuple[jax.Array, dict]:
   loss = coef * aux["router_loss"]
   return loss, {"router/aux_loss": aux["router_loss"], "router/loss": loss, "router/depth_frac": depth_frac,
                 "router/step_frac": step_frac}
+
+
+# ----------------------------------------------------------------------------
+# Generation: causal routing (see the module doc).
+
+
+def token_depths(router: Router, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Token routing's choice on x [B, T, D] (the stream entering the stage):
+  (given [B, T] int32: depth - 1, the argmax; g [B, T]: its probability)."""
+  probs = jax.nn.softmax(router(x), axis=-1)
+  given = jnp.argmax(probs, axis=-1).astype(jnp.int32)
+  return given, jnp.take_along_axis(probs, given[..., None], axis=-1)[..., 0]
+
+
+def causal_choice(router: Router, mcfg, x: jax.Array, step, active: jax.Array, token=None):
+  """Which tokens step `step` takes in generation: (chosen [B, T] bool, g [B, T]).
+
+  x [B, T, D]: the stream entering the step; step: an int, or one per row
+  int [B] (depth-wise batching: rows at different steps); active [B, T]: the
+  tokens the previous step took (all for step 0); token: `token_depths`'s
+  (given, g) for token routing (None for expert routing).
+  """
+  if mcfg.routing == "token":
+    given, g = token
+    return active & (given >= jnp.asarray(step)[..., None]), g
+  if isinstance(step, int):
+    logit = router(x, step)
+    full = mcfg.capacities[step] >= 1
+  else:  # one step per row: that step's router column for each row
+    w, b = router.w[...].astype(jnp.float32)[:, step], router.b[...].astype(jnp.float32)[step]  # [D, B], [B]
+    logit = jnp.einsum("btd,db->bt", x.astype(jnp.float32), w) + b[:, None]
+    full = (jnp.asarray(mcfg.capacities, jnp.float32) >= 1)[step][:, None]
+  g = jax.nn.sigmoid(logit)
+  return active & (full | (g >= 0.5)), g
+
+
+def apply_update(x: jax.Array, f: jax.Array, chosen: jax.Array, g: jax.Array, mcfg) -> jax.Array:
+  """x [B, T, D] after a step whose layers gave f: the chosen tokens updated (`_update`), the others kept."""
+  return jnp.where(chosen[..., None], _update(x, f, g, mcfg.weighting, mcfg.router_scale), x)
+
+
+def run_causal(stage: StageModule, router: Router, x: jax.Array, ctx: Context, layers: list[plan_lib.Layer],
+               mcfg, remat: str, cache: dict | None = None):
+  """The routed stage on x [B, T, D] with generation's causal routing.
+
+  cache: the stage's {'k','v' [U*R, B, S, K, Hd], 'valid' [U*R, B, S]}
+  written at ctx.cache_index (prefill or decode), or None: the cache-free
+  reference, each step masked (`_masked_step`). Returns (x, cache, aux per
+  effective layer stacked [U*R], {'router_depth': [B, T] int32}).
+  """
+  u, r_n = stage.spec.unique_blocks, stage.spec.repeats
+  b, t = x.shape[:2]
+  active = jnp.ones((b, t), bool)
+  depth = jnp.zeros((b, t), jnp.int32)
+  token = token_depths(router, x) if mcfg.routing == "token" else None
+  # Recursion-wise sharing: a reading layer attends to the entry its KV slot's writer (a step-0 layer) fills.
+  writer = {l.kv_slot: l.slot for l in layers if l.kv_write} if stage.shared_kv else {}
+  all_aux, store = [], {}
+  for r in range(r_n):
+    chosen, g = causal_choice(router, mcfg, x, r, active, token)
+    step_layers = layers[r * u:(r + 1) * u]
+    if cache is None:
+      x, auxes = _masked_step(stage, step_layers, x, ctx, chosen, g, mcfg, remat, store)
+    else:
+      f, auxes = x, []
+      for layer in step_layers:
+        reads = stage.shared_kv and not layer.kv_write
+        n = writer[layer.kv_slot] if reads else layer.slot
+        entry = _take(cache, n)
+        if not reads:  # this step's keys at the new positions: the tokens it chose
+          entry = {**entry, "valid": write_cache(entry["valid"], chosen, ctx.cache_index)}
+        run = _wrap(lambda f, e, layer=layer: apply_layer(stage, layer, f, ctx, e), remat)
+        f, entry, aux = run(f, entry)
+        if not reads:
+          cache = jax.tree.map(lambda a, e: a.at[n].set(e), cache, entry)
+        auxes.append(aux)
+      x = apply_update(x, f, chosen, g, mcfg)
+    all_aux += auxes
+    active = chosen
+    depth = depth + chosen
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), *all_aux)
+  return x, cache, stacked, {"router_depth": depth}

@@ -90,7 +90,9 @@ class Transformer(nnx.Module):
   def init_cache(self, batch: int, max_len: int, dtype=None, loops: int | None = None) -> list[dict]:
     """Zeroed KV caches, one entry per distinct KV slot of the plan: per stage
     {'k','v'} [U*C, B, S, Kv, Hd] without sharing; with model.kv_sharing one
-    [{'k','v'} [kv_slots, B, S, Kv, Hd]] for the whole depth. loops: a
+    [{'k','v'} [kv_slots, B, S, Kv, Hd]] for the whole depth. With routers
+    (model.mor) per stage, sharing or not, and the routed stage's entry also
+    holds 'valid' [U*C, B, S] bool (`mor.run_causal`). loops: a
     recurrent core run that many times at test time gets U * loops entries
     (one per iteration's layer; pass the same `loops` to `__call__`)."""
     dtype = dtype or jnp.dtype(self.cfg.compute_dtype)
@@ -100,7 +102,10 @@ class Transformer(nnx.Module):
     if loops is not None:
       self.check_loops(loops)
       depths[1] = self.plan.stages[1].unique_blocks * int(loops)
-    return [init_kv_cache(self.cfg, d, batch, max_len, dtype) for d in depths]
+    caches = [init_kv_cache(self.cfg, d, batch, max_len, dtype) for d in depths]
+    if self.routed is not None:  # which tokens each recursion step chose (`mor.run_causal`)
+      caches[self.routed]["valid"] = jnp.zeros((depths[self.routed], batch, max_len), bool)
+    return caches
 
   def check_loops(self, loops) -> None:
     """ValueError unless this is a recurrent plan and `loops` a count >= 1 (or traced)."""
@@ -111,7 +116,7 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens: jax.Array, cache: list[dict] | None = None, cache_index: jax.Array | None = None,
                unrolled: bool = False, loops: jax.Array | int | None = None, key: jax.Array | None = None,
-               loop_states: bool = False, logits_at: jax.Array | None = None):
+               loop_states: bool = False, logits_at: jax.Array | None = None, routing: str | None = None):
     """tokens [B, T] int -> (logits [B, T, V] float32, cache, aux).
 
     logits_at: int [B], read out only position logits_at[b] of row b (logits
@@ -139,6 +144,11 @@ class Transformer(nnx.Module):
     stream after each of the N loop boundaries of the repeated cycle-order
     stages (in depth order, as `inference.exits.loop_boundaries`), for the
     per-loop readout losses (train.exit_loss_weights). Not with a loop count.
+
+    routing (models with model.mor routers): 'topk' routes as in training
+    (top-k over the sequence; not causal), 'threshold' as in generation
+    (each token decides alone: `mor.run_causal`); None: 'topk' without a
+    cache, 'threshold' with one (the only routing a cache takes).
     """
     cfg = self.cfg
     ctx, depth_arrays = self.context(tokens.shape[1], cache_index)
@@ -159,9 +169,10 @@ class Transformer(nnx.Module):
         raise ValueError("loop_states: per-loop states are not collected under a run-time loop count")
       if cache is not None:
         self.check_loop_cache(loops, cache)
-    if self.routed is not None and cache is not None:
-      raise ValueError(f"model.mor.routing={cfg.mor.routing!r}: generation with a KV cache through routers is "
-                       "not implemented yet (training and evaluation without a cache are)")
+    routing = routing or ("topk" if cache is None else "threshold")
+    if routing not in ("topk", "threshold") or (routing == "topk" and cache is not None):
+      raise ValueError(f"routing={routing!r}: 'topk' (training's routing, not causal: without a KV cache) or "
+                       "'threshold' (generation's)")
     new_cache, auxes, router_aux = [], [], {}
     for i, stage in enumerate(self.stages):
       c = None if cache is None else cache[i]
@@ -171,7 +182,10 @@ class Transformer(nnx.Module):
         x = initial_state(cfg.recurrent.init_state, e, key, ctx.positions)
         inject = lambda s, e=e: self.injection(s, e)
       core_loops = loops if inject is not None else None
-      if i == self.routed:
+      if i == self.routed and routing == "threshold":
+        x, c, aux, router_aux = mor.run_causal(stage, self.router, x, ctx, self.plan.stage_layers(i), cfg.mor,
+                                               cfg.remat, c)
+      elif i == self.routed:
         x, aux, router_aux = mor.run_routed(stage, self.router, x, ctx, self.plan.stage_layers(i), cfg.mor,
                                             cfg.remat)
       elif core_loops is not None and cache is None:
