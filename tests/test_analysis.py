@@ -3,7 +3,9 @@ spectra, MoE usage and the plots.
 
 The run is `configs/default.py:size=tiny` (1 unique block x 2 loops, LoRA
 rank 2 on every projection, 20 steps) trained in-process on one device,
-once per session: `tiny_run_dir` is shared with tests/test_notebook.py.
+once per session: `tiny_run_dir` is shared with tests/test_notebook.py, as is
+`tiny_mor_run_dir` (`configs/mor.py:size=tiny`: expert routers over 3
+recursions, 20 steps) for the router statistics.
 """
 
 import atexit
@@ -29,12 +31,13 @@ from recursive_lm.analysis import plots, probes  # noqa: E402
 from recursive_lm.evaluate import evaluate  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_RUN_ENV = "RLM_TEST_ANALYSIS_RUN"  # set once trained: both test modules see it, whatever module object holds this
+# Set once trained: both test modules see them, whatever module object holds this.
+_RUN_ENV, _MOR_RUN_ENV = "RLM_TEST_ANALYSIS_RUN", "RLM_TEST_ANALYSIS_MOR_RUN"
 
 
-def default_tiny_cd():
-  """configs/default.py:size=tiny as a ConfigDict, on a one-device data mesh."""
-  spec = importlib.util.spec_from_file_location("rlm_default_config", os.path.join(ROOT, "configs", "default.py"))
+def tiny_cd(name: str = "default"):
+  """configs/<name>.py:size=tiny as a ConfigDict, on a one-device data mesh."""
+  spec = importlib.util.spec_from_file_location(f"rlm_{name}_config", os.path.join(ROOT, "configs", f"{name}.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   cd = module.get_config("size=tiny")
@@ -42,18 +45,32 @@ def default_tiny_cd():
   return cd
 
 
-def tiny_run_dir() -> str:
-  """Train the default tiny config once per session into a temporary directory; its path."""
-  path = os.environ.get(_RUN_ENV)
+def default_tiny_cd():
+  return tiny_cd("default")
+
+
+def _trained_once(env: str, name: str) -> str:
+  """Train configs/<name>.py:size=tiny once per session into a temporary directory; its path."""
+  path = os.environ.get(env)
   if path and os.path.isdir(os.path.join(path, "checkpoints")):
     return path
   from recursive_lm import train
 
-  path = tempfile.mkdtemp(prefix="rlm_analysis_run_")
+  path = tempfile.mkdtemp(prefix=f"rlm_analysis_{name}_run_")
   atexit.register(shutil.rmtree, path, True)
-  train.run(config_lib.load(default_tiny_cd()), path, devices=jax.devices()[:1])
-  os.environ[_RUN_ENV] = path
+  train.run(config_lib.load(tiny_cd(name)), path, devices=jax.devices()[:1])
+  os.environ[env] = path
   return path
+
+
+def tiny_run_dir() -> str:
+  """The default tiny run (1 block x 2 loops, LoRA), trained once per session."""
+  return _trained_once(_RUN_ENV, "default")
+
+
+def tiny_mor_run_dir() -> str:
+  """The tiny Mixture-of-Recursions run (expert routers over 3 recursions), trained once per session."""
+  return _trained_once(_MOR_RUN_ENV, "mor")
 
 
 @pytest.fixture(scope="module")
@@ -238,6 +255,93 @@ def test_plots_return_figures(run, hidden):
   assert "Per-depth readout" in figures[2].axes[0].get_title()
   with pytest.raises(ValueError, match="effective layers"):
     plots.plot_depth_loss(run, losses[:1])
+
+
+# ----------------------------------------------------------------------------
+# Router depths of a trained Mixture-of-Recursions run.
+
+
+@pytest.fixture(scope="module")
+def mor_run():
+  return analysis.load_run(tiny_mor_run_dir())
+
+
+def test_byte_classes():
+  text = b"aZ 7\t\n(_.\x00\xc3\x7f"
+  want = ["letters", "letters", "whitespace", "digits", "whitespace", "whitespace", "punctuation", "punctuation",
+          "punctuation", "other", "other", "other"]
+  assert [analysis.BYTE_CLASSES[k] for k in analysis.byte_classes(list(text))] == want
+  counts = np.bincount(analysis.byte_classes(np.arange(256)), minlength=5)
+  np.testing.assert_array_equal(counts, [52, 10, 6, 32, 256 - 100])
+
+
+def test_topk_router_depths_follow_the_capacities(mor_run):
+  """Training's routing: step r keeps exactly ceil(capacity_r * T) tokens of every row, nested."""
+  from recursive_lm.model.mor import step_sizes
+
+  d = analysis.router_depths(mor_run)
+  assert d and d.routing == "topk" and "'topk'" in d.message
+  caps = mor_run.cfg.model.mor.capacities
+  n, t = d.depth.shape
+  assert n == mor_run.cfg.data.batch_size * mor_run.cfg.train.eval_batches
+  for r, k in enumerate(step_sizes(caps, t)):
+    np.testing.assert_array_equal((d.depth > r).sum(1), np.full(n, k), err_msg=f"step {r}")
+  np.testing.assert_allclose(d.depth_frac, np.bincount(d.depth.ravel(), minlength=len(caps) + 1) / d.depth.size)
+  np.testing.assert_allclose(d.by_position, d.depth.mean(0))
+
+
+def test_threshold_router_depths_are_the_kv_cache_decoding_depths(mor_run):
+  """Generation's routing: the depths equal those of decoding the same tokens one at a time
+  through the KV cache (the path `generate` runs), and those of the cache-free forward with
+  routing='threshold'; they are not training's top-k depths."""
+  from flax import nnx
+
+  d = analysis.router_depths(mor_run, routing="threshold")
+  topk = analysis.router_depths(mor_run)
+  assert d and d.routing == "threshold" and "causal" in d.message
+  model = mor_run.model
+  tokens = np.concatenate([b["inputs"] for b in mor_run.eval_batches()])
+  np.testing.assert_array_equal(d.tokens, tokens)
+  rows = tokens[:4]
+  _, _, aux = model(jnp.asarray(rows), routing="threshold")
+  np.testing.assert_array_equal(d.depth[:4], np.asarray(aux["router_depth"]))
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def decode(state, cache, token, index):
+    _, cache, aux = nnx.merge(graphdef, state)(token, cache, cache_index=index)
+    return cache, aux["router_depth"][:, 0]
+
+  cache, decoded = model.init_cache(*rows.shape), []
+  for i in range(rows.shape[1]):
+    cache, depth = decode(state, cache, jnp.asarray(rows[:, i:i + 1]), jnp.int32(i))
+    decoded.append(np.asarray(depth))
+  np.testing.assert_array_equal(d.depth[:4], np.stack(decoded, 1))
+  assert (d.depth != topk.depth).any()  # the option changes the routing, not only the label
+  np.testing.assert_allclose(d.depth_frac.sum(), 1.0)
+
+
+def test_router_depths_by_byte_class_and_plot(mor_run):
+  topk = analysis.router_depths(mor_run, n_batches=1)
+  causal = analysis.router_depths(mor_run, n_batches=1, routing="threshold")
+  classes = analysis.byte_classes(topk.tokens)
+  for d in (topk, causal):
+    assert sum(n for _, n in d.by_class.values()) == d.depth.size
+    for name, (mean, n) in d.by_class.items():
+      mask = classes == analysis.BYTE_CLASSES.index(name)
+      assert n == mask.sum() and mean == pytest.approx(d.depth[mask].mean())
+  fig = plots.plot_router_depths(topk, decode=lambda t: mor_run.tokenizer.decode([t]), compare=causal)
+  fig.canvas.draw()
+  assert [ax.get_title() for ax in fig.axes][:2] == ["Depth distribution", "Mean depth by byte class"]
+  assert len(fig.axes[0].patches) == 2 * len(topk.depth_frac)  # both routings side by side
+  with pytest.raises(ValueError, match="routing='greedy': one of \\['topk', 'threshold'\\]"):
+    analysis.router_depths(mor_run, routing="greedy")
+
+
+def test_router_depths_of_a_run_without_routers(run):
+  d = analysis.router_depths(run, routing="threshold")
+  assert not d and "model.mor.routing='none': no routers" in d.message
+  assert isinstance(plots.plot_router_depths(d), Figure)
 
 
 def _other_plans():

@@ -17,7 +17,7 @@ _EXPORTS = {
     "MoEUsage": "probes", "hidden_states": "probes", "depth_losses": "probes", "readout": "probes",
     "residual_stream": "probes", "cosine_similarity": "probes", "linear_cka": "probes", "similarity": "probes",
     "lora_delta": "probes", "lora_spectra": "probes", "moe_usage": "probes", "router_depths": "probes",
-    "RouterDepths": "probes",
+    "RouterDepths": "probes", "byte_classes": "probes", "BYTE_CLASSES": "probes",
     "describe": "accounting",
 }
 

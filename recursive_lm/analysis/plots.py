@@ -6,6 +6,7 @@
   plot_lora_spectra(lora_spectra(run))     singular values of each depth's LoRA delta, per target
   plot_lora_norms(lora_spectra(run))       size of each depth's LoRA delta relative to the shared weight
   plot_moe_usage(moe_usage(run))           expert usage per layer (MoEUT)
+  plot_router_depths(router_depths(run))   recursions per token: distribution, byte class, position, token (MoR)
 
 Figures are made with pyplot and closed before they are returned: in a
 notebook the returned Figure is shown once (as the cell's value), and scripts
@@ -341,37 +342,67 @@ def plot_moe_usage(usage) -> Figure:
   return _finish(fig)
 
 
-def plot_router_depths(depths, decode=None, top: int = 24) -> Figure:
+_ROUTING_COLORS = {"topk": "tab:blue", "threshold": "tab:orange"}
+
+
+def _bars(ax, groups: list, labels: list[str]) -> None:
+  """Grouped bars: groups [(name, color, values [K])] side by side at each of the K labels."""
+  width = 0.8 / len(groups)
+  for n, (name, color, values) in enumerate(groups):
+    ax.bar(np.arange(len(labels)) + (n - (len(groups) - 1) / 2) * width, values, width, color=color, label=name)
+  ax.set_xticks(range(len(labels)), labels)
+
+
+def plot_router_depths(depths, decode=None, top: int = 24, compare=None) -> Figure:
   """Which tokens go deep (Mixture-of-Recursions, `analysis.router_depths`):
-  the share of tokens per depth, the mean depth by position, and the mean
-  depth of the `top` most frequent tokens, deepest first. decode: token id
-  -> label (e.g. the run's tokenizer). A model without routers gives a
-  figure carrying `depths.message`."""
+  the share of tokens per depth, the mean depth by byte class (byte-level
+  runs), by position, and of the `top` most frequent tokens, deepest first.
+  decode: token id -> label (e.g. the run's tokenizer). compare: a second
+  RouterDepths of the same tokens under the other routing, drawn next to
+  `depths` in the distribution, class and position panels. A model without
+  routers gives a figure carrying `depths.message`."""
   if not depths:
     return _message(depths.message, "Router depths")
-  fig, axes = plt.subplots(1, 3, figsize=(14, 3.6), gridspec_kw={"width_ratios": [1, 2, 2]})
+  runs = [depths] + ([compare] if compare else [])
+  color = lambda d: _ROUTING_COLORS.get(d.routing, "tab:gray")
+  name = lambda d: f"{d.routing} routing"
   r = len(depths.depth_frac) - 1
-  axes[0].bar(range(r + 1), depths.depth_frac, color="tab:blue")
-  axes[0].set_xticks(range(r + 1))
-  axes[0].set_xlabel("recursions taken")
-  axes[0].set_ylabel("share of tokens")
-  axes[0].set_title("Depth distribution")
-  axes[1].plot(depths.by_position, color="tab:blue")
-  axes[1].set_xlabel("position in the sequence")
-  axes[1].set_ylabel("mean recursions")
-  axes[1].set_ylim(0, r)
-  axes[1].set_title("Mean depth by position")
+  if depths.by_class:
+    fig, grid = plt.subplots(2, 2, figsize=(13, 7.2), gridspec_kw={"width_ratios": [1, 1.6]})
+    ax_frac, ax_class, ax_pos, ax_tok = grid.flat
+  else:
+    fig, grid = plt.subplots(1, 3, figsize=(14, 3.6), gridspec_kw={"width_ratios": [1, 2, 2]})
+    (ax_frac, ax_pos, ax_tok), ax_class = grid, None
+  _bars(ax_frac, [(name(d), color(d), d.depth_frac) for d in runs], [str(k) for k in range(r + 1)])
+  ax_frac.set_xlabel("recursions taken")
+  ax_frac.set_ylabel("share of tokens")
+  ax_frac.set_title("Depth distribution")
+  if ax_class is not None:
+    classes = list(depths.by_class)
+    _bars(ax_class, [(name(d), color(d), [d.by_class.get(c, (np.nan, 0))[0] for c in classes]) for d in runs],
+          [f"{c}\n({depths.by_class[c][1]} tokens)" for c in classes])
+    ax_class.set_ylim(0, r)
+    ax_class.set_ylabel("mean recursions")
+    ax_class.set_title("Mean depth by byte class")
+  for d in runs:
+    ax_pos.plot(d.by_position, color=color(d), label=name(d))
+  ax_pos.set_xlabel("position in the sequence")
+  ax_pos.set_ylabel("mean recursions")
+  ax_pos.set_ylim(0, r)
+  ax_pos.set_title("Mean depth by position")
   frequent = sorted(depths.by_token.items(), key=lambda kv: -kv[1][1])[:top]
   frequent.sort(key=lambda kv: -kv[1][0])
   label = decode or (lambda t: str(t))
-  axes[2].bar(range(len(frequent)), [d for _, (d, _) in frequent], color="tab:orange")
-  axes[2].set_xticks(range(len(frequent)), [repr(label(t))[1:-1] or " " for t, _ in frequent], fontsize=8,
-                     rotation=90)
-  axes[2].set_ylim(0, r)
-  axes[2].set_ylabel("mean recursions")
-  axes[2].set_title(f"Mean depth of the {len(frequent)} most frequent tokens, deepest first")
-  for ax in axes:
+  ax_tok.bar(range(len(frequent)), [d for _, (d, _) in frequent], color=color(depths))
+  names = [{" ": "␣", "": "''"}.get(repr(label(t))[1:-1], repr(label(t))[1:-1]) for t, _ in frequent]
+  ax_tok.set_xticks(range(len(frequent)), names, fontsize=9, rotation=0 if max(map(len, names)) <= 2 else 90)
+  ax_tok.set_ylim(0, r)
+  ax_tok.set_ylabel("mean recursions")
+  ax_tok.set_title(f"Mean depth ({depths.routing}) of the {len(frequent)} most frequent tokens, deepest first")
+  for ax in fig.axes:
     _style(ax)
+  if compare:
+    ax_frac.legend(frameon=False, fontsize=8)
   fig.suptitle(depths.message)
   return _finish(fig)
 

@@ -5,6 +5,7 @@
   cosine_similarity / linear_cka / similarity(hidden)   depth x depth matrices [L_eff+1, L_eff+1]
   lora_spectra(run)               per-depth LoRA deltas: Frobenius norms and singular values
   moe_usage(run)                  expert usage per layer and per repeat (MoEUT blocks)
+  router_depths(run, routing=)    recursions each token takes in a Mixture-of-Recursions model
 
 Depth 0 is the embedding output; depth l >= 1 is the residual stream after
 effective layer l - 1 (`plan.layers()[l - 1]`). Every function takes a `Run`
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import string
 
 import jax
 import jax.numpy as jnp
@@ -89,9 +91,9 @@ def _depth_loss_sums(graphdef, state, inputs, targets):
   return jnp.stack(sums)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _forward_aux(graphdef, state, tokens):
-  _, _, aux = nnx.merge(graphdef, state)(tokens)
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _forward_aux(graphdef, state, tokens, routing=None):
+  _, _, aux = nnx.merge(graphdef, state)(tokens, routing=routing)
   return aux
 
 
@@ -316,6 +318,21 @@ def moe_usage(run, n_batches: int | None = None) -> MoEUsage:
                   usage, by_block, dead, entropy, model.plan.describe())
 
 
+ROUTINGS = ("topk", "threshold")
+BYTE_CLASSES = ("letters", "digits", "whitespace", "punctuation", "other")
+
+
+def byte_classes(ids) -> np.ndarray:
+  """Byte ids [...] (0..255) -> int8 [...] index into BYTE_CLASSES: ASCII
+  letters, digits, whitespace (space \\t \\n \\r \\v \\f), ASCII punctuation
+  (string.punctuation, '_' included), other (control bytes and bytes >= 128,
+  i.e. the pieces of non-ASCII characters)."""
+  table = np.full(256, len(BYTE_CLASSES) - 1, np.int8)
+  for k, chars in enumerate((string.ascii_letters, string.digits, string.whitespace, string.punctuation)):
+    table[[ord(c) for c in chars]] = k
+  return table[np.asarray(ids)]
+
+
 @dataclasses.dataclass
 class RouterDepths:
   """Which tokens go deep in a Mixture-of-Recursions model (`router_depths`).
@@ -323,8 +340,10 @@ class RouterDepths:
   depth [N, T] int: recursions each token of the N sequences took; tokens
   [N, T] int: the token ids; depth_frac [R + 1]: share of tokens per depth
   0..R; by_position [T]: mean depth per position; by_token {id: (mean depth,
-  count)} over the token ids seen. available False (with a message) for a
-  model without routers."""
+  count)} over the token ids seen; by_class {BYTE_CLASSES name: (mean depth,
+  count)} for a byte-level tokenizer (empty otherwise; classes no token fell
+  in are left out); routing: 'topk' or 'threshold' (see `router_depths`).
+  available False (with a message) for a model without routers."""
   available: bool
   message: str
   depth: np.ndarray | None = None
@@ -332,37 +351,63 @@ class RouterDepths:
   depth_frac: np.ndarray | None = None
   by_position: np.ndarray | None = None
   by_token: dict = dataclasses.field(default_factory=dict)
+  by_class: dict = dataclasses.field(default_factory=dict)
+  routing: str = "topk"
 
   def __bool__(self) -> bool:
     return self.available
 
 
-def depth_summary(depth: np.ndarray, tokens: np.ndarray, repeats: int) -> RouterDepths:
-  """RouterDepths of per-token depths [N, T] and token ids [N, T]."""
+def _mean_by(depth: np.ndarray, keys: np.ndarray) -> dict:
+  """{key: (mean depth, count)} over the distinct values of keys (same shape as depth)."""
+  return {int(k): (float(depth[keys == k].mean()), int((keys == k).sum())) for k in np.unique(keys)}
+
+
+def depth_summary(depth: np.ndarray, tokens: np.ndarray, repeats: int, byte_level: bool = False,
+                  routing: str = "topk") -> RouterDepths:
+  """RouterDepths of per-token depths [N, T] and token ids [N, T]; by_class
+  when the ids are bytes (byte_level)."""
   depth, tokens = np.asarray(depth), np.asarray(tokens)
-  by_token = {}
-  for t in np.unique(tokens):
-    d = depth[tokens == t]
-    by_token[int(t)] = (float(d.mean()), int(d.size))
-  return RouterDepths(True, f"router depths of {depth.size} tokens ({depth.shape[0]} sequences)", depth, tokens,
-                      np.bincount(depth.ravel(), minlength=repeats + 1) / depth.size, depth.mean(0), by_token)
+  by_class = {}
+  if byte_level:
+    by_class = {BYTE_CLASSES[k]: v for k, v in _mean_by(depth, byte_classes(tokens)).items()}
+  rule = "training's: top-k over each sequence" if routing == "topk" else "generation's: each token alone, causal"
+  return RouterDepths(True, f"router depths of {depth.size} tokens ({depth.shape[0]} sequences), routing "
+                            f"{routing!r} ({rule})", depth, tokens,
+                      np.bincount(depth.ravel(), minlength=repeats + 1) / depth.size, depth.mean(0),
+                      _mean_by(depth, tokens), by_class, routing)
 
 
-def router_depths(run, n_batches: int | None = None) -> RouterDepths:
+def router_depths(run, n_batches: int | None = None, routing: str = "topk") -> RouterDepths:
   """Per-token recursion depths the routers choose on the first n eval batches
   (default: the run's train.eval_batches), from the model's own forward (its
-  'router_depth' aux, the routing training used: top-k over each sequence).
-  A model without routers gives RouterDepths(available=False, message)."""
+  'router_depth' aux).
+
+  routing: 'topk' routes as training does (each step keeps the top
+  capacity_r share of each sequence: not causal, so a token's depth depends
+  on the tokens after it); 'threshold' as generation does (each token decides
+  alone from its own residual stream: expert routing continues while
+  sigmoid(router) >= 0.5, token routing takes its argmax depth), the depths
+  KV-cache decoding of the same tokens takes. A model without routers gives
+  RouterDepths(available=False, message). `run`: a Run, or anything with cfg,
+  model and eval_batches(n).
+  """
+  if routing not in ROUTINGS:
+    raise ValueError(f"routing={routing!r}: one of {list(ROUTINGS)} (training's top-k over the sequence, or "
+                     "generation's per-token threshold)")
   cfg, model = run.cfg, run.model
   if cfg.model.mor.routing == "none":
     return RouterDepths(False, "model.mor.routing='none': no routers, every token takes every recursion "
-                               "(train e.g. configs/mor.py for per-token depths)")
+                               "(train e.g. configs/mor.py for per-token depths)", routing=routing)
   graphdef, state = nnx.split(model)
   batches = run.eval_batches(n_batches)
-  depth = [np.asarray(_forward_aux(graphdef, state, jnp.asarray(b["inputs"]))["router_depth"]) for b in batches]
+  depth = [np.asarray(_forward_aux(graphdef, state, jnp.asarray(b["inputs"]), routing)["router_depth"])
+           for b in batches]
   tokens = [np.asarray(b["inputs"]) for b in batches]
-  return depth_summary(np.concatenate(depth), np.concatenate(tokens), model.plan.stages[model.routed].repeats)
+  return depth_summary(np.concatenate(depth), np.concatenate(tokens), model.plan.stages[model.routed].repeats,
+                       bool(getattr(run, "is_byte_level", False)), routing)
 
 
-__all__ = ["MoEUsage", "RouterDepths", "depth_summary", "router_depths", "cosine_similarity", "depth_losses", "hidden_states", "linear_cka", "lora_delta",
-           "lora_spectra", "moe_usage", "readout", "residual_stream", "similarity"]
+__all__ = ["BYTE_CLASSES", "MoEUsage", "RouterDepths", "byte_classes", "cosine_similarity", "depth_losses",
+           "depth_summary", "hidden_states", "linear_cka", "lora_delta", "lora_spectra", "moe_usage", "readout",
+           "residual_stream", "router_depths", "similarity"]
