@@ -50,10 +50,11 @@ def test_generate_mode_compares_static_and_continuous(tmp_path):
   out = tmp_path / "gen.json"
   proc = _run("generate", "--config", "configs/recursive.py:size=tiny", "--gen_requests", "6", "--gen_slots", "2",
               "--gen_max_prompt", "12", "--gen_max_new", "8", "--gen_exit", "confidence:1.0", "--gen_prompts", "text",
-              "--out", str(out))
+              "--gen_repeats", "2", "--out", str(out))
   assert proc.returncode == 0, proc.stderr[-2000:]
   rec = json.loads(out.read_text())
   assert rec["mode"] == "generate" and rec["requests"] == 6 and rec["slots"] == 2 and rec["prompts"] == "text"
+  assert rec["repeats"] == 2
   assert rec["static_tokens_per_s"] > 0 and rec["continuous_tokens_per_s"] > 0
   assert abs(rec["continuous_vs_static"] - rec["continuous_tokens_per_s"] / rec["static_tokens_per_s"]) < 0.01
   assert rec["greedy_agreement"] == 1.0  # same greedy tokens both ways
@@ -67,6 +68,8 @@ def test_generate_mode_compares_static_and_continuous(tmp_path):
   assert proc.returncode == 2 and proc.stderr.count("error:") == 1 and "--gen_slots" in proc.stderr
   proc = _run("generate")
   assert proc.returncode == 2 and "--workdir" in proc.stderr
+  proc = _run("generate", "--config", "configs/recursive.py:size=tiny", "--gen_repeats", "0")
+  assert proc.returncode == 2 and proc.stderr.count("error:") == 1 and "--gen_repeats=0" in proc.stderr
   proc = _run("generate", "--config", "configs/recursive.py:size=tiny", "--gen_exit", "kl:0")
   assert proc.returncode == 2 and proc.stderr.count("error:") == 1 and "--gen_exit='kl:0'" in proc.stderr
 

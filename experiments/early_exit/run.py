@@ -132,7 +132,7 @@ def depthwise_records(workdir: str, rules: list[str], args) -> list[dict] | str:
     res = subprocess.run([sys.executable, "-m", "recursive_lm.benchmark", "generate", "--workdir", workdir,
                           "--out", path, "--gen_exit", rule, "--gen_prompts=text", f"--gen_slots={args.dw_slots}",
                           f"--gen_requests={args.dw_requests}", f"--gen_max_prompt={args.prompt_len}",
-                          f"--gen_max_new={args.new}"], capture_output=True, text=True)
+                          f"--gen_max_new={args.new}", f"--gen_repeats={args.dw_repeats}"], capture_output=True, text=True)
     out.append(json.load(open(path)) if res.returncode == 0 else {"exit": rule, "error": res.stderr[-500:]})
   return out
 
@@ -196,6 +196,7 @@ def main():
   p.add_argument("--depthwise", action="store_true", help="also run `benchmark generate --gen_exit RULE` (depth-wise batching) per rule")
   p.add_argument("--dw_slots", type=int, default=32)
   p.add_argument("--dw_requests", type=int, default=64)
+  p.add_argument("--dw_repeats", type=int, default=3, help="timed runs per serving mode (the fastest counts)")
   p.add_argument("--tmp", default="/tmp")
   args = p.parse_args()
   args.rules = [r for r in args.rules.split(",") if r]
