@@ -14,6 +14,7 @@ def _run(*args):
                         env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_moe_mode_writes_one_record_per_batch(tmp_path):
   out = tmp_path / "moe.json"
   proc = _run("moe", "--moe_size", "tiny", "--moe_batches", "1,2", "--out", str(out))
@@ -74,6 +75,7 @@ def test_generate_mode_compares_static_and_continuous(tmp_path):
   assert proc.returncode == 2 and proc.stderr.count("error:") == 1 and "--gen_exit='kl:0'" in proc.stderr
 
 
+@pytest.mark.slow
 def test_generate_mode_on_a_routed_model_compares_depthwise_with_all_recursions(tmp_path):
   out = tmp_path / "gen.json"
   proc = _run("generate", "--config", "configs/mor.py:size=tiny", "--gen_requests", "4", "--gen_slots", "2",
@@ -87,6 +89,7 @@ def test_generate_mode_on_a_routed_model_compares_depthwise_with_all_recursions(
   assert proc.returncode == 2 and proc.stderr.count("error:") == 1 and "routers" in proc.stderr
 
 
+@pytest.mark.slow
 def test_train_mode_times_a_recurrent_plan_at_each_loop_count(tmp_path):
   """One compiled step, timed at loops 1 then 6 (k = 2): per-count step times
   and peak memory, and their ratios; --loops on another plan exits 2."""

@@ -80,6 +80,7 @@ def test_generate_cli_bad_flags(run_dir, tmp_path, args, needle):
   assert not os.path.exists(out)
 
 
+@pytest.mark.slow
 def test_generate_cli_with_exits(run_dir, tmp_path):
   """A rule that never fires gives the full-depth completions with mean_exit_loop = all loops (2 here);
   one that always fires exits after the first loop."""
@@ -97,6 +98,7 @@ def test_generate_cli_with_exits(run_dir, tmp_path):
   assert all(r["mean_exit_loop"] == 1.0 for r in recs["confidence:0.000001"])
 
 
+@pytest.mark.slow
 def test_generate_cli_depthwise(run_dir, tmp_path):
   """--depthwise decodes the same completions (and exit loops) as the engine without it, with exits off and
   on (a threshold at which this run's tokens exit after either loop)."""

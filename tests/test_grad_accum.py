@@ -174,6 +174,7 @@ def test_logged_learning_rate_and_tokens(runs):
   assert [r["tokens"] for r in train] == [s * 8 * cfg.data.seq_len for s in range(1, STEPS + 1)]
 
 
+@pytest.mark.slow
 def test_accumulated_run_resumes_bit_exact(runs, tmp_path):
   from recursive_lm import train
   cfg = tiny(**{"optim.grad_accum": 2})

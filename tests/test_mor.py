@@ -291,7 +291,7 @@ def test_training_routing_with_a_kv_cache_is_refused_not_wrong():
     model(toks(0), cache=model.init_cache(3, 16), cache_index=jnp.asarray(0), routing="topk")
 
 
-@pytest.mark.parametrize("routing", ["expert", "token"])
+@pytest.mark.parametrize("routing", ["expert", pytest.param("token", marks=pytest.mark.slow)])
 def test_train_step_reports_router_metrics_and_accumulation_keeps_them(routing):
   """The train step's metrics carry router/*; with 2 micro-batches they are the
   whole batch's (per-row means), and the update matches the unsplit step."""

@@ -374,6 +374,7 @@ def test_per_sequence_draw_is_per_row_and_reproducible():
   assert (draw(rc, 3, seed=2, step=12, batch=16)["loops"] != got["loops"]).any()
 
 
+@pytest.mark.slow
 def test_per_sequence_counts_follow_their_rows_into_micro_batches():
   """A train step with one count per row: grad_accum=2 (strided micro-batches,
   each taking its rows' counts) gives the loss and update of grad_accum=1; the

@@ -147,6 +147,7 @@ def recurrent_run(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_sample_and_generate_clis_take_a_loop_count(recurrent_run, tmp_path):
   """`sample --loops 5` and `generate --loops 5` (more than the trained 2)
   print what greedy `generate(loops=5)` decodes; `generate --exit kl:EPS

@@ -117,6 +117,7 @@ from test_generate_cli import _write, run_dir  # noqa: E402,F401  (the module-sc
 from test_train_e2e import cli  # noqa: E402
 
 
+@pytest.mark.slow
 def test_generate_cli_speculate(run_dir, tmp_path):  # noqa: F811
   inp = tmp_path / "in.jsonl"
   _write(inp, [json.dumps({"id": i, "prompt": p, "max_new_tokens": n})
