@@ -5,7 +5,9 @@
   python -m recursive_lm.train --config configs/mor.py:size=tiny --workdir /tmp/tiny   # seconds on CPU
   python -m recursive_lm.describe --config configs/mor.py --table   # active FLOPs per token vs all recursions
 
-Reaches: not measured yet.
+Reaches (experiments/mixture_of_recursions, at d_model 128 and 300 steps, 3 seeds): eval loss 2.405
+nats/byte against 2.413 for the same plan without routers, with 0.75 of its FLOPs per token.
+size=tiny: seconds on CPU (a smoke run).
 
 Model (MoR's middle-cycle): a unique first block, `blocks` unique blocks
 looped `repeats` times (cycle order), a unique last block. Expert routing:
