@@ -45,6 +45,12 @@ for _flag in _FLAGS:
   if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 
+# pytest-xdist runs the suite in two worker processes (pyproject addopts). On an
+# accelerator each jax process would otherwise take 75 % of the device memory at
+# start-up, and the second worker could not start.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
 import flax  # noqa: E402
 from tiny_run import set_keys  # noqa: E402
 
