@@ -1,6 +1,6 @@
 """Hand-written backwards against autodiff of the plain expressions: Dense's
 `linear` and the blocked causal attention (GQA, sliding windows, uneven
-blocks, bfloat16)."""
+blocks, bfloat16); the tied readout's single-row form against x @ table^T."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from recursive_lm.model import attention
-from recursive_lm.model.layers import linear
+from flax import nnx
+
+from recursive_lm.model.layers import Embed, linear
 
 
 def rand(shape, seed, dtype=jnp.float32):
@@ -29,6 +31,16 @@ def test_linear_keeps_bfloat16():
   x, w = rand((3, 8), 0, jnp.bfloat16), rand((8, 4), 1, jnp.bfloat16)
   dx, dw = jax.grad(lambda x, w: linear(x, w).astype(jnp.float32).sum(), (0, 1))(x, w)
   assert linear(x, w).dtype == dx.dtype == dw.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 12), (1, 12), (12,), (3, 1, 12), (1, 4, 12)])
+def test_tied_readout_equals_x_times_table_transposed(shape):
+  # A single row takes the table @ x form (a decode step at batch 1); more rows x @ table^T.
+  embed = Embed(37, 12, 1.0, nnx.Rngs(0))
+  x = rand(shape, 3)
+  logits = jax.jit(embed.attend)(x)
+  assert logits.shape == shape[:-1] + (37,)
+  np.testing.assert_allclose(logits, np.asarray(x) @ np.asarray(embed.table[...]).T, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("block,t", [(None, None), (5, 16), (4, 16)])

@@ -7,6 +7,8 @@ tell norms and adapters apart from ordinary weights by type, not by path.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -136,7 +138,19 @@ class Embed(nnx.Module):
     return x if self.scale == 1.0 else x * jnp.asarray(self.scale, dtype)
 
   def attend(self, x: jax.Array) -> jax.Array:
-    return x @ self.table[...].astype(x.dtype).T
+    """x [..., D] -> logits [..., V] against the unscaled table.
+
+    A single row (a decode step at batch 1) is computed as table @ x: XLA:CPU
+    emits x @ table^T for one row as a loop fusion that walks the table's
+    transpose element by element, while table @ x is a plain matrix-vector
+    product reading the table's rows in place. On Gemma 3 270M's 262,144 x 640
+    table that is about 40 vs 27 ms of a decode step. More rows are a matrix
+    product either way, and x @ table^T keeps the logits' layout.
+    """
+    table = self.table[...].astype(x.dtype)
+    if math.prod(x.shape[:-1]) == 1:
+      return jax.lax.dot_general(table, x.reshape(-1), (((1,), (0,)), ((), ()))).reshape(*x.shape[:-1], -1)
+    return x @ table.T
 
 
 def rope_tables(positions: jax.Array, rot_dims: int, base: float | jax.Array,
