@@ -6,10 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from recursive_lm.model import attention
 from flax import nnx
 
+from recursive_lm.model import attention
 from recursive_lm.model.layers import Embed, linear
 
 

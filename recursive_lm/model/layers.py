@@ -143,9 +143,9 @@ class Embed(nnx.Module):
     A single row (a decode step at batch 1) is computed as table @ x: XLA:CPU
     emits x @ table^T for one row as a loop fusion that walks the table's
     transpose element by element, while table @ x is a plain matrix-vector
-    product reading the table's rows in place. On Gemma 3 270M's 262,144 x 640
-    table that is about 40 vs 27 ms of a decode step. More rows are a matrix
-    product either way, and x @ table^T keeps the logits' layout.
+    product reading the table's rows in place. On Gemma 3 270M (a 262,144 x 640
+    table) this took a batch-1 decode step from 62 to about 53 ms. More rows
+    are a matrix product either way, and x @ table^T keeps the logits' layout.
     """
     table = self.table[...].astype(x.dtype)
     if math.prod(x.shape[:-1]) == 1:
