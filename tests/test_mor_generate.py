@@ -190,7 +190,12 @@ def test_depthwise_engine_equals_plain_engine(routing):
     if depthwise:
       eng.depthwise.ticks = 4  # not a multiple of the loops: requests are admitted mid-loop of the others
     last, admit = {}, eng._admit
-    eng._admit = lambda slot, req, admit=admit, last=last: (last.__setitem__(slot, req.id), admit(slot, req))[1]
+
+    def record(admitted, admit=admit, last=last):  # the last request each slot took
+      last.update((slot, req.id) for slot, req in admitted)
+      return admit(admitted)
+
+    eng._admit = record
     for i, (p, n) in enumerate(zip(prompts, budgets)):
       eng.submit(p, max_new_tokens=n, id=i)
     done = {c.id: c for c in eng.stream()}

@@ -19,22 +19,21 @@ Shapes are static, so the engine compiles a bounded number of programs:
     their count or EOS there), so the host is met once per chunk, not once
     per token: on a small model the per-call overhead is most of a step;
   * prefill compiles once per prompt-length bucket (powers of two from 16,
-    and max_len): a prompt is right-padded to its bucket.
+    and max_len) and power-of-two count of rows: a prompt is right-padded to
+    its bucket.
 
-Prefill design: a newly admitted request is prefilled ALONE into a fresh
-single-row cache of its bucket's length, and that row is written into its
-slot's row of the engine cache (positions [0, bucket)). This is the simplest
-correct choice: the other slots' rows are never read or written, so no
-masking of other rows is needed and a running request's cache cannot be
-disturbed; prefill runs at full depth through the model's ordinary forward.
+Prefill design: the requests admitted in one tick are prefilled together,
+one call per prompt bucket, into a fresh cache of R rows (R the next power of
+two) and the bucket's length; each row is written into its slot's row of the
+engine cache (positions [0, bucket)), padding rows nowhere. The other slots'
+rows are never read or written, so no masking of other rows is needed and a
+running request's cache cannot be disturbed; prefill runs at full depth
+through the model's ordinary forward.
 Positions of the slot past the bucket keep the previous request's K/V, and
 the right padding writes junk at [length, bucket): neither is ever seen,
 because a query at position p only sees keys at positions <= p (causal mask,
 also under sliding windows) and the decode step writes position p before
 reading it, so every visible position holds this request's own K/V.
-Admitting one request per prefill call costs one call per request (batching
-several admissions into one prefill would need a multi-row scatter; left for
-later).
 
 Sampling: temperature 0 is greedy (argmax). Otherwise a draw from
 softmax(logits / temperature), restricted to the request's top_k most likely
@@ -140,21 +139,30 @@ def _write_row(big, small, slot):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "layout", "max_top_k", "loops"), donate_argnames=("cache",))
-def _prefill(graphdef, layout, state, cache, prompt, length, slot, seed, temperature, top_k, *, max_top_k: int,
+def _prefill(graphdef, layout, state, cache, prompts, lengths, slots, seeds, temperature, top_k, *, max_top_k: int,
              loops: int | None = None):
-  """Prompt [1, bucket] (right-padded; `length` real tokens) -> (cache with the
-  slot's row [0, bucket) written, its first new token int32 []). state: the
-  weights split per layer (`layer_weights`). loops: a recurrent core's count
-  (None: the plan's)."""
+  """Prompts [R, bucket] (right-padded; lengths [R] real tokens) -> (cache with
+  row i written into slot slots[i], positions [0, bucket), and the first new
+  tokens int32 [R]). A row with slot -1 is padding (R is a power of two, so
+  few shapes compile) and writes nothing. state: the weights split per layer
+  (`layer_weights`). loops: a recurrent core's count (None: the plan's)."""
   model = nnx.merge(graphdef, layer_weights.join_layers(layout, state))
-  fresh = model.init_cache(1, prompt.shape[1], cache[0]["k"].dtype, **_loops(loops))
-  at = jnp.reshape(length - 1, (1,))  # only the last prompt position is read out
-  logits, fresh, _ = model(prompt, cache=fresh, cache_index=jnp.zeros((1,), jnp.int32), logits_at=at,
+  r, length = prompts.shape
+  fresh = model.init_cache(r, length, cache[0]["k"].dtype, **_loops(loops))
+  # Only each row's last prompt position is read out.
+  logits, fresh, _ = model(prompts, cache=fresh, cache_index=jnp.zeros((r,), jnp.int32), logits_at=lengths - 1,
                            **_loops(loops))
-  cache = jax.tree.map(lambda big, small: _write_row(big, small, slot), cache, fresh)
-  last = logits[0]  # [1, V]
-  first = sample_rows(last, seed[None], jnp.zeros((1,), jnp.int32), temperature[None], top_k[None], max_top_k)
-  return cache, first[0]
+
+  def write(big, small, i):
+    slot = jnp.maximum(slots[i], 0)
+    row = small[:, i:i + 1]
+    kept = jax.lax.dynamic_slice(big, (0, slot) + (0,) * (big.ndim - 2), row.shape)  # padding: rewrite as it was
+    return _write_row(big, jnp.where(slots[i] >= 0, row.astype(big.dtype), kept), slot)
+
+  for i in range(r):
+    cache = jax.tree.map(functools.partial(write, i=i), cache, fresh)
+  first = sample_rows(logits[:, 0], seeds, jnp.zeros((r,), jnp.int32), temperature, top_k, max_top_k)
+  return cache, first
 
 
 def _loops(loops: int | None) -> dict:
@@ -371,13 +379,20 @@ class Engine:
     `chunk` decode steps for every running slot in one device call. Returns
     the requests finished in this tick."""
     finished = []
-    for slot in range(self.slots):
-      while self._running[slot] is None and self._waiting:
-        req = self._waiting.popleft()
-        if req.max_new_tokens == 0:
-          finished.append(self._complete(req, "length"))
-          continue
-        first = self._admit(slot, req)
+    # Rounds of admission: every free slot takes a waiting request, and the new
+    # requests are prefilled together, one call per prompt bucket. A request that
+    # ends with its first token frees its slot for the next round.
+    while self._waiting and None in self._running:
+      admitted = []
+      for slot in (s for s in range(self.slots) if self._running[s] is None):
+        while self._waiting:
+          req = self._waiting.popleft()
+          if req.max_new_tokens == 0:
+            finished.append(self._complete(req, "length"))
+            continue
+          admitted.append((slot, req))
+          break
+      for (slot, req), first in zip(admitted, self._admit(admitted)):
         reason = self._append(req, first)
         if reason:
           finished.append(self._complete(req, reason))
@@ -445,16 +460,30 @@ class Engine:
     """The prefill length a prompt of `length` tokens is padded to."""
     return next(b for b in self.buckets if b >= length) if length <= self.buckets[-1] else self.max_len
 
-  def _admit(self, slot: int, req: _Request) -> int:
-    p = req.prompt_ids.size
-    padded = np.zeros((1, self.bucket(p)), np.int32)
-    padded[0, :p] = req.prompt_ids
-    self._cache, first = _prefill(self._graphdef, self._layout, self._weights, self._cache, padded, np.int32(p),
-                                  np.int32(slot), np.int32(req.seed), np.float32(req.temperature),
-                                  np.int32(req.top_k), max_top_k=self.max_top_k, loops=self.loops)
-    if self.depthwise is not None:
-      self.depthwise.admitted(slot)
-    return int(first)
+  def _admit(self, admitted: list[tuple[int, _Request]]) -> list[int]:
+    """Prefill the (slot, request) pairs, one call per prompt bucket; their first tokens, in order."""
+    first = [0] * len(admitted)
+    by_bucket: dict[int, list[int]] = {}
+    for i, (_, req) in enumerate(admitted):
+      by_bucket.setdefault(self.bucket(req.prompt_ids.size), []).append(i)
+    for bucket, group in by_bucket.items():
+      rows = 1 << (len(group) - 1).bit_length()  # a power of two: few compiled shapes
+      prompts = np.zeros((rows, bucket), np.int32)
+      lengths, slots = np.ones(rows, np.int32), np.full(rows, -1, np.int32)  # padding rows: 1 token, no slot
+      seeds, top_k, temperature = np.zeros(rows, np.int32), np.zeros(rows, np.int32), np.zeros(rows, np.float32)
+      for row, i in enumerate(group):
+        slot, req = admitted[i]
+        p = req.prompt_ids.size
+        prompts[row, :p], lengths[row], slots[row] = req.prompt_ids, p, slot
+        seeds[row], temperature[row], top_k[row] = req.seed, req.temperature, req.top_k
+      self._cache, drawn = _prefill(self._graphdef, self._layout, self._weights, self._cache, prompts, lengths, slots,
+                                    seeds, temperature, top_k, max_top_k=self.max_top_k, loops=self.loops)
+      drawn = np.asarray(drawn)
+      for row, i in enumerate(group):
+        first[i] = int(drawn[row])
+        if self.depthwise is not None:
+          self.depthwise.admitted(admitted[i][0])
+    return first
 
   def _append(self, req: _Request, token: int) -> str | None:
     """Record a new token; the finish reason if the request ends with it."""
