@@ -154,6 +154,25 @@ def finalized_steps(workdir) -> list[int]:
   return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
 
 
+def stop(pid: int, timeout: float = 30) -> None:
+  """SIGSTOP pid and wait until every one of its threads is stopped: the signal
+  arrives asynchronously, and a thread still running (an async checkpoint's
+  logging) could write after a snapshot taken right away."""
+  os.kill(pid, signal.SIGSTOP)
+  deadline = time.monotonic() + timeout
+  while True:
+    states = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+      with contextlib.suppress(FileNotFoundError):  # a thread that just exited
+        with open(f"/proc/{pid}/task/{task}/stat") as f:
+          states.append(f.read().rsplit(")", 1)[1].split()[0])
+    if all(state in "Tt" for state in states):
+      return
+    if time.monotonic() > deadline:
+      raise AssertionError(f"process {pid} not stopped after {timeout} s (thread states {states})")
+    time.sleep(0.01)
+
+
 def snapshot(root) -> dict:
   """relative path -> bytes of every file under root."""
   out = {}
@@ -685,7 +704,7 @@ def test_a_second_trainer_on_a_workdir_is_refused_and_a_killed_one_needs_no_clea
   a = Launch(tmp_path, "a", args)
   try:
     a.wait_for(lambda: "step      4/" in a.out() and finalized_steps(wd) == [3], what="step 4 after checkpoint 3")
-    a.proc.send_signal(signal.SIGSTOP)  # still holds the lock; writes nothing while we compare
+    stop(a.proc.pid)  # still holds the lock; writes nothing while we compare
     before = snapshot(wd)
     b = Launch(tmp_path, "b", args)  # the same command again
     assert b.finish(120) == 2, b.tail()

@@ -375,7 +375,7 @@ class Engine:
   # ---------------------------------------------------------------- engine tick
 
   def step(self) -> list[Completion]:
-    """Admit waiting requests into free slots (prefill each), then up to
+    """Admit waiting requests into free slots (prefilled together), then up to
     `chunk` decode steps for every running slot in one device call. Returns
     the requests finished in this tick."""
     finished = []
