@@ -25,7 +25,7 @@ Shapes are static, so the engine compiles a bounded number of programs:
 Prefill design: the requests admitted in one tick are prefilled together,
 one call per prompt bucket, into a fresh cache of R rows (R the next power of
 two) and the bucket's length; each row is written into its slot's row of the
-engine cache (positions [0, bucket)), padding rows nowhere. The other slots'
+engine cache (positions [0, bucket)) in one scatter, padding rows nowhere. The other slots'
 rows are never read or written, so no masking of other rows is needed and a
 running request's cache cannot be disturbed; prefill runs at full depth
 through the model's ordinary forward.
@@ -133,34 +133,24 @@ def sample_rows(logits, seeds, steps, temperature, top_k, max_top_k: int):
   return jax.lax.cond(jnp.any(temperature > 0), drawn, lambda _: greedy, logits)
 
 
-def _write_row(big, small, slot):
-  """big [L, B, S, ...] with small [L, 1, s, ...] written at row `slot`, positions [0, s)."""
-  return jax.lax.dynamic_update_slice(big, small.astype(big.dtype), (0, slot) + (0,) * (big.ndim - 2))
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "layout", "max_top_k", "loops"), donate_argnames=("cache",))
 def _prefill(graphdef, layout, state, cache, prompts, lengths, slots, seeds, temperature, top_k, *, max_top_k: int,
              loops: int | None = None):
   """Prompts [R, bucket] (right-padded; lengths [R] real tokens) -> (cache with
   row i written into slot slots[i], positions [0, bucket), and the first new
-  tokens int32 [R]). A row with slot -1 is padding (R is a power of two, so
-  few shapes compile) and writes nothing. state: the weights split per layer
-  (`layer_weights`). loops: a recurrent core's count (None: the plan's)."""
+  tokens int32 [R]). A row whose slot is out of range (the slot count) is
+  padding (R is a power of two, so few shapes compile) and writes nothing.
+  state: the weights split per layer (`layer_weights`). loops: a recurrent
+  core's count (None: the plan's)."""
   model = nnx.merge(graphdef, layer_weights.join_layers(layout, state))
   r, length = prompts.shape
   fresh = model.init_cache(r, length, cache[0]["k"].dtype, **_loops(loops))
   # Only each row's last prompt position is read out.
   logits, fresh, _ = model(prompts, cache=fresh, cache_index=jnp.zeros((r,), jnp.int32), logits_at=lengths - 1,
                            **_loops(loops))
-
-  def write(big, small, i):
-    slot = jnp.maximum(slots[i], 0)
-    row = small[:, i:i + 1]
-    kept = jax.lax.dynamic_slice(big, (0, slot) + (0,) * (big.ndim - 2), row.shape)  # padding: rewrite as it was
-    return _write_row(big, jnp.where(slots[i] >= 0, row.astype(big.dtype), kept), slot)
-
-  for i in range(r):
-    cache = jax.tree.map(functools.partial(write, i=i), cache, fresh)
+  # Every cache leaf is [L, slots, S, ...]: one scatter of the rows into their slots; padding rows are dropped.
+  cache = jax.tree.map(lambda big, small: big.at[:, slots, :length].set(small.astype(big.dtype), mode="drop"),
+                       cache, fresh)
   first = sample_rows(logits[:, 0], seeds, jnp.zeros((r,), jnp.int32), temperature, top_k, max_top_k)
   return cache, first
 
@@ -469,7 +459,7 @@ class Engine:
     for bucket, group in by_bucket.items():
       rows = 1 << (len(group) - 1).bit_length()  # a power of two: few compiled shapes
       prompts = np.zeros((rows, bucket), np.int32)
-      lengths, slots = np.ones(rows, np.int32), np.full(rows, -1, np.int32)  # padding rows: 1 token, no slot
+      lengths, slots = np.ones(rows, np.int32), np.full(rows, self.slots, np.int32)  # padding: 1 token, no slot
       seeds, top_k, temperature = np.zeros(rows, np.int32), np.zeros(rows, np.int32), np.zeros(rows, np.float32)
       for row, i in enumerate(group):
         slot, req = admitted[i]
