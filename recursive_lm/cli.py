@@ -40,6 +40,16 @@ def check_loops(loops: int | None, cfg=None) -> None:
                       f"this run's plan is {cfg.model.plan.preset!r}")
 
 
+def packed_for_decode(model, matmul: str):
+  """--matmul: the model the decode loop runs (`layer_weights.decode_model`;
+  'native' packs it once, kept for the engine), or ConfigError naming the problem."""
+  from recursive_lm.inference import layer_weights  # the model stack, only for the decoding CLIs
+  try:
+    return layer_weights.decode_model(model, matmul)
+  except ValueError as e:
+    raise ConfigError(f"--matmul={matmul}: {e}") from None
+
+
 def _root_config_error(e: BaseException | None) -> ConfigError | None:
   """The innermost ConfigError in e's cause/context chain."""
   found, seen = None, set()

@@ -1,7 +1,7 @@
 """Batch generation from a checkpoint through the serving engine:
 `python -m recursive_lm.generate --workdir runs/demo --input prompts.jsonl --output out.jsonl
  [--max_new_tokens 64 --temperature 0 --top_k 0 --seed 0 --slots 8 --step N --ignore_eos
-  --exit none|confidence:TAU|kl:EPS --depthwise --speculate K --draft_loops N --loops N]`.
+  --exit none|confidence:TAU|kl:EPS --depthwise --speculate K --draft_loops N --loops N --matmul xla|native]`.
 
 Input: one JSON object per line, {"id": ..., "prompt": "...", "max_new_tokens": n?, "stop": ["..."]?}
 (max_new_tokens defaults to the flag). Output: exactly one line per input
@@ -22,6 +22,11 @@ depend on the lines around it.
 
 --loops N runs a recurrent plan's core N times for every request (any N >=
 1, more than trained included; with --exit, the most it may run).
+
+--matmul native decodes with the dense weights and tied readout packed for
+the CPU kernel of recursive_lm/model/native.py (float32 on CPU; compiled
+with $CXX on first use): the same completions up to float32 rounding, 2x
+faster at 8 slots on Gemma 3 270M (experiments/gemma3_convert).
 
 The engine's cache is as long as the longest request that fits the model
 needs (attention reads all of it at every step). The output file is written once, at the end (via a temporary file), so an
@@ -65,6 +70,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("speculate", 0, "Self-speculation: tokens drafted per round (0: off; inference/speculate.py).")
   flags.DEFINE_integer("draft_loops", 1, "Loops of the repeated stage the --speculate draft runs.")
   flags.DEFINE_integer("loops", None, "Loop count of a recurrent plan's core (default: the plan's repeats).")
+  flags.DEFINE_enum("matmul", "xla", ["xla", "native"], "Dense products of the decode loop: XLA's, or the packed "
+                    "CPU kernel (model/native.py; float32, CPU).")
 
 
 def parse_line(n: int, line: str, default_new: int) -> tuple[object, dict | None, str | None]:
@@ -94,7 +101,7 @@ def parse_line(n: int, line: str, default_new: int) -> tuple[object, dict | None
 def run(workdir: str, input_path: str, output_path: str, max_new_tokens: int = 64, temperature: float = 0.0,
         top_k: int = 0, seed: int = 0, slots: int = 8, step: int | None = None, ignore_eos: bool = False,
         exit_rule: str = "none", depthwise: bool = False, speculate: int = 0, draft_loops: int = 1,
-        loops: int | None = None) -> dict:
+        loops: int | None = None, matmul: str = "xla") -> dict:
   """Generate for every line of input_path into output_path; returns a summary
   {requests, failed, new_tokens, seconds, tokens_per_s} (with speculate, also
   acceptance: accepted / drafted tokens). Raises ConfigError for user errors."""
@@ -122,6 +129,7 @@ def run(workdir: str, input_path: str, output_path: str, max_new_tokens: int = 6
   if not 0 <= speculate <= cfg.model.max_seq_len:
     raise ConfigError(f"--speculate={speculate} must lie in [0, the model's context {cfg.model.max_seq_len}] (0: off)")
   cli.check_loops(loops, cfg)
+  cli.packed_for_decode(model, matmul)
   tokenizer = data.get_tokenizer(cfg.data.tokenizer)
   parsed = [parse_line(i + 1, line, max_new_tokens) for i, line in enumerate(lines)]
   # The cache only as long as the longest request that fits the model needs: attention reads all of it per step.
@@ -137,7 +145,8 @@ def run(workdir: str, input_path: str, output_path: str, max_new_tokens: int = 6
       raise ConfigError(f"--depthwise: {e}") from None
   try:
     engine = Engine(model, tokenizer, slots=slots, max_len=need, max_top_k=top_k, stop_at_eos=not ignore_eos,
-                    exit=exit_rule, depthwise=depthwise, speculate=speculate, draft_loops=draft_loops, loops=loops)
+                    exit=exit_rule, depthwise=depthwise, speculate=speculate, draft_loops=draft_loops, loops=loops,
+                    matmul=matmul)
   except ValueError as e:  # exits or speculation on a model without loops
     flag = f"--speculate={speculate} --draft_loops={draft_loops}" if speculate else f"--exit={exit_rule}"
     raise ConfigError(f"{flag}: {e}") from None
@@ -182,7 +191,8 @@ def main(argv):
       cli.fail(f"--{name} is required")
   try:
     summary = run(f.workdir, f.input, f.output, f.max_new_tokens, f.temperature, f.top_k, f.seed, f.slots, f.step,
-                  f.ignore_eos, f.exit, f.depthwise, f.speculate, f.draft_loops, f.loops)
+                  f.ignore_eos, f.exit, f.depthwise, f.speculate, f.draft_loops, f.loops,
+                  f.matmul)
   except ConfigError as e:
     cli.fail(e)
   spec = f", draft acceptance {summary['acceptance']}" if "acceptance" in summary else ""

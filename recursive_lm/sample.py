@@ -43,14 +43,18 @@ def define_flags() -> None:
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_bool("ignore_eos", False, "Generate all --max_new_tokens even past the tokenizer's EOS.")
   flags.DEFINE_integer("loops", None, "Loop count of a recurrent plan's core (default: the plan's repeats).")
+  flags.DEFINE_enum("matmul", "xla", ["xla", "native"], "Dense products of the decode loop: XLA's, or the packed "
+                    "CPU kernel (model/native.py; float32, CPU).")
 
 
 def sample(workdir: str, prompt: str, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-           seed: int = 0, step: int | None = None, ignore_eos: bool = False, loops: int | None = None) -> str:
+           seed: int = 0, step: int | None = None, ignore_eos: bool = False, loops: int | None = None,
+           matmul: str = "xla") -> str:
   """Decoded prompt + continuation (BOS left out, cut before EOS). Raises ConfigError for user errors."""
   cli.check_loops(loops)
   cfg, model, _ = load_checkpoint(workdir, step)
   cli.check_loops(loops, cfg)
+  cli.packed_for_decode(model, matmul)
   tokenizer = data.get_tokenizer(cfg.data.tokenizer)
   ids = np.asarray(encode_prompt(tokenizer, prompt), np.int32)
   if ids.size == 0:
@@ -58,7 +62,8 @@ def sample(workdir: str, prompt: str, max_new_tokens: int, temperature: float = 
   cap = cfg.model.max_seq_len
   try:
     engine = Engine(model, tokenizer, slots=1, max_len=min(max(ids.size + max_new_tokens, 1), cap),
-                    max_top_k=max(top_k, 0), stop_at_eos=not ignore_eos, seed=seed, loops=loops)
+                    max_top_k=max(top_k, 0), stop_at_eos=not ignore_eos, seed=seed, loops=loops,
+                    matmul=matmul)
     out = engine.generate([ids], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)[0]
   except ValueError as e:  # max_seq_len, negative counts: the user's arguments
     raise ConfigError(str(e)) from None
@@ -76,7 +81,7 @@ def main(argv):
       cli.fail(f"--{name} is required")
   try:
     text = sample(f.workdir, f.prompt, f.max_new_tokens, f.temperature, f.top_k, f.seed, f.step, f.ignore_eos,
-                  f.loops)
+                  f.loops, f.matmul)
   except ConfigError as e:
     cli.fail(e)
   sys.stdout.write(text + "\n")

@@ -68,6 +68,21 @@ def test_generate_cli(run_dir, tmp_path):
   assert rec["finish_reason"] == "stop" and rec["completion"] == text[:text.find(stop)]
 
 
+def test_generate_cli_native_matmul(run_dir, tmp_path):
+  """--matmul native (the packed CPU kernel) completes every line as the default does."""
+  inp = tmp_path / "in.jsonl"
+  _write(inp, [json.dumps({"id": i, "prompt": p, "max_new_tokens": n})
+               for i, (p, n) in enumerate([("def ", 9), ("class A", 5), ("import", 12)])])
+  recs = {}
+  for matmul in ("xla", "native"):
+    out = tmp_path / f"{matmul}.jsonl"
+    r = cli("recursive_lm.generate", f"--workdir={run_dir}", f"--input={inp}", f"--output={out}", "--slots=2",
+            f"--matmul={matmul}")
+    assert r.returncode == 0, r.stderr
+    recs[matmul] = [json.loads(l) for l in open(out)]
+  assert recs["native"] == recs["xla"] and [r["new_tokens"] for r in recs["xla"]] == [9, 5, 12]
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--slots=0"], "--slots=0 must be >= 1"), (["--temperature=-1"], "--temperature"),
     (["--input=/nonexistent.jsonl"], "no such file"), (["--exit=kl:0"], "--exit='kl:0' must be"), (["--workdir=/nonexistent"], "no such directory")])

@@ -51,7 +51,7 @@ def prompts(tokenizer, batch: int, length: int) -> np.ndarray:
   return np.asarray(rows, np.int32)
 
 
-def ours(path: str):
+def ours(path: str, matmul: str):
   """(decode(prompt [B, P], n) -> new tokens [B, n], description) for our converted model."""
   import jax
 
@@ -64,9 +64,9 @@ def ours(path: str):
   model, _ = build.converted_model(src, cfg.model)
 
   def run(prompt, n):
-    return np.asarray(jax.block_until_ready(generate(model, prompt, n)))[:, prompt.shape[1]:]
+    return np.asarray(jax.block_until_ready(generate(model, prompt, n, matmul=matmul)))[:, prompt.shape[1]:]
 
-  return run, {"jax": jax.__version__, "compute_dtype": cfg.model.compute_dtype}
+  return run, {"jax": jax.__version__, "compute_dtype": cfg.model.compute_dtype, "matmul": matmul}
 
 
 def reference(path: str, threads: int):
@@ -102,6 +102,8 @@ def main(argv=None) -> int:
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--threads", type=int, default=2, help="torch threads")
   ap.add_argument("--no_reference", action="store_true")
+  ap.add_argument("--matmul", default="native", choices=("native", "xla"),
+                  help="ours: the packed CPU kernel (native) or XLA's dot for the dense weights and readout")
   ap.add_argument("--out", default=None, help="JSON record (default: print only)")
   args = ap.parse_args(argv)
   batches = [int(b) for b in args.batches.split(",")]
@@ -112,7 +114,7 @@ def main(argv=None) -> int:
 
   path = str(g.assemble())
   tok = GGUFTokenizer(path)
-  sides = {"ours": ours(path)}
+  sides = {"ours": ours(path, args.matmul)}
   if not args.no_reference:
     sides["reference"] = reference(path, args.threads)
   data = {b: prompts(tok, b, args.prompt) for b in batches}

@@ -104,7 +104,8 @@ def _generate(graphdef, layout, weights, prompt, lengths, key, temperature, *, m
 
 
 def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, seed: int = 0,
-             return_logits: bool = False, prompt_lengths=None, eos_id: int | None = None, loops: int | None = None):
+             return_logits: bool = False, prompt_lengths=None, eos_id: int | None = None, loops: int | None = None,
+             matmul: str = "xla"):
   """Continue each prompt by `max_new_tokens` tokens.
 
   model: a `Transformer`; prompt_ids: int [B, P] with P >= 1.
@@ -129,6 +130,10 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, t
   A model with routers (model.mor) routes each token causally, prompt and
   decoded tokens alike (`mor.run_causal`).
 
+  matmul: 'xla' (default), or 'native': the dense weights and the tied
+  readout packed once for the CPU kernel of `model.native`
+  (`layer_weights.packed_copy`; float32 on CPU).
+
   Raises ValueError when P + N exceeds model.cfg.max_seq_len (the cache
   length), for loops on a plan without a recurrent core or < 1, for ids outside the vocabulary, an empty prompt, prompt lengths
   outside [1, P], a negative count or a negative temperature / top_k.
@@ -139,6 +144,8 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, t
   if not jnp.issubdtype(prompt.dtype, jnp.integer):
     raise ValueError(f"prompt_ids must be integer token ids, got {prompt.dtype}")
   prompt = prompt.astype(jnp.int32)
+  if matmul not in layer_weights.MATMULS:
+    raise ValueError(f"matmul={matmul!r} must be one of {layer_weights.MATMULS}")
   if loops is not None:
     model.check_loops(int(loops))
   b, p = prompt.shape
@@ -175,7 +182,7 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, t
     raise ValueError(f"eos_id={eos_id} must lie in [0, model.vocab_size={vocab})")
   if n == 0:
     return (prompt, jnp.zeros((b, 0, model.cfg.vocab_size), jnp.float32)) if return_logits else prompt
-  graphdef, state = nnx.split(model)
+  graphdef, state = nnx.split(layer_weights.decode_model(model, matmul))
   layout, weights = layer_weights.split_layers(state)
   greedy = float(temperature) == 0.0
   return _generate(graphdef, layout, weights, prompt, jnp.asarray(lengths, jnp.int32), jax.random.key(int(seed)),

@@ -251,12 +251,16 @@ class Engine:
   (`mor.run_causal`; with `depthwise`, a token the router stops leaves its
   slot at once); `Completion.exit_loops` holds them. Not with `exit` nor
   `speculate`.
+  matmul: 'xla' (default), or 'native': every decode path runs a copy of
+  the model whose dense weights and tied readout are packed for the CPU
+  kernel of `model.native` (`layer_weights.packed_copy`; float32, CPU).
   """
 
   def __init__(self, model, tokenizer=None, slots: int = 8, max_len: int | None = None,
                buckets: Sequence[int] | None = None, max_top_k: int = 64, stop_at_eos: bool = True, seed: int = 0,
                chunk: int = 8, exit: str | None = None, unrolled: bool = True,  # pylint: disable=redefined-builtin
-               depthwise: bool = False, speculate: int = 0, draft_loops: int = 1, loops: int | None = None):
+               depthwise: bool = False, speculate: int = 0, draft_loops: int = 1, loops: int | None = None,
+               matmul: str = "xla"):
     cap = model.cfg.max_seq_len
     max_len = cap if max_len is None else int(max_len)
     if int(slots) < 1:
@@ -291,7 +295,7 @@ class Engine:
     self.speculate, self.speculation = self._speculation(speculate, draft_loops, cap), {"drafted": 0, "accepted": 0}
     # The stacked state (depth-wise batching, speculation) and the same weights split per layer (prefill and the
     # plain decode step read them in place: `layer_weights`).
-    self._graphdef, self._state = nnx.split(model)
+    self._graphdef, self._state = nnx.split(layer_weights.decode_model(model, matmul))
     self._layout, self._weights = layer_weights.split_layers(self._state)
     # Drafts may run k positions past max_len; a recurrent plan at `loops` needs one entry per iteration's layer.
     self._cache = model.init_cache(self.slots, max_len + self.speculate, **_loops(self.loops))  # ValueError: bad loops

@@ -27,12 +27,16 @@ layer's cache is updated in place.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import weakref
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+
+from recursive_lm.model import layers, native
 
 
 class Layout(NamedTuple):
@@ -53,26 +57,35 @@ def split_layers(state) -> tuple[Layout, list]:
 
   The split is a copy of the layer weights (on Gemma 3 270M about 2 s on a
   busy 2-core CPU, as long as 20 decode steps), so the last split is kept
-  and returned again while the state holds the very same arrays (compared by
-  identity; an update of the model replaces its arrays). It is dropped as
-  soon as one of those arrays is freed.
+  and returned again while the state holds the very same arrays (`_memo`).
   """
   flat, treedef = jax.tree_util.tree_flatten_with_path(state)
-  leaves = [leaf for _, leaf in flat]
-  hit = _last.get("split")
+
+  def split():
+    stacked = tuple(_is_stacked(path) for path, _ in flat)
+    return Layout(treedef, stacked), _split([leaf for _, leaf in flat], stacked)
+
+  return _memo("split", treedef, [leaf for _, leaf in flat], split)
+
+
+def _memo(name: str, treedef, leaves: list, compute):
+  """compute(), or what it returned last time for `name` while the same
+  leaves (compared by identity: an update of a model replaces its arrays)
+  are alive. One entry per name, dropped as soon as one of the leaves is
+  freed."""
+  hit = _last.get(name)
   if hit is not None and hit[0] == treedef and len(hit[1]) == len(leaves) and all(
       r() is leaf for r, leaf in zip(hit[1], leaves)):
-    return hit[2], hit[3]
-  stacked = tuple(_is_stacked(path) for path, _ in flat)
-  layout, pieces = Layout(treedef, stacked), _split(leaves, stacked)
-  _last.clear()
+    return hit[2]
+  value = compute()
+  _last.pop(name, None)
   token = object()  # this entry, so a late callback of an older one cannot drop a newer one
-  drop = lambda _: _last.pop("split") if _last.get("split", (None,) * 5)[4] is token else None
-  _last["split"] = (treedef, [weakref.ref(leaf, drop) for leaf in leaves], layout, pieces, token)
-  return layout, pieces
+  drop = lambda _: _last.pop(name) if _last.get(name, (None,) * 4)[3] is token else None
+  _last[name] = (treedef, [weakref.ref(leaf, drop) for leaf in leaves], value, token)
+  return value
 
 
-_last: dict = {}  # {"split": (treedef, weakrefs to the leaves, layout, pieces, token)}: one entry
+_last: dict = {}  # {name: (treedef, weakrefs to the leaves, value, token)}
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -95,3 +108,67 @@ def unstack(tree):
 def restack(tree):
   """The inverse of `unstack`."""
   return jax.tree.map(jnp.stack, tree, is_leaf=lambda x: isinstance(x, tuple))
+
+
+# ----------------------------------------------------------------------------
+# Packed weights for the native CPU matmul (`model.native`).
+
+MATMULS = ("xla", "native")
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedLinear:
+  """The `Dense.matmul` of a packed copy: x @ W from pack(W) (hashable, so a
+  graphdef holding it is a stable jit key)."""
+  n: int
+
+  def __call__(self, x: jax.Array, p: jax.Array) -> jax.Array:
+    return native.packed_matmul(x, p, self.n)
+
+
+def decode_model(model, matmul: str = "xla"):
+  """The model a decode loop runs: `model` itself for matmul='xla', its
+  `packed_copy` for 'native'. ValueError for another name."""
+  if matmul not in MATMULS:
+    raise ValueError(f"matmul={matmul!r} must be one of {MATMULS}")
+  return model if matmul == "xla" else packed_copy(model)
+
+
+def packed_copy(model):
+  """A copy of `model` whose dense weights (`layers.Dense`, stacked or not)
+  and tied readout table are packed for `native.packed_matmul`: the same
+  function, computed by the CPU custom call (2-2.5x faster reads of the
+  weights at 1-8 rows; measured in experiments/gemma3_convert). Training
+  and anything else keep using `model`; the copy holds every other array of
+  it as is (its own packed weights, plus the embedding table, which the
+  token lookup still reads).
+
+  Kept while the model holds the same arrays (`_memo`), so repeated decode
+  calls reuse one copy and one compiled program. ValueError for a model
+  that does not compute in float32 or whose arrays are not on the CPU;
+  ConfigError (from `native.ensure_built`) when the kernel cannot be built.
+  """
+  cfg = model.cfg
+  if cfg.compute_dtype != "float32" or cfg.param_dtype != "float32":
+    raise ValueError(f"matmul='native' computes in float32: model.compute_dtype={cfg.compute_dtype!r}, "
+                     f"model.param_dtype={cfg.param_dtype!r}")
+  graphdef, state = nnx.split(model)
+  leaves = jax.tree.leaves(state)
+  platforms = {d.platform for leaf in leaves for d in leaf.devices()}
+  if platforms != {"cpu"}:
+    raise ValueError(f"matmul='native' runs on the CPU; the model's arrays are on {sorted(platforms)}")
+  native.ensure_built()
+
+  def pack():
+    # One device: the custom call is not partitioned (a model built under a mesh is gathered).
+    copy = nnx.merge(graphdef, jax.device_put(state, next(iter(leaves[0].devices()))))
+    for _, module in nnx.iter_modules(copy):
+      if isinstance(module, layers.Dense):
+        w = module.kernel[...]
+        module.kernel = nnx.Param(native.pack(w))
+        module.matmul = PackedLinear(w.shape[-1])
+    if copy.head is None:  # tied: the readout is table^T
+      copy.embed.readout = nnx.Param(native.pack(copy.embed.table[...].T))
+    return copy
+
+  return _memo("packed", jax.tree.structure(state), leaves, pack)
