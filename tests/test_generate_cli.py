@@ -12,6 +12,7 @@ from recursive_lm import data
 from recursive_lm.data.tokenizers import encode_prompt
 from recursive_lm.inference import generate, load_checkpoint
 
+from test_native import needs_cxx
 from test_train_e2e import cli, tiny
 
 
@@ -68,6 +69,7 @@ def test_generate_cli(run_dir, tmp_path):
   assert rec["finish_reason"] == "stop" and rec["completion"] == text[:text.find(stop)]
 
 
+@needs_cxx
 def test_generate_cli_native_matmul(run_dir, tmp_path):
   """--matmul native (the packed CPU kernel) completes every line as the default does."""
   inp = tmp_path / "in.jsonl"

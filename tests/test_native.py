@@ -4,6 +4,7 @@ the same logits, the same greedy tokens through `generate`, the Engine and
 the generate CLI."""
 
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -22,10 +23,15 @@ from recursive_lm.model.transformer import Transformer
 
 from test_decode import V, build, full_forward
 
+# Every test that runs the kernel needs a compiler to build it (a machine without one skips them, named).
+needs_cxx = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
+                               reason="no C++ compiler ($CXX, default c++) to build model/packed_matmul.cc")
+
 TIED = dict(preset="cycle", num_layers=4, repeats=2, lora_rank=2, **{
     "model.sliding_window": 4, "model.global_every": 2, "model.rope_base_local": 100.0})
 
 
+@needs_cxx
 @pytest.mark.parametrize("lead,k,n", [((1,), 7, 5), ((3,), 13, 37), ((8,), 64, 96), ((9,), 40, 64),
                                       ((17,), 33, 70), ((2, 3), 16, 33), ((0,), 4, 4)])
 def test_packed_matmul_equals_x_times_w(lead, k, n):
@@ -41,6 +47,7 @@ def test_packed_matmul_equals_x_times_w(lead, k, n):
   np.testing.assert_allclose(y, x.astype(np.float64) @ w, rtol=1e-5, atol=1e-5)
 
 
+@needs_cxx
 def test_pack_keeps_leading_axes_and_checks_its_inputs():
   w = np.arange(2 * 3 * 40, dtype=np.float32).reshape(2, 3, 40)  # stacked layers [U, K, N]
   p = native.pack(w)
@@ -58,12 +65,14 @@ def test_a_missing_compiler_is_named(tmp_path, monkeypatch):
     native.build(str(tmp_path))
 
 
+@needs_cxx
 def test_the_build_is_cached_and_leaves_no_partial_file(tmp_path):
   lib = native.build(str(tmp_path))
   assert native.build(str(tmp_path)) == lib
   assert os.listdir(lib.parent) == [lib.name]
 
 
+@needs_cxx
 @pytest.mark.parametrize("tie", [True, False])
 def test_packed_copy_gives_the_models_logits(tie):
   model = build(**TIED, **{"model.tie_embeddings": tie})
@@ -82,6 +91,7 @@ def test_packed_copy_gives_the_models_logits(tie):
   np.testing.assert_allclose(full_forward(copy, tokens), full_forward(model, tokens), rtol=2e-5, atol=2e-5)
 
 
+@needs_cxx
 def test_generate_and_engine_with_native_matmul_give_the_xla_tokens():
   model = build(**TIED)
   prompts = jax.random.randint(jax.random.key(1), (3, 5), 0, V, dtype=jnp.int32)

@@ -80,7 +80,8 @@ def _memo(name: str, treedef, leaves: list, compute):
   value = compute()
   _last.pop(name, None)
   token = object()  # this entry, so a late callback of an older one cannot drop a newer one
-  drop = lambda _: _last.pop(name) if _last.get(name, (None,) * 4)[3] is token else None
+  # Bound to the dict itself: a leaf freed at interpreter exit may outlive the module's globals.
+  drop = lambda _, memo=_last: memo.pop(name) if memo.get(name, (None,) * 4)[3] is token else None
   _last[name] = (treedef, [weakref.ref(leaf, drop) for leaf in leaves], value, token)
   return value
 
