@@ -79,6 +79,8 @@ _GEN_EVAL_BATCHES = flags.DEFINE_integer("gen_eval_batches", 4, "generate with -
 _GEN_REPEATS = flags.DEFINE_integer("gen_repeats", 1, "generate: timed runs of the workload per serving mode, "
                                     "after the untimed compile run; each mode reports its fastest (a busy "
                                     "moment slows one run, not the mode).")
+_GEN_MATMUL = flags.DEFINE_enum("gen_matmul", "xla", ["xla", "native"], "generate: dense products of every "
+                                "decode loop, XLA's or the packed CPU kernel (model/native.py; float32, CPU).")
 _WARMUP = flags.DEFINE_bool("warmup", True, "compile: compile the first setting once, untimed, before timing "
                             "(so one-time JAX/XLA start-up is not charged to the first R).")
 
@@ -379,6 +381,8 @@ def run_generate(cd) -> dict:
       raise ConfigError(f"--gen_exit={_GEN_EXIT.value}: {e}") from None
   if _GEN_EVAL_BATCHES.value < 0:
     raise ConfigError(f"--gen_eval_batches={_GEN_EVAL_BATCHES.value} must be >= 0")
+  matmul = _GEN_MATMUL.value
+  cli.packed_for_decode(model, matmul)  # ConfigError when the model or machine cannot take it
   text = _text_rows(cfg, n, max_prompt) if _GEN_PROMPTS.value == "text" else None
   work = generate_workload(n, max_prompt, max_new, cfg.model.vocab_size, text=text)
   useful = sum(m for _, m in work)
@@ -391,14 +395,14 @@ def run_generate(cd) -> dict:
       padded = np.zeros((slots, max_prompt), np.int32)
       for i, (p, _) in enumerate(batch):
         padded[i, :p.size] = p
-      toks = np.asarray(generate(model, padded, max_new, prompt_lengths=[p.size for p, _ in batch]))
+      toks = np.asarray(generate(model, padded, max_new, prompt_lengths=[p.size for p, _ in batch], matmul=matmul))
       outs += [toks[i, p.size:p.size + m].tolist() for i, (p, m) in enumerate(batch)][:n - lo]
     return outs
 
   def continuous(exit_rule=None, depthwise=False):
     # The cache as long as the static side's (attention reads all of it at every step).
     engine = Engine(model, slots=slots, max_len=max_prompt + max_new, max_top_k=0, exit=exit_rule,
-                    depthwise=depthwise)
+                    depthwise=depthwise, matmul=matmul)
     outs = []
     for _ in range(1 + repeats):  # compile, then timed
       for p, m in work:
@@ -423,7 +427,7 @@ def run_generate(cd) -> dict:
   static_tps, cont_tps = useful / s_time, useful / c_time
   return {
       "mode": "generate", "model": source, "requests": n, "slots": slots, "max_prompt": max_prompt,
-      "max_new": max_new, "prompts": _GEN_PROMPTS.value, "requested_tokens": useful, "static_computed_tokens": -(-n // slots) * slots * max_new, "repeats": repeats,
+      "max_new": max_new, "prompts": _GEN_PROMPTS.value, "matmul": matmul, "requested_tokens": useful, "static_computed_tokens": -(-n // slots) * slots * max_new, "repeats": repeats,
       "static_s": round(s_time, 3), "continuous_s": round(c_time, 3),
       "static_tokens_per_s": round(static_tps, 1), "continuous_tokens_per_s": round(cont_tps, 1),
       "continuous_vs_static": round(cont_tps / static_tps, 3), "greedy_agreement": agree,

@@ -128,3 +128,21 @@ def test_split_weights_follow_an_updated_model():
   np.testing.assert_array_equal(generate(model, prompt, 6, return_logits=True)[1],
                                 generate(other, prompt, 6, return_logits=True)[1])
   assert not np.allclose(first, generate(model, prompt, 6, return_logits=True)[1])
+
+
+def test_split_weights_are_kept_per_model_and_dropped_with_it():
+  """Two models decoded in turn keep a split each; freeing a model drops its split."""
+  import gc
+
+  from recursive_lm.inference import layer_weights
+  a, b = build(**WINDOWED), build(seed=7, **WINDOWED)
+  pieces_a = layer_weights.split_layers(nnx.state(a))[1]
+  before = len(layer_weights._last)
+  pieces_b = layer_weights.split_layers(nnx.state(b))[1]
+  assert len(layer_weights._last) == before + 1
+  assert layer_weights.split_layers(nnx.state(a))[1] is pieces_a
+  assert layer_weights.split_layers(nnx.state(b))[1] is pieces_b
+  del b, pieces_b
+  gc.collect()
+  assert len(layer_weights._last) == before
+  assert layer_weights.split_layers(nnx.state(a))[1] is pieces_a

@@ -6,16 +6,18 @@
 
 Both sides decode the same GGUF dequantised to float32: ours through
 `recursive_lm.inference.generate` (the model converted in memory, as
-`python -m recursive_lm.convert` would), the reference through
+`python -m recursive_lm.convert` would) with the packed CPU matmul
+(`matmul="native"`, "ours") and with XLA's dot ("ours_xla"; --matmul picks
+the sides), the reference through
 `transformers` (`gguf_file=`) `generate` with do_sample=False and exactly
 --new tokens (min_new_tokens, so EOS does not end a row early). Prompts are
 BOS + text cut to --prompt tokens, row i from its own text. tokens/s =
 batch * new tokens / wall time of one call (prefill included), compiled /
-warmed up first; the two sides alternate within each repeat, so a busy
+warmed up first; the sides alternate within each repeat, so a busy
 machine slows both alike, and the best of --repeats is reported. torch runs
 on --threads threads; XLA takes the process's CPU cores (taskset to match).
 `greedy_agreement` is the fraction of rows whose continuation is the same
-on both sides (float32 summation order may flip a near tie).
+for "ours" and the reference (float32 summation order may flip a near tie).
 """
 
 from __future__ import annotations
@@ -51,8 +53,9 @@ def prompts(tokenizer, batch: int, length: int) -> np.ndarray:
   return np.asarray(rows, np.int32)
 
 
-def ours(path: str, matmul: str):
-  """(decode(prompt [B, P], n) -> new tokens [B, n], description) for our converted model."""
+def ours(path: str, matmuls: list[str]) -> dict:
+  """{side: (decode(prompt [B, P], n) -> new tokens [B, n], description)} for our converted model, one side
+  per --matmul choice: "ours" for the first, "ours_<choice>" for the others (one model, loaded once)."""
   import jax
 
   from recursive_lm import config as config_lib
@@ -63,10 +66,12 @@ def ours(path: str, matmul: str):
   cfg = config_lib.load(wd.make_config(src))
   model, _ = build.converted_model(src, cfg.model)
 
-  def run(prompt, n):
-    return np.asarray(jax.block_until_ready(generate(model, prompt, n, matmul=matmul)))[:, prompt.shape[1]:]
+  def side(matmul):
+    def run(prompt, n):
+      return np.asarray(jax.block_until_ready(generate(model, prompt, n, matmul=matmul)))[:, prompt.shape[1]:]
+    return run, {"jax": jax.__version__, "compute_dtype": cfg.model.compute_dtype, "matmul": matmul}
 
-  return run, {"jax": jax.__version__, "compute_dtype": cfg.model.compute_dtype, "matmul": matmul}
+  return {"ours" if i == 0 else f"ours_{m}": side(m) for i, m in enumerate(matmuls)}
 
 
 def reference(path: str, threads: int):
@@ -102,8 +107,9 @@ def main(argv=None) -> int:
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--threads", type=int, default=2, help="torch threads")
   ap.add_argument("--no_reference", action="store_true")
-  ap.add_argument("--matmul", default="native", choices=("native", "xla"),
-                  help="ours: the packed CPU kernel (native) or XLA's dot for the dense weights and readout")
+  ap.add_argument("--matmul", default="native,xla",
+                  help="ours, one side each: native (the packed CPU kernel) and / or xla (XLA's dot) for the "
+                       "dense weights and readout; the first is 'ours', the others 'ours_<name>'")
   ap.add_argument("--out", default=None, help="JSON record (default: print only)")
   args = ap.parse_args(argv)
   batches = [int(b) for b in args.batches.split(",")]
@@ -114,7 +120,10 @@ def main(argv=None) -> int:
 
   path = str(g.assemble())
   tok = GGUFTokenizer(path)
-  sides = {"ours": ours(path, args.matmul)}
+  matmuls = args.matmul.split(",")
+  if not matmuls or any(m not in ("native", "xla") for m in matmuls):
+    raise SystemExit(f"error: --matmul {args.matmul}: a comma list of native, xla")
+  sides = ours(path, matmuls)
   if not args.no_reference:
     sides["reference"] = reference(path, args.threads)
   data = {b: prompts(tok, b, args.prompt) for b in batches}
@@ -139,7 +148,9 @@ def main(argv=None) -> int:
     for s in sides:
       row[f"{s}_tokens_per_s"] = round(b * args.new / best[s, b], 2)
     if "reference" in sides:
-      row["ours_vs_reference"] = round(row["ours_tokens_per_s"] / row["reference_tokens_per_s"], 3)
+      for s in sides:
+        if s != "reference":
+          row[f"{s}_vs_reference"] = round(row[f"{s}_tokens_per_s"] / row["reference_tokens_per_s"], 3)
       row["greedy_agreement"] = float(np.mean([(a == c).all() for a, c in zip(tokens["ours", b],
                                                                                  tokens["reference", b])]))
     record["results"].append(row)
