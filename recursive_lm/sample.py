@@ -1,6 +1,6 @@
 """Sample from a checkpoint:
 `python -m recursive_lm.sample --workdir runs/demo --prompt "def " --max_new_tokens 200
- [--temperature 0.8 --top_k 40 --seed 0 --step N --ignore_eos --loops N]`.
+ [--temperature 0.8 --top_k 40 --seed 0 --step N --ignore_eos --loops N --matmul xla|native]`.
 
 The prompt is encoded with the run's tokenizer (data.tokenizer in its
 config.json), after BOS when the tokenizer expects it (a converted pretrained
@@ -10,7 +10,8 @@ produces it, unless --ignore_eos. Temperature 0 (the default) is greedy.
 One request of the serving engine (`inference.engine.Engine`, one slot, its
 cache as long as prompt + new tokens), so `sample` and `generate` decode alike.
 --loops N runs a recurrent plan's core N times (any N >= 1, more than
-trained included; default: the plan's repeats).
+trained included; default: the plan's repeats). --matmul native decodes
+with the packed CPU kernel (`generate`'s docstring).
 Errors (no run directory, config or checkpoint, a prompt that encodes to no
 tokens, prompt + new tokens beyond model.max_seq_len, --loops < 1 or on a
 plan without a recurrent core) print one line on stderr

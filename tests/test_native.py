@@ -111,3 +111,33 @@ def test_native_matmul_refuses_what_it_cannot_compute():
   with pytest.raises(ValueError, match="computes in float32: model.compute_dtype='bfloat16'"):
     layer_weights.decode_model(Transformer(cfg.model, nnx.Rngs(0)), "native")
 
+
+
+@needs_cxx
+@pytest.mark.parametrize("mode", ["exit", "depthwise", "speculate"])
+def test_every_engine_path_runs_the_packed_copy(mode):
+  # Exits forced by position (deterministic), depth-wise batching, self-speculation: the tokens (and exit
+  # loops) of XLA's dot with the packed weights.
+  from test_depthwise import WINDOWED, ExitByPosition, _prompts
+  model = build(**WINDOWED)
+  kw = {"exit": dict(exit=ExitByPosition()), "depthwise": dict(exit=ExitByPosition(), depthwise=True),
+        "speculate": dict(speculate=2)}[mode]
+  prompts = _prompts([2, 7, 4, 5], seed=3)
+  runs = {m: Engine(model, slots=2, chunk=2, matmul=m, **kw).generate(prompts, max_new_tokens=6)
+          for m in ("xla", "native")}
+  for a, b in zip(runs["xla"], runs["native"]):
+    assert a.tokens == b.tokens and a.exit_loops == b.exit_loops
+
+
+@needs_cxx
+def test_a_model_on_several_devices_is_gathered_onto_one():
+  from jax.sharding import NamedSharding, PartitionSpec
+  model = build(**TIED)
+  prompt = jax.random.randint(jax.random.key(2), (2, 4), 0, V, dtype=jnp.int32)
+  want = np.asarray(generate(model, prompt, 5))
+  mesh = jax.make_mesh((len(jax.devices()),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  nnx.update(model, jax.device_put(nnx.state(model), NamedSharding(mesh, PartitionSpec())))
+  assert len(jax.tree.leaves(nnx.state(model))[0].devices()) == len(jax.devices()) > 1
+  copy = layer_weights.packed_copy(model)
+  assert all(len(leaf.devices()) == 1 for leaf in jax.tree.leaves(nnx.state(copy)))
+  np.testing.assert_array_equal(generate(model, prompt, 5, matmul="native"), want)
