@@ -5,11 +5,12 @@
 
 Input: one JSON object per line, {"id": ..., "prompt": "...", "max_new_tokens": n?, "stop": ["..."]?}
 (max_new_tokens defaults to the flag). Output: exactly one line per input
-line, in input order: {"id", "completion", "new_tokens", "finish_reason"}
-(finish_reason "length" | "eos" | "stop"; the completion leaves out EOS and
-is cut before a stop string; with --exit also "mean_exit_loop", the loops
-run per decoded token, null when none was decoded; for a model with
-Mixture-of-Recursions routers the mean recursions its decoded tokens took),
+line, in input order: {"id", "completion", "new_tokens", "finish_reason",
+"mean_exit_loop"} (finish_reason "length" | "eos" | "stop"; the completion
+leaves out EOS and is cut before a stop string; mean_exit_loop: with --exit
+the loops run per decoded token, null when none was decoded; for a model
+with Mixture-of-Recursions routers the mean recursions its decoded tokens
+took; null otherwise, every token running every loop),
 or {"id", "error"} for a line that cannot run (broken JSON, no prompt, bad
 fields, prompt + new tokens beyond model.max_seq_len): the error names the line and what is wrong, the other
 lines still run, and the exit status is 1. Prompts are encoded after BOS when
@@ -161,9 +162,9 @@ def run(workdir: str, input_path: str, output_path: str, max_new_tokens: int = 6
     results[i] = {"id": rid} if error is None else {"id": rid, "error": error}
   start, total = time.perf_counter(), 0
   for c in engine.stream():
-    results[c.id].update(completion=c.text, new_tokens=c.new_tokens, finish_reason=c.finish_reason)
-    if c.exit_loops is not None:  # with --exit, or a model with routers (its recursions per token)
-      results[c.id]["mean_exit_loop"] = c.mean_exit_loop
+    # exit_loops: with --exit, or a model with routers (its recursions per token); None: every loop ran.
+    results[c.id].update(completion=c.text, new_tokens=c.new_tokens, finish_reason=c.finish_reason,
+                         mean_exit_loop=None if c.exit_loops is None else c.mean_exit_loop)
     total += c.new_tokens
   seconds = time.perf_counter() - start
 

@@ -55,6 +55,7 @@ def test_generate_cli(run_dir, tmp_path):
     rec = recs[i]
     n = g.get("max_new_tokens", 12)
     assert rec["id"] == g["id"] and rec["new_tokens"] == n and rec["finish_reason"] == "length"
+    assert rec["mean_exit_loop"] is None  # no --exit: every token ran every loop
     ids = encode_prompt(tok, g["prompt"])
     want = np.asarray(generate(model, ids[None], n))[0, ids.size:] if n else []
     assert rec["completion"] == tok.decode(want), (i, rec)
@@ -109,7 +110,7 @@ def test_generate_cli_with_exits(run_dir, tmp_path):
     r = cli("recursive_lm.generate", f"--workdir={run_dir}", f"--input={inp}", f"--output={out}", f"--exit={rule}")
     assert r.returncode == 0, r.stderr
     recs[rule] = [json.loads(l) for l in open(out)]
-  assert all("mean_exit_loop" not in r for r in recs["none"])
+  assert all(r["mean_exit_loop"] is None for r in recs["none"])
   for a, b in zip(recs["none"], recs["confidence:1.0"]):
     assert b["completion"] == a["completion"] and b["mean_exit_loop"] == 2.0
   assert all(r["mean_exit_loop"] == 1.0 for r in recs["confidence:0.000001"])
