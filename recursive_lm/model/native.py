@@ -51,7 +51,7 @@ def build(cache_dir: str | None = None) -> pathlib.Path:
   """The compiled library's path, compiling it when this cache lacks it.
 
   Raises ConfigError when no C++ compiler is found or compiling fails (with
-  the compiler's last message line)."""
+  the compiler's first error line)."""
   cxx = os.environ.get("CXX", "c++")
   exe = shutil.which(cxx)
   if exe is None:
@@ -76,18 +76,15 @@ def build(cache_dir: str | None = None) -> pathlib.Path:
   return lib
 
 
-def _register() -> None:
+def ensure_built() -> None:
+  """Compile (if this cache lacks it) and register the kernel, once per
+  process; ConfigError when it cannot be built."""
   global _registered
   with _lock:
-    if not _registered:  # once per process (ctypes keeps the library loaded)
+    if not _registered:  # ctypes keeps the library loaded
       library = ctypes.cdll.LoadLibrary(str(build()))
       jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.PackedMatmulHandler), platform="cpu")
       _registered = True
-
-
-def ensure_built() -> None:
-  """Compile and register the kernel now (ConfigError when it cannot be)."""
-  _register()
 
 
 def pack(w) -> jax.Array:
@@ -112,7 +109,7 @@ def packed_matmul(x: jax.Array, p: jax.Array, n: int) -> jax.Array:
   """x float32 [..., K] @ W -> [..., n], with p = pack(W) [ceil(n/32), K, 32].
 
   Forward only (no derivative), float32, CPU: the decode loop's product."""
-  _register()
+  ensure_built()
   if x.dtype != jnp.float32 or p.dtype != jnp.float32:
     raise ValueError(f"packed_matmul: float32 only, got x {x.dtype} and p {p.dtype}")
   if p.ndim != 3 or p.shape[1:] != (x.shape[-1], TILE) or not (p.shape[0] - 1) * TILE < n <= p.shape[0] * TILE:
