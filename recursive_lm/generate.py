@@ -162,9 +162,9 @@ def run(workdir: str, input_path: str, output_path: str, max_new_tokens: int = 6
     results[i] = {"id": rid} if error is None else {"id": rid, "error": error}
   start, total = time.perf_counter(), 0
   for c in engine.stream():
-    # exit_loops: with --exit, or a model with routers (its recursions per token); None: every loop ran.
+    # mean_exit_loop: with --exit, or a model with routers (its recursions per token); None: every loop ran.
     results[c.id].update(completion=c.text, new_tokens=c.new_tokens, finish_reason=c.finish_reason,
-                         mean_exit_loop=None if c.exit_loops is None else c.mean_exit_loop)
+                         mean_exit_loop=c.mean_exit_loop)
     total += c.new_tokens
   seconds = time.perf_counter() - start
 

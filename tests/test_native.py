@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from conftest import tiny_config
+from recursive_lm import cli
 from recursive_lm import config as config_lib
 from recursive_lm.config import ConfigError
 from recursive_lm.inference import generate, layer_weights
@@ -110,6 +111,8 @@ def test_native_matmul_refuses_what_it_cannot_compute():
   cfg = config_lib.load(tiny_config(**{"model.compute_dtype": "bfloat16"}))
   with pytest.raises(ValueError, match="computes in float32: model.compute_dtype='bfloat16'"):
     layer_weights.decode_model(Transformer(cfg.model, nnx.Rngs(0)), "native")
+  with pytest.raises(ConfigError, match="^--matmul=native: matmul='native' computes in float32"):  # the CLIs' line
+    cli.packed_for_decode(Transformer(cfg.model, nnx.Rngs(0)), "native")
 
 
 

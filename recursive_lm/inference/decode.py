@@ -144,8 +144,7 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, t
   if not jnp.issubdtype(prompt.dtype, jnp.integer):
     raise ValueError(f"prompt_ids must be integer token ids, got {prompt.dtype}")
   prompt = prompt.astype(jnp.int32)
-  if matmul not in layer_weights.MATMULS:
-    raise ValueError(f"matmul={matmul!r} must be one of {layer_weights.MATMULS}")
+  decoder = layer_weights.decode_model(model, matmul)  # ValueError for a bad name or a model it cannot pack
   if loops is not None:
     model.check_loops(int(loops))
   b, p = prompt.shape
@@ -182,7 +181,7 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, t
     raise ValueError(f"eos_id={eos_id} must lie in [0, model.vocab_size={vocab})")
   if n == 0:
     return (prompt, jnp.zeros((b, 0, model.cfg.vocab_size), jnp.float32)) if return_logits else prompt
-  graphdef, state = nnx.split(layer_weights.decode_model(model, matmul))
+  graphdef, state = nnx.split(decoder)
   layout, weights = layer_weights.split_layers(state)
   greedy = float(temperature) == 0.0
   return _generate(graphdef, layout, weights, prompt, jnp.asarray(lengths, jnp.int32), jax.random.key(int(seed)),
