@@ -40,12 +40,18 @@ class Stage:
   repeats: int  # C (not R: that letter is the LoRA rank)
   order: str = "cycle"
   per_depth_norms: bool = False  # only meaningful when the stage repeats
+  # A recurrent core (Huginn): the stage's input e is replaced by an initial
+  # state, and e is injected into the state at the start of every repeat;
+  # its repeat count may change at run time (a loop count). Cycle order only.
+  inject: bool = False
 
   def __post_init__(self):
     if self.order not in ORDERS:
       raise PlanError(f"stage {self.name!r}: order={self.order!r} is not one of {ORDERS}")
     if self.unique_blocks < 1 or self.repeats < 1:
       raise PlanError(f"stage {self.name!r}: unique_blocks={self.unique_blocks} and repeats={self.repeats} must be >= 1")
+    if self.inject and self.order != "cycle":
+      raise PlanError(f"stage {self.name!r}: input injection needs cycle order (got {self.order!r})")
 
   @property
   def depth(self) -> int:
@@ -98,12 +104,43 @@ class Layer(NamedTuple):
   window: int | None  # sliding window (0: unlimited); None when the model has no windows
 
 
+class Loop(NamedTuple):
+  """The plan's loop: its one repeated stage, described once. Every feature
+  that works loop by loop (exits, depth-wise batching, self-speculation,
+  Mixture-of-Recursions, test-time loop counts, per-loop losses) reads this
+  record (`Plan.loop`) instead of searching the stages itself.
+
+  A loop is one pass over the stage's U unique blocks (cycle order), so loop
+  j (0-based) is the effective layers first + j * U .. first + (j + 1) * U - 1."""
+  stage: int  # index of the repeated stage in Plan.stages
+  unique_blocks: int  # U: effective layers per loop
+  repeats: int  # C: loops the plan runs
+  order: str  # "cycle" (1-2-3 1-2-3) or "sequence" (1-1 2-2 3-3: no loop boundaries inside the stage)
+  first: int  # effective depth of the stage's first layer
+  inject: bool  # a recurrent core: the prelude output is injected at every loop start; the count may change
+  routed: bool  # Mixture-of-Recursions routers choose each token's loops (model.mor)
+
+  @property
+  def boundaries(self) -> tuple[int, ...]:
+    """Effective depths after which a loop ends and another follows (where an
+    exit is decided and a loop state is read out); () in sequence order."""
+    if self.order != "cycle":
+      return ()
+    return tuple(self.first + (j + 1) * self.unique_blocks - 1 for j in range(self.repeats - 1))
+
+  @property
+  def last(self) -> int:
+    """Effective depth of the stage's last layer."""
+    return self.first + self.unique_blocks * self.repeats - 1
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
   stages: tuple[Stage, ...]
   kv_sharing: str = "none"
   sliding_window: int = 0
   global_every: int = 0
+  routed: bool = False  # Mixture-of-Recursions routers act on the loop (model.mor.routing != 'none')
   _layers: tuple[Layer, ...] = dataclasses.field(init=False, repr=False, compare=False)
 
   def __post_init__(self):  # every record is computed (and every sharing rule checked) once, here
@@ -124,6 +161,33 @@ class Plan:
 
   def layers(self) -> list[Layer]:
     return list(self._layers)
+
+  @property
+  def looped(self) -> Loop | None:
+    """The loop record, or None for a plan whose stages all run once (or that
+    repeats more than one stage: no preset does; `loop` names it)."""
+    repeated = [i for i, s in enumerate(self.stages) if s.repeats > 1 or s.inject]
+    if len(repeated) != 1:
+      return None
+    i = repeated[0]
+    s = self.stages[i]
+    first = sum(t.depth for t in self.stages[:i])
+    return Loop(i, s.unique_blocks, s.repeats, s.order, first, s.inject, self.routed)
+
+  def loop(self, use: str, cycle: bool = True) -> Loop:
+    """The loop record for a feature that needs one; `use` names the feature
+    (an option, e.g. "exit='confidence:0.9'") in the one error wording: the
+    plan must repeat exactly one stage and, with `cycle`, in cycle order."""
+    loop = self.looped
+    stages = [(s.name, s.unique_blocks, s.repeats, s.order) for s in self.stages]
+    if loop is None:
+      n = sum(s.repeats > 1 for s in self.stages)
+      raise PlanError(f"{use} needs a plan with exactly one repeated stage (the loop); this plan has {n} (stages "
+                      f"{stages} as (name, unique blocks, repeats, order))")
+    if cycle and loop.order != "cycle":
+      raise PlanError(f"{use} needs the loop {self.stages[loop.stage].name!r} in cycle order (1-2-3 1-2-3), "
+                      f"not {loop.order!r}")
+    return loop
 
   def stage_layers(self, i: int) -> list[Layer]:
     return [l for l in self._layers if l.stage == i]
@@ -157,21 +221,6 @@ class Plan:
   def describe(self) -> list[dict]:
     return [{"depth": l.depth, "stage": self.stages[l.stage].name, "block": l.block, "repeat": l.repeat,
              "kv_slot": l.kv_slot} for l in self._layers]
-
-
-def routed_stage(plan: Plan, field: str = "model.mor.routing") -> int:
-  """Index of the stage Mixture-of-Recursions routers act on: the plan's one
-  stage that repeats its blocks, in cycle order (a recursion step is one pass
-  over its unique blocks). Raises PlanError naming `field` otherwise."""
-  repeated = [i for i, s in enumerate(plan.stages) if s.repeats > 1]
-  stages = [(s.name, s.unique_blocks, s.repeats, s.order) for s in plan.stages]
-  if len(repeated) != 1:
-    raise PlanError(f"{field}: routers need a plan with exactly one repeated stage; this plan has "
-                    f"{len(repeated)} (stages {stages} as (name, unique blocks, repeats, order))")
-  if plan.stages[repeated[0]].order != "cycle":
-    raise PlanError(f"{field}: the repeated stage {plan.stages[repeated[0]].name!r} runs in "
-                    f"{plan.stages[repeated[0]].order!r} order; a recursion step needs cycle order (1-2-3 1-2-3)")
-  return repeated[0]
 
 
 # ----------------------------------------------------------------------------
@@ -260,7 +309,9 @@ class Preset:
   # (num_layers, repeats, per_depth_norms, (prelude, coda)) -> stages; the ends are read by `recurrent` only.
   stages: Callable[[int, int, bool, tuple[int, int]], tuple[Stage, ...]]
   uses_repeats: bool  # whether model.plan.repeats is read (looped / sandwich repeat their block L or L-2 times)
-  loop_stage: str | None  # the stage test-time loop counts change (None: nothing repeats)
+  # The stage test-time loop counts change (None: nothing repeats); with_repeats reads it
+  # because a preset's loop may repeat only once (looped / sandwich at their smallest depth).
+  loop_stage: str | None
   min_layers: int = 1
 
 
@@ -289,7 +340,7 @@ def _recurrent(L, R, norms, ends):
     raise PlanError(f"model.plan: preset 'recurrent' needs num_layers >= prelude + repeats + coda = "
                     f"{prelude + R + coda} (got num_layers={L})")
   core = _divide(L - prelude - coda, R, "num_layers - prelude - coda")
-  return Stage("prelude", prelude, 1), Stage("core", core, R, "cycle", norms), Stage("coda", coda, 1)
+  return Stage("prelude", prelude, 1), Stage("core", core, R, "cycle", norms, inject=True), Stage("coda", coda, 1)
 
 
 PRESETS: dict[str, Preset] = {
@@ -304,7 +355,6 @@ PRESETS: dict[str, Preset] = {
                                            Stage("last", 1, 1)), False, "middle", 3),
     "recurrent": Preset(_recurrent, True, "core", 3),
 }
-RECURRENT_STAGES = ("prelude", "core", "coda")  # stage names of the `recurrent` preset, in order
 PRESET_NAMES = tuple(PRESETS)
 
 
@@ -315,7 +365,7 @@ def _preset(name: str) -> Preset:
 
 
 def build(preset: str, num_layers: int, repeats: int = 1, per_depth_norms: bool = False, kv_sharing: str = "none",
-          sliding_window: int = 0, global_every: int = 0, ends: tuple[int, int] = (2, 2)) -> Plan:
+          sliding_window: int = 0, global_every: int = 0, ends: tuple[int, int] = (2, 2), routed: bool = False) -> Plan:
   """Plan for a named preset with `num_layers` effective layers. ends:
   (prelude, coda) unique blocks of the `recurrent` preset (ignored by the others)."""
   L, R = num_layers, repeats
@@ -325,14 +375,14 @@ def build(preset: str, num_layers: int, repeats: int = 1, per_depth_norms: bool 
   if L < p.min_layers:
     raise PlanError(f"model.plan: preset {preset!r} needs num_layers >= {p.min_layers} (got {L}): first and last "
                     "stay unique")
-  return Plan(p.stages(L, R, per_depth_norms, tuple(ends)), kv_sharing, sliding_window, global_every)
+  return Plan(p.stages(L, R, per_depth_norms, tuple(ends)), kv_sharing, sliding_window, global_every, routed)
 
 
 def from_config(cfg) -> Plan:
   """Plan of a `recursive_lm.config.ModelConfig` (its plan, KV sharing and layer kinds)."""
   p = cfg.plan
   return build(p.preset, p.num_layers, p.repeats, p.per_depth_norms, cfg.kv_sharing, cfg.sliding_window,
-               cfg.global_every, (p.prelude, p.coda))
+               cfg.global_every, (p.prelude, p.coda), cfg.mor.routing != "none")
 
 
 def with_repeats(preset: str, num_layers: int, repeats: int, loops: int,

@@ -52,12 +52,12 @@ def test_exit_after_the_first_loop(sharing):
   layers = model.plan.layers()
   stage = model.stages[0]
   for layer in layers[:2]:
-    x, entry, _ = apply_layer(stage, layer, x, ctx, exits._entry(model.plan, cache, layer))
-    cache = exits._store(model.plan, cache, layer, entry)
+    x, entry, _ = apply_layer(stage, layer, x, ctx, model.kv.read(cache, layer))
+    cache = model.kv.write(cache, layer, entry)
   np.testing.assert_allclose(got, model.readout(x), rtol=1e-5, atol=1e-5)
   for layer in layers[2:]:
-    _, entry, _ = apply_layer(stage, layer, x, ctx, exits._entry(model.plan, cache, layer))
-    cache = exits._store(model.plan, cache, layer, entry)
+    _, entry, _ = apply_layer(stage, layer, x, ctx, model.kv.read(cache, layer))
+    cache = model.kv.write(cache, layer, entry)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got_cache, cache)
   # The exit changes the prediction (the test would not see a missing exit otherwise).
   full, _, _ = model(tok, *_step_inputs(model)[1:2], cache_index=pos)

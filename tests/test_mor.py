@@ -267,8 +267,8 @@ def test_active_flops_with_recursion_wise_kv_sharing():
     ({"model.mor.capacities": "1,a,b"}, "model.mor.capacities='1,a,b' is not a comma-separated list"),
     ({"model.mor.weighting": "tanh"}, "model.mor.weighting='tanh' is not one of"),
     ({"model.mor.router_scale": 0.0}, "model.mor.router_scale=0.0 must be > 0"),
-    ({"preset": "vanilla"}, "model.mor.routing: routers need a plan with exactly one repeated stage; this plan has 0"),
-    ({"preset": "middle_sequence"}, "model.mor.routing: the repeated stage 'middle' runs in 'sequence' order"),
+    ({"preset": "vanilla"}, "model.mor.routing needs a plan with exactly one repeated stage (the loop); this plan has 0"),
+    ({"preset": "middle_sequence"}, "model.mor.routing needs the loop 'middle' in cycle order (1-2-3 1-2-3), not 'sequence'"),
     ({"model.kv_sharing": "cla:2"}, "model.kv_sharing='cla:2' is not supported with model.mor.routing"),
     ({"model.sliding_window": 4}, "model.sliding_window=4 is not supported with model.mor.routing"),
 ])

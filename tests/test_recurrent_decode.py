@@ -95,8 +95,8 @@ def test_exit_after_the_first_iteration_runs_the_coda_on_that_state():
 
   def run(stage_i, layers, x, entries):
     for n, layer in zip(entries, layers):
-      x, entry, _ = apply_layer(model.stages[stage_i], layer, x, ctx, exits._take(want[stage_i], n))
-      want[stage_i] = exits._put(want[stage_i], n, entry)
+      x, entry, _ = apply_layer(model.stages[stage_i], layer, x, ctx, jax.tree.map(lambda a: a[n], want[stage_i]))
+      want[stage_i] = jax.tree.map(lambda a, v: a.at[n].set(v), want[stage_i], entry)
     return x
 
   x = run(0, plan.stage_layers(0), model.embed(tok, jnp.float32), [0])

@@ -29,8 +29,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from recursive_lm.model import recursion
-from recursive_lm.model.recurrent import initial_state
+from recursive_lm.model import recurrent, walk
 
 
 
@@ -53,19 +52,10 @@ def residual_stream(model, tokens: jax.Array) -> tuple[jax.Array, dict]:
   ctx, _ = model.context(tokens.shape[1])
   x = model.embed(tokens, jnp.dtype(model.cfg.compute_dtype))
   hidden = [x]
-  if model.plan.kv_sharing != "none":  # layers read each other's K/V: one walk with the shared store
-    _, _, aux = recursion.run_shared(model.stages, model.plan, x, ctx, None, "none", hidden)
-    return jnp.stack(hidden), aux
-  auxes = []
-  for layer in model.plan.layers():
-    if model.injection is not None and layer.stage == 1 and layer.block == 0:  # a recurrent core iteration starts
-      if layer.repeat == 0:
-        e, x = x, initial_state(model.cfg.recurrent.init_state, x, None, ctx.positions)
-      x = model.injection(x, e)
-    x, _, aux = recursion.apply_layer(model.stages[layer.stage], layer, x, ctx)
-    hidden.append(x)
-    auxes.append(aux)
-  return jnp.stack(hidden), jax.tree.map(lambda *a: jnp.stack(a), *auxes)
+  inject = recurrent.loop_start(model, ctx) if model.recurrent else None
+  hooks = walk.Hooks(loop_start=inject, layer_end=lambda x, layer: hidden.append(x))
+  _, _, aux, _ = walk.walk(model, model.plan.layers(), x, ctx, None, hooks=hooks)
+  return jnp.stack(hidden), aux
 
 
 def readout(model, h: jax.Array) -> jax.Array:

@@ -171,18 +171,18 @@ def _mor_capacities(m, plan: plan_lib.Plan) -> tuple[float, ...]:
     if mr.capacities.strip():
       raise ConfigError(f"model.mor.capacities={mr.capacities!r} is set but model.mor.routing='none'")
     return ()
-  stage = plan.stages[plan_lib.routed_stage(plan)]
-  for field, value, ok in (("model.plan.preset", m.plan.preset, m.plan.preset != "recurrent"),
+  loop = plan.loop("model.mor.routing")
+  for field, value, ok in (("model.plan.preset", m.plan.preset, not loop.inject),
                            ("model.block", m.block, m.block == "dense"),
                            ("model.kv_sharing", m.kv_sharing, m.kv_sharing in ("none", "recursion")),
                            ("model.sliding_window", m.sliding_window, not m.sliding_window)):
     if not ok:
       raise ConfigError(f"{field}={value!r} is not supported with model.mor.routing={mr.routing!r} (supported: "
                         "a dense, non-recurrent plan without sliding windows, KV sharing none or recursion)")
-  return _capacities(mr.capacities, stage.repeats)
+  return _capacities(mr.capacities, loop.repeats)
 
 
-def _exit_weights(value, plan: plan_lib.Plan, preset: str) -> tuple[float, ...]:
+def _exit_weights(value, plan: plan_lib.Plan) -> tuple[float, ...]:
   """train.exit_loss_weights ('w1,w2,...' or a sequence; '' off) -> one float >= 0
   per loop of the plan's repeated cycle-order stages (boundaries + 1)."""
   field = "train.exit_loss_weights"
@@ -193,9 +193,10 @@ def _exit_weights(value, plan: plan_lib.Plan, preset: str) -> tuple[float, ...]:
     weights = tuple(float(v) for v in items)
   except (TypeError, ValueError):
     raise ConfigError(f"{field}={value!r} must be comma-separated numbers, one per loop") from None
-  if preset == "recurrent":
+  loop = plan.looped
+  if loop is not None and loop.inject:
     raise ConfigError(f"{field}: the recurrent preset's run-time loop count is not supported; leave it empty")
-  loops = 1 + sum(1 for l in plan.layers() if plan.stages[l.stage].ends_loop(l.block, l.repeat))
+  loops = 1 + (len(loop.boundaries) if loop is not None else 0)
   if loops == 1:
     raise ConfigError(f"{field}={value!r}: the plan has no repeated cycle-order stage (no loops to read out)")
   if len(weights) != loops:
@@ -247,7 +248,7 @@ def load(cd: ml_collections.ConfigDict) -> Config:
       raise ConfigError(f"mesh.{f}={me[f]} must be a positive size or -1 (the rest)")
   if sum(me[f] == -1 for f in axes) > 1:
     raise ConfigError("mesh: at most one of data/fsdp/tensor/expert may be -1")
-  exit_weights = _exit_weights(cd.train.exit_loss_weights, depth_plan, p.preset)
+  exit_weights = _exit_weights(cd.train.exit_loss_weights, depth_plan)
   capacities = _mor_capacities(m, depth_plan)
   return fields.build(Config, cd, resolved={"model.head_dim": head_dim, "model.lora": lora,
                                             "model.mor.capacities": capacities,

@@ -30,8 +30,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from recursive_lm.model.recurrent import initial_state
-from recursive_lm.model.recursion import apply_layer, layer_modules
+from recursive_lm import plan as plan_lib
+from recursive_lm.model import recurrent
+from recursive_lm.model import walk as walk_lib
 
 
 class ExitRule(NamedTuple):
@@ -76,130 +77,119 @@ def decide(rule, logp, prev, loop, positions):
   return (jnp.asarray(loop) > 1) & (kl < rule.threshold)  # the first loop has no predecessor
 
 
-def loop_boundaries(plan) -> tuple[int, ...]:
-  """Effective-layer depths after which a loop of a repeated cycle-order stage
-  ends and another follows (where an exit may be taken). Raises ValueError for
-  a plan without one."""
-  out = []
-  for i, spec in enumerate(plan.stages):
-    if spec.repeats > 1 and spec.order == "cycle":
-      layers = plan.stage_layers(i)
-      out += [l.depth for l in layers if l.block == spec.unique_blocks - 1 and l.repeat < spec.repeats - 1]
-  if not out:
-    raise ValueError("early exit needs a model with a repeated stage in cycle order (loops to exit between); "
-                     "this plan has none")
-  return tuple(out)
+def loop_boundaries(plan, use: str = "early exit") -> tuple[int, ...]:
+  """Effective-layer depths after which a loop ends and another follows (where
+  an exit may be taken: `plan.Loop.boundaries`). Raises PlanError (a
+  ValueError) naming `use` for a plan without a loop in cycle order, or one
+  that runs its loop once."""
+  loop = plan.loop(use)
+  if not loop.boundaries:
+    raise plan_lib.PlanError(f"{use} needs a loop run at least twice; the plan's loop "
+                             f"{plan.stages[loop.stage].name!r} runs {loop.repeats} time(s)")
+  return loop.boundaries
 
 
-def check_model(model, loops: int | None = None) -> None:
+def check_model(model, loops: int | None = None, use: str = "early exit") -> None:
   """ValueError unless `model` run with `loops` (a recurrent core's count;
   None: the plan's) has loop boundaries to exit at."""
-  if model.recurrent:
-    n = model.plan.stages[1].repeats if loops is None else int(loops)
+  loop = model.plan.loop(use)
+  if loop.inject:
+    n = loop.repeats if loops is None else int(loops)
     if n < 2:
-      raise ValueError(f"early exit needs the recurrent core looped at least twice (loops={n})")
+      raise ValueError(f"{use} needs the recurrent core looped at least twice (loops={n})")
   else:
-    loop_boundaries(model.plan)
+    loop_boundaries(model.plan, use)
 
 
-def _take(tree, i):
-  return jax.tree.map(lambda a: a[i], tree)
+def _decision(rule, cache_index, readout):
+  """The loop-end hook of an exit walk, and what it records.
 
+  After loop j (0-based) of n, rows not yet frozen read out `readout(x)`
+  (log-probabilities [B, V] or [B, T, V]) and those the rule sends off are
+  frozen, their loop count j + 1 recorded (n: never exited). The last loop
+  decides nothing. Returns (hook, record): set record["loops"] to n before
+  the walk; it holds the loops after it."""
+  record = {"prev": None}
 
-def _put(tree, i, value):
-  return jax.tree.map(lambda a, v: a.at[i].set(v), tree, value)
+  def hook(x, j, frozen, n):
+    if j == n - 1:
+      return frozen
+    logp = readout(x, frozen, record["prev"])
+    prev = record["prev"]
+    go = decide(rule, logp, logp if prev is None else prev, j + 1, cache_index) & ~frozen
+    record["prev"] = logp
+    record["loops"] = jnp.where(go, j + 1, record["loops"])
+    return frozen | go
 
-
-def _entry(plan, cache, layer):
-  """The cache entry {'k','v'} [B, S, K, Hd] that `layer` reads and writes."""
-  return _take(cache[0], layer.kv_slot) if plan.kv_sharing != "none" else _take(cache[layer.stage], layer.slot)
-
-
-def _store(plan, cache, layer, entry):
-  if plan.kv_sharing != "none":
-    return [_put(cache[0], layer.kv_slot, entry)] if layer.kv_write else cache
-  cache = list(cache)
-  cache[layer.stage] = _put(cache[layer.stage], layer.slot, entry)
-  return cache
-
-
-def _write_kv(stage, layer, x, ctx, entry):
-  """Only the K/V that `layer` writes for x (`Block.write_kv`), with the
-  layer's own block, depth slot, rotary kind and window, as `apply_layer` picks them."""
-  if stage.shared_kv and not layer.kv_write:
-    return entry
-  block, slot, kv_proj, kv_lora = layer_modules(stage, layer)
-  return block.write_kv(x, slot, ctx.for_layer(rope=layer.rope, window=layer.window), entry, kv_proj, kv_lora)
+  return hook, record
 
 
 def forward_with_exits(model, tokens, cache, cache_index, rule: ExitRule, loops: int | None = None):
   """tokens [B, T] -> (logits [B, T, V] float32, cache, loops int32 [B]).
 
-  A recurrent plan goes to `recurrent_with_exits` (its core run `loops`
-  times, default the plan's repeats); other plans take no loop count.
-
   Like `model(tokens, cache=cache, cache_index=cache_index)` but each row may
   exit at a loop boundary by `rule` (decided on its last position); loops[i]:
   the loops row i ran (1 .. boundaries + 1, the last meaning no exit). After
   the first loop, each layer's K/V are written by its K/V projections alone
-  (`Block.write_kv`) and the rest of the layer runs only while some row has
+  (`kv.fill`) and the rest of the layer runs only while some row has
   not exited, so once every row has, the rest of the depth costs just the
   K/V projections. The full layer writes the same K/V again (unchanged).
+
+  A recurrent plan (loops: its core's count, a Python int, default the
+  plan's repeats, with the cache of `model.init_cache(loops=loops)`) decides
+  as Huginn does: after every core iteration but the last, a row that has not
+  exited reads out what the model would predict if it stopped there (the coda
+  run on its state, its K/V writes discarded). A row that exits keeps its core
+  state through the later iterations (their K/V are computed from it); the
+  coda then runs on every row's final core state, writing its K/V. Other
+  plans take no loop count. Both are one walk (`model.walk`) with an
+  exit hook.
   """
-  if model.recurrent:
-    return recurrent_with_exits(model, tokens, cache, cache_index, rule, loops)
   plan, cfg = model.plan, model.cfg
-  bounds = loop_boundaries(plan)
+  check_model(model, loops)
+  loop = model.loop
+  if loops is not None and not loop.inject:
+    raise ValueError(f"loops={loops}: only a recurrent plan takes a loop count")
+  n = loop.repeats if loops is None else int(loops)
   ctx, _ = model.context(tokens.shape[1], cache_index)
-  x = model.embed(tokens, jnp.dtype(cfg.compute_dtype))
   b = tokens.shape[0]
-  exited = jnp.zeros((b,), bool)
-  loops = jnp.full((b,), len(bounds) + 1, jnp.int32)
-  layers = plan.layers()
-  # Segments of the depth between exit points: loop 1, loop 2, ..., the last loop and what follows it.
-  cuts = [0] + [d + 1 for d in bounds] + [len(layers)]
-  segments = [layers[lo:hi] for lo, hi in zip(cuts[:-1], cuts[1:])]
-  can_skip = all(hasattr(model.stages[l.stage].blocks, "write_kv") for l in layers)
+  x = model.embed(tokens, jnp.dtype(cfg.compute_dtype))
+  can_skip = all(hasattr(model.stages[l.stage].blocks, "write_kv") for l in plan.layers())
+  if not loop.inject:
+    def readout(x, frozen, prev):
+      return jax.nn.log_softmax(model.readout(x[:, -1]), axis=-1)  # [B, V]
+    hook, record = _decision(rule, cache_index, readout)
+    record["loops"] = jnp.full((b,), n, jnp.int32)
+    x, cache, _, _ = walk_lib.walk(model, plan.layers(), x, ctx, cache, frozen=jnp.zeros((b,), bool),
+                                   gate=can_skip, hooks=walk_lib.Hooks(loop_end=lambda x, j, f: hook(x, j, f, n)))
+    return model.readout(x), cache, record["loops"]
 
-  def full(segment, x, cache, exited):
-    for layer in segment:
-      new, entry, _ = apply_layer(model.stages[layer.stage], layer, x, ctx, _entry(plan, cache, layer))
-      cache = _store(plan, cache, layer, entry)
-      x = jnp.where(exited[:, None, None], x, new)  # an exited row keeps its exit state
-    return x, cache
+  coda = [l for l in plan.layers() if l.stage > loop.stage]
+  layers = [l for l in plan.layers() if l.stage < loop.stage] + plan.loop_layers(loop.stage, n) + coda
+  inject = recurrent.loop_start(model, ctx)
 
-  def gated(segment, x, cache, exited):
-    """The segment with its K/V written for every row first, outside the
-    branch (so the cache is never a branch output, which would copy it), then
-    the full layers only while some row still runs: their K/V are the same."""
-    for layer in segment:
-      stage = model.stages[layer.stage]
-      entry = _write_kv(stage, layer, x, ctx, _entry(plan, cache, layer))
-      cache = _store(plan, cache, layer, entry)
+  def readout(s, frozen, prev):  # the coda on the state, its K/V discarded; nothing new once every row exited
+    probe = lambda s: jax.nn.log_softmax(model.readout(walk_lib.walk(model, coda, s, ctx, cache)[0][:, -1]), -1)
+    return probe(s) if prev is None else jax.lax.cond(jnp.all(frozen), lambda s: prev, probe, s)
 
-      def run(op, stage=stage, layer=layer):
-        x, exited, entry = op
-        new, _, _ = apply_layer(stage, layer, x, ctx, entry)
-        return jnp.where(exited[:, None, None], x, new)
+  hook, record = _decision(rule, cache_index, readout)
+  record["loops"] = jnp.full((b,), n, jnp.int32)
 
-      x = jax.lax.cond(jnp.all(exited), lambda op: op[0], run, (x, exited, entry))
-    return x, cache
+  def loop_end(x, j, frozen):  # after the last iteration the coda runs on every row: nothing stays frozen
+    frozen = hook(x, j, frozen, n)
+    return None if j == n - 1 else frozen
 
-  prev = None
-  for j, segment in enumerate(segments):
-    if j == 0 or not can_skip:
-      x, cache = full(segment, x, cache, exited)
-    else:
-      x, cache = gated(segment, x, cache, exited)
-    if j == len(segments) - 1:
-      break
-    logp = jax.nn.log_softmax(model.readout(x[:, -1]), axis=-1)  # [B, V]
-    go = decide(rule, logp, logp if prev is None else prev, j + 1, cache_index)
-    prev = logp
-    go = go & ~exited
-    loops = jnp.where(go, j + 1, loops)
-    exited = exited | go
-  return model.readout(x), cache, loops
+  state = {"frozen": jnp.zeros((b,), bool)}
+  hooks = walk_lib.Hooks(loop_start=lambda x, j: inject(x, j, state), loop_end=lambda x, j, f: _track(
+      state, loop_end(x, j, f)))
+  x, cache, _, _ = walk_lib.walk(model, layers, x, ctx, cache, frozen=state["frozen"], gate=can_skip, hooks=hooks)
+  return model.readout(x), cache, record["loops"]
+
+
+def _track(state: dict, frozen):
+  """Keep the walk's frozen rows where the injection hook can see them."""
+  state["frozen"] = frozen
+  return frozen
 
 
 def teacher_forced(model, tokens, rule):
@@ -215,91 +205,15 @@ def teacher_forced(model, tokens, rule):
   plan, cfg = model.plan, model.cfg
   if plan.kv_sharing != "none":
     raise ValueError(f"teacher-forced exits need model.kv_sharing='none', not {plan.kv_sharing!r}")
-  if model.recurrent:  # the walk below has no input injection (nor has forward_with_exits)
+  if model.recurrent:
     raise ValueError("teacher-forced exits do not support the recurrent preset (input injection)")
-  bounds = loop_boundaries(plan)
+  n = len(loop_boundaries(plan)) + 1
   b, t = tokens.shape
   ctx, _ = model.context(t)
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   x = model.embed(tokens, jnp.dtype(cfg.compute_dtype))
-  exited = jnp.zeros((b, t), bool)
-  loops = jnp.full((b, t), len(bounds) + 1, jnp.int32)
-  prev, j = None, 0
-  for layer in plan.layers():
-    new, _, _ = apply_layer(model.stages[layer.stage], layer, x, ctx, None)
-    x = jnp.where(exited[..., None], x, new)
-    if layer.depth in bounds:
-      j += 1
-      logp = jax.nn.log_softmax(model.readout(x), axis=-1)  # [B, T, V]
-      go = decide(rule, logp, logp if prev is None else prev, j, positions) & ~exited
-      prev = logp
-      loops = jnp.where(go, j, loops)
-      exited = exited | go
-  return model.readout(x), loops
-
-
-def recurrent_with_exits(model, tokens, cache, cache_index, rule: ExitRule, loops: int | None = None):
-  """`forward_with_exits` for the recurrent plan (prelude, core x loops, coda;
-  loops: a Python int, default the plan's repeats, with the cache of
-  `model.init_cache(loops=loops)`).
-
-  After every core iteration but the last, a row that has not exited reads
-  out what the model would predict if it stopped there: the coda run on its
-  state (its K/V writes discarded) and the readout, as Huginn decides. A row
-  that exits keeps its core state from then on: the later iterations' K/V
-  are computed from that state (as the plain rule propagates the exit state),
-  and once every row has exited they cost only the K/V projections. The coda
-  then runs once on every row's final core state, writing its K/V; an exited
-  row's logits are those of its exit. loops[i]: core iterations row i ran.
-  """
-  plan, cfg = model.plan, model.cfg
-  check_model(model, loops)
-  n = plan.stages[1].repeats if loops is None else int(loops)
-  ctx, _ = model.context(tokens.shape[1], cache_index)
-  b = tokens.shape[0]
-  cache = list(cache)
-  prelude, core, coda = model.stages
-  u = plan.stages[1].unique_blocks
-  core_layers = plan.loop_layers(1, n)
-
-  def walk(stage, layers, x, c):
-    for i, layer in enumerate(layers):
-      x, entry, _ = apply_layer(stage, layer, x, ctx, _take(c, i))
-      c = _put(c, i, entry)
-    return x, c
-
-  x, cache[0] = walk(prelude, plan.stage_layers(0), model.embed(tokens, jnp.dtype(cfg.compute_dtype)), cache[0])
-  e = x
-  s = initial_state(cfg.recurrent.init_state, e, None, ctx.positions)
-  exited = jnp.zeros((b,), bool)
-  used = jnp.full((b,), n, jnp.int32)
-  prev = None
-  can_skip = hasattr(core.blocks, "write_kv")
-
-  def probe(s):
-    return jax.nn.log_softmax(model.readout(walk(coda, plan.stage_layers(2), s, cache[2])[0][:, -1]), axis=-1)
-
-  for j in range(n):
-    # An exited row's frozen state is every later layer's input (no injection, no update).
-    x = jnp.where(exited[:, None, None], s, model.injection(s, e))
-    for i in range(j * u, (j + 1) * u):
-      layer = core_layers[i]
-      if j == 0 or not can_skip:
-        new, entry, _ = apply_layer(core, layer, x, ctx, _take(cache[1], i))
-      else:  # K/V for every row outside the branch; the full layer only while some row runs
-        entry = _write_kv(core, layer, x, ctx, _take(cache[1], i))
-        new = jax.lax.cond(jnp.all(exited), lambda op: op[0],
-                           lambda op, layer=layer: apply_layer(core, layer, op[0], ctx, op[1])[0], (x, entry))
-      cache[1] = _put(cache[1], i, entry)
-      x = jnp.where(exited[:, None, None], x, new)
-    s = x
-    if j == n - 1:
-      break
-    logp = probe(s) if prev is None else jax.lax.cond(jnp.all(exited), lambda s: prev, probe, s)
-    go = decide(rule, logp, logp if prev is None else prev, j + 1, cache_index)
-    prev = logp
-    go = go & ~exited
-    used = jnp.where(go, j + 1, used)
-    exited = exited | go
-  x, cache[2] = walk(coda, plan.stage_layers(2), s, cache[2])
-  return model.readout(x), cache, used
+  hook, record = _decision(rule, positions, lambda x, frozen, prev: jax.nn.log_softmax(model.readout(x), axis=-1))  # [B, T, V]
+  record["loops"] = jnp.full((b, t), n, jnp.int32)
+  x, _, _, _ = walk_lib.walk(model, plan.layers(), x, ctx, None, frozen=jnp.zeros((b, t), bool),
+                             hooks=walk_lib.Hooks(loop_end=lambda x, j, f: hook(x, j, f, n)))
+  return model.readout(x), record["loops"]

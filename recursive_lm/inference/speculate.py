@@ -44,17 +44,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from recursive_lm.inference import exits
-from recursive_lm.model.recursion import apply_layer
+from recursive_lm.model.walk import walk
 
 
 def draft_depth(model, draft_loops: int) -> int:
   """Effective layers the draft runs: through loop `draft_loops` of the
   repeated stage. Raises ValueError for a plan without loops, a recurrent plan
   or a count outside [1, loops - 1]."""
-  if getattr(model, "recurrent", False):
+  if model.recurrent:
     raise ValueError("speculation needs a plan whose loops run from the KV cache without input injection; "
                      "the recurrent preset is not supported")
-  bounds = exits.loop_boundaries(model.plan)  # ValueError without loops
+  bounds = exits.loop_boundaries(model.plan, f"speculate (draft_loops={draft_loops})")
   if not 1 <= int(draft_loops) <= len(bounds):
     raise ValueError(f"draft_loops={draft_loops} must lie in [1, {len(bounds)}] (the model has {len(bounds) + 1} "
                      "loops; the draft runs fewer than all)")
@@ -64,13 +64,10 @@ def draft_depth(model, draft_loops: int) -> int:
 def forward_draft(model, tokens, cache, cache_index, depth: int):
   """tokens [B, T] -> (logits [B, T, V] float32, cache): the first `depth`
   effective layers (each writing its K/V at cache_index, per row [B]) and the
-  readout, through the per-layer entry point `apply_layer`."""
-  plan = model.plan
+  readout: the walk (`model.walk`) over a prefix of the layers."""
   ctx, _ = model.context(tokens.shape[1], cache_index)
   x = model.embed(tokens, jnp.dtype(model.cfg.compute_dtype))
-  for layer in plan.layers()[:depth]:
-    x, entry, _ = apply_layer(model.stages[layer.stage], layer, x, ctx, exits._entry(plan, cache, layer))
-    cache = exits._store(plan, cache, layer, entry)
+  x, cache, _, _ = walk(model, model.plan.layers()[:depth], x, ctx, cache)
   return model.readout(x), cache
 
 

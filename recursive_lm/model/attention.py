@@ -45,12 +45,6 @@ class Context(NamedTuple):
     return self._replace(cos=self.cos[rope], sin=self.sin[rope], window=window)
 
 
-def init_kv_cache(cfg: ModelConfig, n_layers: int, batch: int, max_len: int, dtype) -> dict[str, jax.Array]:
-  """Zeroed per-depth cache {'k','v'}: [L, B, S, K, Hd]."""
-  shape = (n_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-
-
 class KVProjection(nnx.Module):
   """The K and V projections of the layers that write a shared KV slot
   (model.kv_sharing): stacked per stage for the unique blocks that write, so a

@@ -110,7 +110,7 @@ from recursive_lm import plan as plan_lib
 from recursive_lm.config import ModelConfig
 from recursive_lm.model.attention import Context, write_cache
 from recursive_lm.model.layers import NormParam, normal
-from recursive_lm.model.recursion import StageModule, _take, _wrap, apply_layer
+from recursive_lm.model.recursion import StageModule, _take, apply_layer, wrap_remat
 
 
 def step_sizes(capacities: tuple[float, ...], t: int) -> tuple[int, ...]:
@@ -165,7 +165,7 @@ def _run_step(stage: StageModule, layers, x, ctx: Context, remat: str, store: di
   auxes = []
   for layer in layers:
     entry = store.get(layer.kv_slot) if stage.shared_kv and not layer.kv_write else None
-    run = _wrap(lambda x, e, layer=layer: apply_layer(stage, layer, x, ctx, e), remat)
+    run = wrap_remat(lambda x, e, layer=layer: apply_layer(stage, layer, x, ctx, e), remat)
     x, entry, aux = run(x, entry)
     if stage.shared_kv and layer.kv_write:
       store[layer.kv_slot] = {**entry, "pos": ctx.positions}
@@ -342,7 +342,7 @@ def run_causal(stage: StageModule, router: Router, x: jax.Array, ctx: Context, l
         entry = _take(cache, n)
         if not reads:  # this step's keys at the new positions: the tokens it chose
           entry = {**entry, "valid": write_cache(entry["valid"], chosen, ctx.cache_index)}
-        run = _wrap(lambda f, e, layer=layer: apply_layer(stage, layer, f, ctx, e), remat)
+        run = wrap_remat(lambda f, e, layer=layer: apply_layer(stage, layer, f, ctx, e), remat)
         f, entry, aux = run(f, entry)
         if not reads:
           cache = jax.tree.map(lambda a, e: a.at[n].set(e), cache, entry)

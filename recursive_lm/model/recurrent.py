@@ -134,3 +134,22 @@ def curriculum_mean(rc: RecurrentConfig, repeats: int, step: int) -> float:
   x = min(step / rc.curriculum_steps, 1.0)
   f = x if rc.curriculum == "linear" else 1.0 - math.sqrt(1.0 - x)
   return rc.min_loops + (target - rc.min_loops) * f
+
+
+def loop_start(model, ctx, key: jax.Array | None = None):
+  """The recurrent core's loop-start hook for the walk (`model.walk`): at
+  loop 0 the stream (the prelude output e) is replaced by the initial state;
+  every loop then starts by injecting e. inject(x, j, state): with
+  state["frozen"] bool [B] (rows an exit froze), those rows keep x (their
+  state is every later layer's input)."""
+  e = {}
+
+  def inject(x, j, state=None):
+    if j == 0:
+      e["e"] = x
+      x = initial_state(model.cfg.recurrent.init_state, x, key, ctx.positions)
+    new = model.injection(x, e["e"])
+    frozen = None if state is None else state["frozen"]
+    return new if frozen is None else jnp.where(frozen[:, None, None], x, new)
+
+  return inject

@@ -14,8 +14,8 @@ program holds one block body whatever U and C are:
            per-depth arrays are reshaped [U, C, ...].
 
 The inner body is wrapped in `jax.checkpoint` with the configured policy.
-`apply_layer` runs one effective layer; `run_unrolled` walks the same plan
-layer by layer through it in Python: the reference the scanned path is tested
+`apply_layer` runs one effective layer; `recursive_lm.model.walk` runs any
+list of them in Python, with hooks: the reference the scanned path is tested
 against.
 """
 
@@ -76,7 +76,8 @@ class StageModule(nnx.Module):
     self.kv_lora = stacked(len(self.kv_depths), make_kv_lora, rngs) if self.kv_depths else None
 
 
-def _wrap(body, remat: str):
+def wrap_remat(body, remat: str):
+  """body under jax.checkpoint with the named policy (model.remat); itself for 'none'."""
   return body if remat == "none" else jax.checkpoint(body, policy=REMAT_POLICIES[remat])
 
 
@@ -124,7 +125,7 @@ def run_stage(stage: StageModule, x: jax.Array, ctx: Context, cache: dict | None
     x, c, aux = block(x, slot, ctx.for_layer(**data), c)
     return x, (c, aux)
 
-  layer = _wrap(layer, remat)
+  layer = wrap_remat(layer, remat)
 
   if spec.order == "cycle":
     @functools.partial(_wrap_outer, remat=remat)
@@ -198,26 +199,6 @@ def _take(tree, i: int):
   return jax.tree.map(lambda a: a[i], tree)
 
 
-def run_unrolled(stage: StageModule, x: jax.Array, ctx: Context, cache: dict | None, layers: list[plan_lib.Layer],
-                 remat: str, inject: Callable | None = None, loop_states: list | None = None):
-  """Reference: the same stage as a Python loop over its effective layers
-  (`apply_layer`); inject (as in `run_stage`) before each repeat's block 0;
-  loop_states as in `run_stage`. Entry n of the cache belongs to layers[n]
-  (the stage's records, or `Plan.loop_layers` at a test-time loop count)."""
-  caches, auxes = [], []
-  for n, layer in enumerate(layers):
-    if inject is not None and layer.block == 0:
-      x = inject(x)
-    run = _wrap(lambda x, c, layer=layer: apply_layer(stage, layer, x, ctx, c), remat)
-    x, c, aux = run(x, _take(cache, n) if cache is not None else None)
-    caches.append(c)
-    auxes.append(aux)
-    if loop_states is not None and stage.spec.ends_loop(layer.block, layer.repeat):
-      loop_states.append(x)
-  stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)
-  return x, (stack(caches) if cache is not None else None), stack(auxes)
-
-
 def run_recurrent(stage: StageModule, injection: nnx.Module, s: jax.Array, e: jax.Array, ctx: Context,
                   depth_data: dict, remat: str, loops: jax.Array, backprop_depth: int):
   """The recurrent core run `loops` times (traced: one compiled program serves
@@ -260,7 +241,7 @@ def run_recurrent(stage: StageModule, injection: nnx.Module, s: jax.Array, e: ja
     x, _, aux = nnx.merge(block_def, b_state)(x, slot, ctx.for_layer(**data), None)
     return x, aux
 
-  layer = _wrap(layer, remat)
+  layer = wrap_remat(layer, remat)
 
   def iteration(params, x, e, t):
     """Step t of M: each row's iteration t - (M - loops), where it is >= 0."""
@@ -300,36 +281,3 @@ def row_stats(stats: dict) -> dict:
   mean of the others."""
   return {name: jnp.sqrt(jnp.mean(jnp.square(v), 0)) if name.endswith("_rms") else v.mean(0)
           for name, v in stats.items()}
-
-
-def run_shared(stages, plan: plan_lib.Plan, x: jax.Array, ctx: Context, cache: dict | None, remat: str,
-               hidden: list | None = None):
-  """Every effective layer of a plan with KV sharing (plan.kv_sharing != 'none'),
-  in order through `apply_layer`, with one KV store for the whole depth.
-
-  cache: {'k','v'} [kv_slots, B, S, Kv, Hd] or None. A layer that writes its
-  KV slot computes K/V and stores them (into the cache at ctx.cache_index, or,
-  without a cache, as the K/V of the T tokens); the layers that read the slot
-  attend to what is stored there. Unrolled: the layers of a stage are no
-  longer alike (some write, some read), so this path does not scan. hidden: a
-  list that receives x after every layer (probes). Returns (x, cache, aux
-  stacked per effective layer [L_eff]).
-  """
-  store, auxes = {}, []
-  for layer in plan.layers():
-    stage = stages[layer.stage]
-    if cache is not None:
-      entry = _take(cache, layer.kv_slot)
-    else:
-      entry = None if layer.kv_write else store[layer.kv_slot]
-    run = _wrap(lambda x, e, stage=stage, layer=layer: apply_layer(stage, layer, x, ctx, e), remat)
-    x, entry, aux = run(x, entry)
-    if layer.kv_write:
-      if cache is not None:
-        cache = {n: cache[n].at[layer.kv_slot].set(entry[n]) for n in cache}
-      else:
-        store[layer.kv_slot] = entry
-    auxes.append(aux)
-    if hidden is not None:
-      hidden.append(x)
-  return x, cache, jax.tree.map(lambda *a: jnp.stack(a), *auxes)

@@ -28,12 +28,14 @@ from recursive_lm import axes, sharding
 from recursive_lm import plan as plan_lib
 from recursive_lm.config import ModelConfig
 from recursive_lm.model import kernels, moe, mor
-from recursive_lm.model.attention import Context, KVProjection, init_kv_cache
+from recursive_lm.model.attention import Context, KVProjection
 from recursive_lm.model.block import Block, DepthSlot
 from recursive_lm.model.moeut_block import MoEUTBlock
 from recursive_lm.model.layers import Dense, Embed, Norm, rope_tables
 from recursive_lm.model.recurrent import Injection, initial_state
-from recursive_lm.model.recursion import StageModule, run_recurrent, run_shared, run_stage, run_unrolled
+from recursive_lm.model import walk
+from recursive_lm.model.kv import KVStore
+from recursive_lm.model.recursion import StageModule, run_recurrent, run_stage
 
 
 class Transformer(nnx.Module):
@@ -66,12 +68,13 @@ class Transformer(nnx.Module):
             make_kv_lora=(lambda r: DepthSlot(cfg, False, r, kv=True)) if with_kv_lora else None,
             kv_depths=tuple(l.slot for l in self.plan.stage_layers(i) if l.kv_write)))
     self.stages = nnx.List(stages)
-    self.recurrent = cfg.plan.preset == "recurrent"  # stages: prelude, core (looped, injected), coda
+    self.loop = self.plan.looped  # the plan's loop record (None: nothing repeats)
+    self.recurrent = self.loop is not None and self.loop.inject  # a core with input injection (Huginn)
     self.injection = nnx.data(Injection(cfg, rngs) if self.recurrent else None)
-    # Mixture-of-Recursions: routers on the one repeated stage (validation checked the plan).
-    self.routed = plan_lib.routed_stage(self.plan) if cfg.mor.routing != "none" else None
-    self.router = nnx.data(None if self.routed is None else
-                           mor.Router(cfg, self.plan.stages[self.routed].repeats, rngs))
+    # Mixture-of-Recursions: routers on the loop (validation checked the plan).
+    self.routed = self.plan.loop("model.mor.routing").stage if self.plan.routed else None
+    self.router = nnx.data(None if self.routed is None else mor.Router(cfg, self.loop.repeats, rngs))
+    self.kv = KVStore(self.plan, cfg.num_kv_heads, cfg.head_dim)  # the cache's layout (`model.kv`)
     self.rope_bases, self.depth_data = layer_kinds(cfg, self.plan)
     self.rope_scalings = rope_scalings(cfg, len(self.rope_bases))
     self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.norm_offset, param_dtype=pd)
@@ -84,7 +87,7 @@ class Transformer(nnx.Module):
     loss, metrics = moe.balance_loss(aux, self.plan, self.cfg)
     if self.routed is None:
       return loss, metrics
-    r_loss, r_metrics = mor.router_loss(aux, self.cfg.mor, self.plan.stages[self.routed].repeats)
+    r_loss, r_metrics = mor.router_loss(aux, self.cfg.mor, self.loop.repeats)
     return loss + r_loss, {**metrics, **r_metrics}
 
   def init_cache(self, batch: int, max_len: int, dtype=None, loops: int | None = None) -> list[dict]:
@@ -96,16 +99,9 @@ class Transformer(nnx.Module):
     recurrent core run that many times at test time gets U * loops entries
     (one per iteration's layer; pass the same `loops` to `__call__`)."""
     dtype = dtype or jnp.dtype(self.cfg.compute_dtype)
-    if self.plan.kv_sharing != "none" and self.routed is None:
-      return [init_kv_cache(self.cfg, self.plan.kv_slots, batch, max_len, dtype)]
-    depths = [s.depth for s in self.plan.stages]
     if loops is not None:
       self.check_loops(loops)
-      depths[1] = self.plan.stages[1].unique_blocks * int(loops)
-    caches = [init_kv_cache(self.cfg, d, batch, max_len, dtype) for d in depths]
-    if self.routed is not None:  # which tokens each recursion step chose (`mor.run_causal`)
-      caches[self.routed]["valid"] = jnp.zeros((depths[self.routed], batch, max_len), bool)
-    return caches
+    return self.kv.init(batch, max_len, dtype, loops)
 
   def check_loops(self, loops) -> None:
     """ValueError unless this is a recurrent plan and `loops` a count >= 1 (or traced)."""
@@ -155,14 +151,18 @@ class Transformer(nnx.Module):
     # Stage boundaries pin x [B, T, D] to batch-sharded rows (no-op without a mesh).
     x = sharding.constrain_residual(self.embed(tokens, jnp.dtype(cfg.compute_dtype)))
     states = [] if loop_states else None
-    if self.plan.kv_sharing != "none" and self.routed is None:
-      hidden = [] if loop_states else None
-      x, c, aux = run_shared(self.stages, self.plan, x, ctx, None if cache is None else cache[0], cfg.remat, hidden)
+
+    def keep_state(x, j, frozen):  # the walk's loop-end hook: the state after every loop but the last
+      if j < self.loop.repeats - 1:
+        states.append(x)
+      return frozen
+
+    collect = walk.Hooks(loop_end=keep_state) if loop_states else walk.NO_HOOKS
+    if self.kv.shared:  # layers read each other's K/V: the whole depth in one walk over one store
+      x, cache, aux, _ = walk.walk(self, self.plan.layers(), x, ctx, cache, remat=cfg.remat, hooks=collect)
       if loop_states:
-        states = [h for h, l in zip(hidden, self.plan.layers())
-                  if self.plan.stages[l.stage].ends_loop(l.block, l.repeat)]
         aux = {**aux, "loop_states": _stack_states(states, x)}
-      return self.readout(_rows_at(sharding.constrain_residual(x), logits_at)), (None if cache is None else [c]), aux
+      return self.readout(_rows_at(sharding.constrain_residual(x), logits_at)), cache, aux
     if loops is not None:
       self.check_loops(loops)
       if loop_states:
@@ -177,7 +177,7 @@ class Transformer(nnx.Module):
     for i, stage in enumerate(self.stages):
       c = None if cache is None else cache[i]
       inject = None
-      if self.recurrent and i == 1:  # the core: inject the prelude output e into every iteration
+      if self.recurrent and i == self.loop.stage:  # the core: inject the prelude output e into every iteration
         e = x
         x = initial_state(cfg.recurrent.init_state, e, key, ctx.positions)
         inject = lambda s, e=e: self.injection(s, e)
@@ -193,7 +193,10 @@ class Transformer(nnx.Module):
                                cfg.recurrent.backprop_depth)
       elif unrolled or not cfg.scan or stage.shared_kv:  # shared K/V here: routed plans (every layer writes)
         layers = self.plan.stage_layers(i) if core_loops is None else self.plan.loop_layers(i, core_loops)
-        x, c, aux = run_unrolled(stage, x, ctx, c, layers, cfg.remat, inject, states)
+        hooks = collect._replace(loop_start=None if inject is None else lambda x, j: inject(x))
+        whole = None if cache is None else [c if n == i else None for n in range(len(self.stages))]
+        x, whole, aux, _ = walk.walk(self, layers, x, ctx, whole, remat=cfg.remat, hooks=hooks)
+        c = None if cache is None else whole[i]
       else:
         x, c, aux = run_stage(stage, x, ctx, c, depth_arrays[i], cfg.remat, inject, states, core_loops)
       x = sharding.constrain_residual(x)
@@ -206,8 +209,8 @@ class Transformer(nnx.Module):
 
   def check_loop_cache(self, loops, cache: list[dict]) -> None:
     """ValueError unless `loops` is a Python int matching the cache's core entries."""
-    u = self.plan.stages[1].unique_blocks
-    have = cache[1]["k"].shape[0]
+    u = self.loop.unique_blocks
+    have = cache[self.loop.stage]["k"].shape[0]
     if not isinstance(loops, (int, np.integer)) or have != u * loops:
       raise ValueError(f"loops={loops} with a KV cache needs a Python int and the cache of "
                        f"init_cache(loops=...): {u} core blocks x loops entries, this cache has {have}")
