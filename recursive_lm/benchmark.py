@@ -45,6 +45,7 @@ from ml_collections import config_flags
 
 from recursive_lm import cli
 from recursive_lm import config as config_lib
+from recursive_lm import plan as plan_lib
 from recursive_lm.config import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, FILE[:ARG].", lock_config=True)
@@ -96,7 +97,6 @@ def with_repeats(cd: ml_collections.ConfigDict, repeats: int) -> ml_collections.
   K comes from cd's own plan; num_layers becomes K * repeats (plus the unique
   first and last layers for middle_* and sandwich).
   """
-  from recursive_lm import plan as plan_lib
   cd = copy.deepcopy(cd)
   p = cd.model.plan
   try:
@@ -204,7 +204,7 @@ def run_train(cd: ml_collections.ConfigDict) -> dict:
   preset = cfg.mesh.rules
   sharding.check_batch(cfg.data.batch_size, mesh, preset, cfg.optim.grad_accum)
 
-  looped = cfg.model.plan.preset == "recurrent"
+  looped = plan_lib.from_config(cfg.model).recurrent
   try:
     counts = [int(r) for r in _LOOPS.value] or [cfg.model.plan.repeats]
   except ValueError:
@@ -367,9 +367,12 @@ def run_generate(cd) -> dict:
                       f"{cfg.model.max_seq_len}")
   try:
     rule = exits.parse_exit(_GEN_EXIT.value)
-    loops = len(exits.loop_boundaries(model.plan)) + 1 if rule is not None else None
   except ValueError as e:
     raise ConfigError(f"--gen_{e}") from None
+  try:
+    loops = len(exits.loop_boundaries(model.plan, f"--gen_exit={_GEN_EXIT.value}")) + 1 if rule is not None else None
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   routed = model.routed is not None
   if rule is not None and routed:
     raise ConfigError(f"--gen_exit={_GEN_EXIT.value}: the model's routers (model.mor.routing="

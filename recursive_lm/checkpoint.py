@@ -378,10 +378,22 @@ class Checkpointer:
 
 def load_model(workdir: str, step: int | None = None, mesh=None):
   """(config, model, step) of a run directory, for evaluation, sampling and
-  notebooks. Restores only the model half of the saved state."""
+  notebooks: the newest checkpoint (or `step`) restored into the run's model
+  and optimiser (the checkpoint's layout), of which the model is returned.
+  A missing directory, config.json or checkpoint raises ConfigError with one
+  readable line (the CLIs' exit-2 path)."""
   from recursive_lm.state import make_state
 
-  cfg = load_config(workdir)
+  if not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir {workdir}: no such directory")
+  cfg = load_config(workdir)  # ConfigError when config.json is missing
+  root = os.path.join(workdir, "checkpoints")
+  # Orbax names finished steps by their number; unfinished ones carry a tmp suffix.
+  steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
+  if not steps:
+    raise ConfigError(f"--workdir {workdir}: no checkpoint found under {root}")
+  if step is not None and step not in steps:
+    raise ConfigError(f"--step={step}: no such checkpoint in {root} (have {steps})")
   # Analysis and sampling default to one device; pass a mesh to spread a big model.
   preset = cfg.mesh.rules if mesh is not None else "replicated"
   mesh = mesh or sharding.make_mesh(dataclasses.replace(cfg.mesh, data=1, fsdp=1, tensor=1, expert=1),

@@ -30,7 +30,7 @@ from flax import nnx
 
 from recursive_lm import checkpoint, cli, data
 from recursive_lm.config import ConfigError
-from recursive_lm.inference.decode import load_checkpoint
+from recursive_lm.checkpoint import load_model as load_checkpoint
 from recursive_lm.train_step import make_eval_step
 
 
@@ -120,7 +120,7 @@ def accuracy_by_length(model, cfg, lengths, n_examples: int = 256, loops: int | 
   if cfg.data.source != "synthetic":
     raise ConfigError(f"accuracy_by_length needs data.source='synthetic' (got {cfg.data.source!r})")
   run = {}
-  if loops is not None and cfg.model.plan.preset == "recurrent":
+  if loops is not None and model.recurrent:
     run = {"loops": jnp.int32(loops)}
   elif loops is not None:
     model, cfg = with_loops(model, cfg, loops)
@@ -162,7 +162,7 @@ def run_loops(workdir: str, loops: list[int], step: int | None = None, n_batches
   cfg, model, step = load_checkpoint(workdir, step)
   batches = list(data.eval_batches(cfg.data, n))
   out = []
-  if cfg.model.plan.preset == "recurrent":
+  if model.recurrent:
     eval_step = make_eval_step(nnx.graphdef(model), loops=True)
     for r in loops:
       out.append({"loops": r, **_record(cfg, *evaluate(model, batches, eval_step, r), step, n, workdir)})

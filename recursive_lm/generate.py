@@ -49,7 +49,7 @@ from recursive_lm.config import ConfigError
 from recursive_lm.data.tokenizers import encode_prompt
 from recursive_lm.inference import depthwise as depthwise_lib
 from recursive_lm.inference import exits
-from recursive_lm.inference.decode import load_checkpoint
+from recursive_lm.checkpoint import load_model as load_checkpoint
 from recursive_lm.inference.engine import Engine
 
 

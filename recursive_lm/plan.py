@@ -174,6 +174,11 @@ class Plan:
     first = sum(t.depth for t in self.stages[:i])
     return Loop(i, s.unique_blocks, s.repeats, s.order, first, s.inject, self.routed)
 
+  @property
+  def recurrent(self) -> bool:
+    """Whether the loop is a recurrent core (input injection; a loop count may change at run time)."""
+    return self.looped is not None and self.looped.inject
+
   def loop(self, use: str, cycle: bool = True) -> Loop:
     """The loop record for a feature that needs one; `use` names the feature
     (an option, e.g. "exit='confidence:0.9'") in the one error wording: the

@@ -28,7 +28,7 @@ from absl import app, flags
 from recursive_lm import cli, data
 from recursive_lm.config import ConfigError
 from recursive_lm.data.tokenizers import encode_prompt
-from recursive_lm.inference.decode import load_checkpoint
+from recursive_lm.checkpoint import load_model as load_checkpoint
 from recursive_lm.inference.engine import Engine
 
 

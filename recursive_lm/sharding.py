@@ -26,6 +26,7 @@ rows with D whole (`constrain_residual`).
 from __future__ import annotations
 
 import contextlib
+from typing import Callable
 import functools
 import math
 
@@ -199,3 +200,43 @@ def global_batch(local: dict[str, np.ndarray], mesh, preset: str) -> dict[str, j
   n = jax.process_count()
   return {k: jax.make_array_from_process_local_data(sharding, v, (v.shape[0] * n,) + v.shape[1:])
           for k, v in local.items()}
+
+
+# ----------------------------------------------------------------------------
+# Per-shard execution (the MoE layers' and the GPU attention's data-parallel path).
+
+
+def batch_axes() -> tuple[tuple[str, ...], int]:
+  """Mesh axes of the batch logical rule and their total size (((), 1) without a mesh and rules)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  rules = flax_spmd.get_logical_axis_rules()
+  if mesh.empty or not rules or not mesh.are_all_axes_auto:
+    return (), 1
+  target = dict(rules).get(axes.BATCH)
+  names = (target,) if isinstance(target, str) else tuple(target or ())
+  return names, math.prod(mesh.shape[a] for a in names)
+
+
+def data_parallel(fn: Callable, n_batched: int, out_batched: tuple[bool, ...]) -> Callable:
+  """Run fn(*batched, *replicated) per batch shard when the batch is sharded.
+
+  The first `n_batched` arguments have the batch on axis 0; outputs flagged in
+  `out_batched` do too, the others are sums over tokens (psum-ed over shards).
+  A plain call without a mesh, or when the batch does not divide.
+  """
+
+  def wrapped(*args):
+    names, size = batch_axes()
+    if size == 1 or args[0].shape[0] % size:
+      return fn(*args)
+
+    def local(*a):
+      outs = fn(*a)
+      return tuple(o if bat else jax.lax.psum(o, names) for o, bat in zip(outs, out_batched))
+
+    in_specs = tuple(P(names) if i < n_batched else P() for i in range(len(args)))
+    out_specs = tuple(P(names) if bat else P() for bat in out_batched)
+    return jax.shard_map(local, in_specs=in_specs, out_specs=out_specs, axis_names=set(names),
+                         check_vma=False)(*args)
+
+  return wrapped

@@ -25,6 +25,7 @@ from ml_collections import config_flags
 
 from recursive_lm import checkpoint, cli, data, metrics, peak, sharding, workdir_lock
 from recursive_lm import config as config_lib
+from recursive_lm import plan as plan_lib
 from recursive_lm.analysis.accounting import flops_per_token
 from recursive_lm.config import Config, ConfigError
 from recursive_lm.model import recurrent
@@ -177,7 +178,7 @@ def _run(cfg: Config, workdir: str, lock: workdir_lock.Holder, stop_at: int | No
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   # Traced under the mesh and logical rules, so the model's activation constraints apply.
   # Recurrent plans: the step also takes its loop count and initial-state key, drawn from (seed, step).
-  looped = cfg.model.plan.preset == "recurrent"
+  looped = plan_lib.from_config(cfg.model).recurrent
 
   def step_inputs(step: int) -> tuple:
     return ((recurrent.draw(cfg.model.recurrent, cfg.model.plan.repeats, cfg.seed, step, cfg.data.batch_size),)

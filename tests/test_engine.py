@@ -62,6 +62,26 @@ def test_continuous_greedy_equals_generate(sharing):
     np.testing.assert_array_equal(got[f"r{i}"], ref[i, lengths[i]:lengths[i] + budgets[i]])
 
 
+@pytest.mark.parametrize("seed", [0, 11, 29])
+def test_sampled_generate_equals_the_engine(seed):
+  """One sampling rule: at temperature 0.8 and top-k 20, generate(seed=s)
+  draws row i's tokens exactly as an Engine of seed s draws its request i,
+  for prompts of different lengths and with fewer slots than requests."""
+  model = build(**WINDOWED)
+  lengths = [3, 7, 1, 5]
+  prompts = _prompts(lengths, seed=seed + 1)
+  padded = np.zeros((len(prompts), max(lengths)), np.int32)
+  for i, p in enumerate(prompts):
+    padded[i, :p.size] = p
+  kw = dict(temperature=0.8, top_k=20)
+  ref = np.asarray(generate(model, padded, 9, prompt_lengths=lengths, seed=seed, **kw))
+  outs = Engine(model, slots=3, seed=seed).generate(prompts, max_new_tokens=9, **kw)
+  for i, (p, c) in enumerate(zip(prompts, outs)):
+    np.testing.assert_array_equal(c.tokens, ref[i, p.size:p.size + 9], err_msg=f"request {i}")
+  greedy = np.asarray(generate(model, padded, 9, prompt_lengths=lengths))
+  assert any((ref[i, p.size:p.size + 9] != greedy[i, p.size:p.size + 9]).any() for i, p in enumerate(prompts))
+
+
 def test_compiles_once_per_bucket():
   # Per bucket, one prefill program per power-of-two count of rows admitted together: here 2, then 1.
   model = build(**WINDOWED)

@@ -143,7 +143,7 @@ def matmul_params_per_token(cfg: Config | ModelConfig, model: Transformer | None
       share = (lambda l: fractions[l.repeat]) if i == model.routed else (lambda l: 1)
       n += _shared_kv_params(model.plan.stage_layers(i), stage, share)
   if model.injection is not None:  # recurrent plans: the input injection runs once per core iteration
-    n += model.plan.stages[1].repeats * _dense_matmul_params(model.injection, mcfg)
+    n += model.loop.repeats * _dense_matmul_params(model.injection, mcfg)
   if model.router is not None:
     n += _size(model.router.w)
   return n

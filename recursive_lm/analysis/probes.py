@@ -52,7 +52,7 @@ def residual_stream(model, tokens: jax.Array) -> tuple[jax.Array, dict]:
   ctx, _ = model.context(tokens.shape[1])
   x = model.embed(tokens, jnp.dtype(model.cfg.compute_dtype))
   hidden = [x]
-  inject = recurrent.loop_start(model, ctx) if model.recurrent else None
+  inject = recurrent.loop_start(model, ctx) if model.recurrent else model.loop_start
   hooks = walk.Hooks(loop_start=inject, layer_end=lambda x, layer: hidden.append(x))
   _, _, aux, _ = walk.walk(model, model.plan.layers(), x, ctx, None, hooks=hooks)
   return jnp.stack(hidden), aux

@@ -162,7 +162,7 @@ def load_run(workdir: str, step: int | None = None) -> Run:
   or the checkpoint is missing. A run without metrics.jsonl loads with empty
   metrics.
   """
-  from recursive_lm.inference.decode import load_checkpoint  # readable errors for missing pieces
+  from recursive_lm.checkpoint import load_model as load_checkpoint  # readable errors for missing pieces
 
   path = resolve_workdir(workdir)
   cfg, model, step = load_checkpoint(path, step)

@@ -171,6 +171,8 @@ class ModelConfig:
   sliding_window: int = option(0, ">0: local layers attend to this many past positions", check=">= 0")
   global_every: int = option(0, "with sliding_window: every Nth effective layer is global (0: none)", check=">= 0")
   rope_base_local: float = option(0.0, "rotary base of the local layers (0: model.rope_base)", check=">= 0")
+  reembed_tau: float = option(0.0, "loop re-embedding (Grokked transformers): at the start of every loop after the "
+                              "first, h <- h + softmax(tau h E^T) E with the embedding table E (0: off)", check=">= 0")
   kv_sharing: str = option("none", "which layers share K/V, one KV-cache entry per distinct slot: none | cla:<s> "
                            "(groups of s adjacent layers) | mlkv:<n> (n KV layers over the depth) | recursion "
                            "(later repeats read the first repeat's); see recursive_lm.plan.kv_sources")

@@ -250,6 +250,11 @@ def load(cd: ml_collections.ConfigDict) -> Config:
     raise ConfigError("mesh: at most one of data/fsdp/tensor/expert may be -1")
   exit_weights = _exit_weights(cd.train.exit_loss_weights, depth_plan)
   capacities = _mor_capacities(m, depth_plan)
+  if m.reembed_tau > 0:  # a hook at every loop start of the walk and the scan
+    field = f"model.reembed_tau={m.reembed_tau}"
+    if depth_plan.loop(field).inject or m.mor.routing != "none":
+      raise ConfigError(f"{field} is not supported with the recurrent preset or model.mor routers (their loops "
+                        "run their own paths); use a cycle-order plan without routers")
   return fields.build(Config, cd, resolved={"model.head_dim": head_dim, "model.lora": lora,
                                             "model.mor.capacities": capacities,
                                             "train.exit_loss_weights": exit_weights})

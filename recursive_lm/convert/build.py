@@ -136,7 +136,7 @@ def convert_params(source: Source, cfg: ModelConfig, params: dict, init: str = "
     if source.head is None:
       raise ConfigError("the target model has an untied head but the source ties its embeddings")
     _set(params, ("head", "kernel"), source.head)
-  if cfg.plan.preset == "recurrent":  # the first core iteration hands the core the prelude output unchanged
+  if plan.recurrent:  # the first core iteration hands the core the prelude output unchanged
     retrofit.init_injection(cfg.recurrent.injection, params)
   picks = source_layers(plan, source.num_layers, init) if layer_map is None else mapped_layers(plan, lmap)
   shapes = lora_shapes(cfg)

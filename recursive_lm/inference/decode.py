@@ -22,7 +22,6 @@ one cache index per row), so a row gets the same tokens as it would alone.
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -30,35 +29,22 @@ import numpy as np
 from flax import nnx
 
 from recursive_lm.inference import layer_weights
+from recursive_lm.inference.sampling import sample_rows
 
 
-def sample_logits(logits: jax.Array, key: jax.Array, temperature, top_k: int, greedy: bool) -> jax.Array:
-  """logits float [B, V] -> token ids int32 [B].
-
-  greedy: argmax (temperature and key unused). Otherwise a draw from
-  softmax(logits / temperature), restricted to the top_k largest logits when
-  top_k > 0 (ties at the k-th value are all kept).
-  """
-  logits = logits.astype(jnp.float32)
-  if greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits / jnp.asarray(temperature, jnp.float32)
-  if top_k > 0 and top_k < logits.shape[-1]:
-    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
-  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "layout", "max_new_tokens", "top_k", "greedy",
-                                             "return_logits", "eos_id", "loops"))
-def _generate(graphdef, layout, weights, prompt, lengths, key, temperature, *, max_new_tokens: int, top_k: int,
-              greedy: bool, return_logits: bool, eos_id: int | None = None, loops: int | None = None):
+@functools.partial(jax.jit, static_argnames=("graphdef", "layout", "max_new_tokens", "top_k", "return_logits",
+                                             "eos_id", "loops"))
+def _generate(graphdef, layout, weights, prompt, lengths, seeds, temperature, *, max_new_tokens: int, top_k: int,
+              return_logits: bool, eos_id: int | None = None, loops: int | None = None):
   # The weights arrive split per layer (`layer_weights`); each step restacks them, and its
   # layer-by-layer walk reads them in place (no per-step copy of every weight).
   model = lambda: nnx.merge(graphdef, layer_weights.join_layers(layout, weights))
   b, p = prompt.shape
   n = max_new_tokens
   rows = jnp.arange(b)
+  temps, top_ks = jnp.full((b,), temperature, jnp.float32), jnp.full((b,), top_k, jnp.int32)
+  # Token s of row i is drawn with fold_in(key(seeds[i]), s): the Engine's rule (`sampling`).
+  draw = lambda logits, step: sample_rows(logits, seeds, jnp.full((b,), step, jnp.int32), temps, top_ks, top_k)
   run = {} if loops is None else {"loops": loops}  # a recurrent core's count (none: the plan's)
   cache = model().init_cache(b, p + n, **run)
   # Row i: its prompt, then N new tokens (EOS once it stopped: skipped steps keep it), then zeros.
@@ -73,7 +59,7 @@ def _generate(graphdef, layout, weights, prompt, lengths, key, temperature, *, m
   logits, cache, _ = model()(prompt, cache=cache, cache_index=jnp.zeros((b,), jnp.int32), logits_at=lengths - 1,
                              unrolled=True, **run)
   last = logits[:, 0]
-  first = sample_logits(last, jax.random.fold_in(key, 0), temperature, top_k, greedy)
+  first = draw(last, 0)
   tokens = tokens.at[rows, lengths].set(first)
   done = (first == eos_id) if eos_id is not None else jnp.zeros((b,), bool)  # rows past their EOS
   seen = jnp.zeros((b, n, last.shape[-1]), jnp.float32) if return_logits else None
@@ -87,7 +73,7 @@ def _generate(graphdef, layout, weights, prompt, lengths, key, temperature, *, m
     # The cache travels as per-layer pieces, updated in place (see layer_weights).
     logits, cache, _ = model()(tok, cache=layer_weights.restack(cache), cache_index=pos, unrolled=True, **run)
     cache = layer_weights.unstack(cache)
-    nxt = sample_logits(logits[:, -1], jax.random.fold_in(key, i + 1), temperature, top_k, greedy)
+    nxt = draw(logits[:, -1], i + 1)
     if eos_id is not None:  # a finished row keeps emitting EOS
       nxt = jnp.where(done, eos_id, nxt)
       done = done | (nxt == eos_id)
@@ -115,7 +101,8 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, t
   positions (one cache index per row), so it gets the tokens it would get alone.
   temperature 0 is greedy decoding (argmax); otherwise tokens are drawn from
   softmax(logits / temperature), restricted to the top_k most likely tokens
-  when top_k > 0, with randomness from `seed` only.
+  when top_k > 0: the rule of `sampling`, row i with seed `seed + i` (what
+  an Engine of seed `seed` gives its i-th request, so both draw the same tokens).
 
   Returns int32 [B, P + N]: row i holds its prompt, its N new tokens, then
   zeros; with return_logits=True, (tokens, logits float32 [B, N, V]) where
@@ -183,28 +170,8 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, t
     return (prompt, jnp.zeros((b, 0, model.cfg.vocab_size), jnp.float32)) if return_logits else prompt
   graphdef, state = nnx.split(decoder)
   layout, weights = layer_weights.split_layers(state)
-  greedy = float(temperature) == 0.0
-  return _generate(graphdef, layout, weights, prompt, jnp.asarray(lengths, jnp.int32), jax.random.key(int(seed)),
-                   jnp.asarray(1.0 if greedy else temperature, jnp.float32), max_new_tokens=n,
-                   top_k=int(top_k), greedy=greedy, return_logits=return_logits,
+  seeds = jnp.asarray(int(seed) + np.arange(b), jnp.int32)  # row i: the Engine's request i of seed `seed`
+  return _generate(graphdef, layout, weights, prompt, jnp.asarray(lengths, jnp.int32), seeds,
+                   jnp.asarray(temperature, jnp.float32), max_new_tokens=n, top_k=min(int(top_k), vocab),
+                   return_logits=return_logits,
                    eos_id=None if eos_id is None else int(eos_id), loops=None if loops is None else int(loops))
-
-
-def load_checkpoint(workdir: str, step: int | None = None):
-  """(cfg, model, step) of a run directory, like `checkpoint.load_model`, but
-  raising ConfigError with one readable line when the directory, its
-  config.json or the requested checkpoint is missing (the CLIs' exit-2 path)."""
-  from recursive_lm import checkpoint
-  from recursive_lm.config import ConfigError
-
-  if not os.path.isdir(workdir):
-    raise ConfigError(f"--workdir {workdir}: no such directory")
-  checkpoint.load_config(workdir)  # ConfigError when config.json is missing
-  root = os.path.join(workdir, "checkpoints")
-  # Orbax names finished steps by their number; unfinished ones carry a tmp suffix.
-  steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
-  if not steps:
-    raise ConfigError(f"--workdir {workdir}: no checkpoint found under {root}")
-  if step is not None and step not in steps:
-    raise ConfigError(f"--step={step}: no such checkpoint in {root} (have {steps})")
-  return checkpoint.load_model(workdir, step)

@@ -69,6 +69,7 @@ import numpy as np
 from flax import nnx
 
 from recursive_lm.inference import exits
+from recursive_lm.inference.sampling import sample_rows
 from recursive_lm.model import mor
 from recursive_lm.model.attention import Context
 from recursive_lm.model.recurrent import initial_state
@@ -76,22 +77,12 @@ from recursive_lm.model.recursion import apply_layer, layer_modules
 
 
 def check_plan(plan) -> int:
-  """The index of the plan's loop stage (the one repeated stage, cycle order).
-  Raises ValueError naming what does not fit."""
-  repeated = [i for i, s in enumerate(plan.stages) if s.repeats > 1]
-  if not repeated:
-    raise ValueError("depth-wise batching needs a model with a repeated stage (loops of shared blocks); this plan "
-                     f"has none (stages {[(s.name, s.unique_blocks, s.repeats) for s in plan.stages]})")
-  if len(repeated) > 1:
-    raise ValueError(f"depth-wise batching needs exactly one repeated stage, this plan repeats "
-                     f"{[plan.stages[i].name for i in repeated]}")
-  spec = plan.stages[repeated[0]]
-  if spec.order != "cycle":
-    raise ValueError(f"depth-wise batching needs the repeated stage {spec.name!r} in cycle order (1-2-3 1-2-3), "
-                     f"not {spec.order!r}")
+  """The index of the plan's loop stage (`Plan.loop`: one repeated stage, cycle
+  order), without KV sharing. Raises ValueError naming what does not fit."""
+  loop = plan.loop("depth-wise batching")
   if plan.kv_sharing != "none":
     raise ValueError(f"depth-wise batching does not support model.kv_sharing={plan.kv_sharing!r} (needs 'none')")
-  return repeated[0]
+  return loop.stage
 
 
 def row_slot(stage, index: jax.Array):
@@ -132,6 +123,9 @@ class Layout:
   def __init__(self, model):
     plan = model.plan
     self.loop_stage = check_plan(plan)
+    if model.loop_start is not None:
+      raise ValueError(f"depth-wise batching does not support model.reembed_tau={model.cfg.reembed_tau} (its tick "
+                       "runs no loop-start hook); use the plain decoder")
     spec = plan.stages[self.loop_stage]
     self.blocks, self.loops = spec.unique_blocks, spec.repeats
     layers = plan.layers()
@@ -239,7 +233,6 @@ def decode(graphdef, state, cache, dw, tokens, positions, fresh, seeds, steps, t
   Returns (cache, dw, drawn int32 [B, ticks]: the token a slot drew at each
   tick or -1, loops int32 [B, ticks]: the loops that token ran).
   """
-  from recursive_lm.inference.engine import sample_rows  # the engine imports this module
 
   model = nnx.merge(graphdef, state)
   lay = layout

@@ -161,7 +161,8 @@ def forward_with_exits(model, tokens, cache, cache_index, rule: ExitRule, loops:
     hook, record = _decision(rule, cache_index, readout)
     record["loops"] = jnp.full((b,), n, jnp.int32)
     x, cache, _, _ = walk_lib.walk(model, plan.layers(), x, ctx, cache, frozen=jnp.zeros((b,), bool),
-                                   gate=can_skip, hooks=walk_lib.Hooks(loop_end=lambda x, j, f: hook(x, j, f, n)))
+                                   gate=can_skip, hooks=walk_lib.Hooks(model.loop_start,
+                                                                       lambda x, j, f: hook(x, j, f, n)))
     return model.readout(x), cache, record["loops"]
 
   coda = [l for l in plan.layers() if l.stage > loop.stage]
@@ -215,5 +216,5 @@ def teacher_forced(model, tokens, rule):
   hook, record = _decision(rule, positions, lambda x, frozen, prev: jax.nn.log_softmax(model.readout(x), axis=-1))  # [B, T, V]
   record["loops"] = jnp.full((b, t), n, jnp.int32)
   x, _, _, _ = walk_lib.walk(model, plan.layers(), x, ctx, None, frozen=jnp.zeros((b, t), bool),
-                             hooks=walk_lib.Hooks(loop_end=lambda x, j, f: hook(x, j, f, n)))
+                             hooks=walk_lib.Hooks(model.loop_start, lambda x, j, f: hook(x, j, f, n)))
   return model.readout(x), record["loops"]

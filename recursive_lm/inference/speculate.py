@@ -44,7 +44,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from recursive_lm.inference import exits
-from recursive_lm.model.walk import walk
+from recursive_lm.inference.sampling import sample_rows
+from recursive_lm.model.walk import Hooks, walk
 
 
 def draft_depth(model, draft_loops: int) -> int:
@@ -67,7 +68,7 @@ def forward_draft(model, tokens, cache, cache_index, depth: int):
   readout: the walk (`model.walk`) over a prefix of the layers."""
   ctx, _ = model.context(tokens.shape[1], cache_index)
   x = model.embed(tokens, jnp.dtype(model.cfg.compute_dtype))
-  x, cache, _, _ = walk(model, model.plan.layers()[:depth], x, ctx, cache)
+  x, cache, _, _ = walk(model, model.plan.layers()[:depth], x, ctx, cache, hooks=Hooks(model.loop_start))
   return model.readout(x), cache
 
 
@@ -82,8 +83,6 @@ def decode(graphdef, state, cache, tokens, positions, seeds, steps, temperature,
   first and -1 after them, drafted int32 [B]: drafts proposed while the slot
   ran, accepted int32 [B]: drafts the verifier agreed with).
   """
-  from recursive_lm.inference.engine import sample_rows  # the engine's per-row sampling rule
-
   model = nnx.merge(graphdef, state)
   b = tokens.shape[0]
   rows = jnp.arange(b)

@@ -45,7 +45,7 @@ from absl import logging
 
 from recursive_lm.config import ATTENTION_KERNELS, ConfigError, ModelConfig
 from recursive_lm.model import dispatch, layers
-from recursive_lm.model.moe import data_parallel
+from recursive_lm.sharding import data_parallel
 
 BACKENDS = ("cpu", "gpu", "tpu")
 # Which explicit choices each backend can run ('xla' and 'blocked' are plain jax: every backend).

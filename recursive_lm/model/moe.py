@@ -30,24 +30,14 @@ hide a memory blow-up.
 from __future__ import annotations
 
 import functools
-import math
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.core import spmd as flax_spmd
-from jax.sharding import PartitionSpec as P
 
-from recursive_lm import axes
+from recursive_lm import axes, sharding
 from recursive_lm.config import ConfigError
 from recursive_lm.model.dispatch import expert_mlp, plan_layout, plan_tiers, resolve_dispatch
-
-def check_expert_mesh(n_experts: int, expert_axis_size: int, field: str = "model.moe.experts") -> None:
-  """ConfigError unless the mesh's expert axis divides the expert count."""
-  if expert_axis_size > 1 and n_experts % expert_axis_size:
-    raise ConfigError(f"{field}={n_experts} is not divisible by mesh.expert={expert_axis_size} "
-                      "(expert sharding needs equal shards; change the expert count or the mesh)")
 
 
 # ----------------------------------------------------------------------------
@@ -64,42 +54,6 @@ def mean_softmax(logits: jax.Array, batch: int) -> jax.Array:
   """logits [N, ..., E] with N = batch * T tokens -> per-sequence mean softmax [batch, ..., E] (float32)."""
   p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
   return p.reshape((batch, -1) + p.shape[1:]).mean(1)
-
-
-def _batch_axes() -> tuple[tuple[str, ...], int]:
-  """Mesh axes of the batch logical rule and their total size (((), 1) without a mesh and rules)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  rules = flax_spmd.get_logical_axis_rules()
-  if mesh.empty or not rules or not mesh.are_all_axes_auto:
-    return (), 1
-  target = dict(rules).get(axes.BATCH)
-  names = (target,) if isinstance(target, str) else tuple(target or ())
-  return names, math.prod(mesh.shape[a] for a in names)
-
-
-def data_parallel(fn: Callable, n_batched: int, out_batched: tuple[bool, ...]) -> Callable:
-  """Run fn(*batched, *replicated) per batch shard when the batch is sharded.
-
-  The first `n_batched` arguments have the batch on axis 0; outputs flagged in
-  `out_batched` do too, the others are sums over tokens (psum-ed over shards).
-  A plain call without a mesh, or when the batch does not divide.
-  """
-
-  def wrapped(*args):
-    names, size = _batch_axes()
-    if size == 1 or args[0].shape[0] % size:
-      return fn(*args)
-
-    def local(*a):
-      outs = fn(*a)
-      return tuple(o if bat else jax.lax.psum(o, names) for o, bat in zip(outs, out_batched))
-
-    in_specs = tuple(P(names) if i < n_batched else P() for i in range(len(args)))
-    out_specs = tuple(P(names) if bat else P() for bat in out_batched)
-    return jax.shard_map(local, in_specs=in_specs, out_specs=out_specs, axis_names=set(names),
-                         check_vma=False)(*args)
-
-  return wrapped
 
 
 # ----------------------------------------------------------------------------
@@ -165,7 +119,7 @@ class SigmaMoE(nnx.Module):
   def __call__(self, x: jax.Array, router_input: jax.Array | None = None):
     r_in = x if router_input is None else router_input
     fn = functools.partial(_sigma_moe, top_k=self.top_k, mode=resolve_dispatch(self.dispatch), cap=self.block_cap)
-    y, probs, counts = data_parallel(fn, 2, (True, True, False))(x, r_in, self.router[...], self.keys[...],
+    y, probs, counts = sharding.data_parallel(fn, 2, (True, True, False))(x, r_in, self.router[...], self.keys[...],
                                                                  self.values[...])
     n = x.shape[0] * x.shape[1]
     return y, {"mlp_probs": probs, "mlp_usage": counts / n}

@@ -100,8 +100,9 @@ def run_stage(stage: StageModule, x: jax.Array, ctx: Context, cache: dict | None
   cache: per-depth {'k','v'} [U*C, B, S, Kv, Hd] or None. depth_data: per-depth
   non-parameter values {name: [U*C]} passed to `Context.for_layer` (rotary
   kind, sliding window), so layers that share weights may still differ there.
-  inject: x -> x applied at the start of every repeat (the recurrent core's
-  input injection; cycle order only). loop_states: a list that receives x
+  inject: (x, j) -> x applied at the start of every repeat j (traced int32):
+  the model's loop-start hook (the recurrent core's input injection, loop
+  re-embedding; cycle order only). loop_states: a list that receives x
   [B, T, D] after every loop but the last of a repeated cycle-order stage
   (the exits' loop boundaries, `exit_readouts`). loops: run a cycle-order
   stage that many times instead of C (a Python int: the recurrent core at a
@@ -129,11 +130,13 @@ def run_stage(stage: StageModule, x: jax.Array, ctx: Context, cache: dict | None
 
   if spec.order == "cycle":
     @functools.partial(_wrap_outer, remat=remat)
-    def outer(x, depth_r):  # depth_r: [U, ...]
-      x = x if inject is None else inject(x)
+    def outer(x, xs):  # depth_r: [U, ...]; j: the repeat (loop) index, scanned only for a hook
+      depth_r, j = xs if inject is not None else (xs, None)
+      x = x if inject is None else inject(x, j)
       x, ys = jax.lax.scan(lambda x, xs: layer(x, xs[0], xs[1]), x, (block_state, depth_r), length=k_n)
       return x, (ys, x if loop_states is not None else None)  # the state after this loop, when asked
-    x, ((cache_out, aux), states) = jax.lax.scan(outer, x, folded, length=r_n)
+    xs = folded if inject is None else (folded, jnp.arange(r_n, dtype=jnp.int32))
+    x, ((cache_out, aux), states) = jax.lax.scan(outer, x, xs, length=r_n)
     if loop_states is not None and r_n > 1:
       loop_states += [states[r] for r in range(r_n - 1)]
   else:

@@ -34,7 +34,8 @@ from recursive_lm.model import kernels
 from recursive_lm.model.attention import Context
 from recursive_lm.model.layers import Dense, LoRA, apply_rope
 from recursive_lm.model.dispatch import grouped_linear, plan_layout, resolve_dispatch
-from recursive_lm.model.moe import data_parallel, mean_softmax, normalised_rows, route
+from recursive_lm.model.moe import mean_softmax, normalised_rows, route
+from recursive_lm.sharding import data_parallel
 
 
 def _router_logits(x_r: jax.Array, sel: jax.Array) -> jax.Array:

@@ -81,6 +81,26 @@ class Transformer(nnx.Module):
     self.head = None if cfg.tie_embeddings else Dense(cfg.d_model, cfg.vocab_size, axes.EMBED, axes.VOCAB,
                                                       cfg.d_model**-0.5, rngs, pd, kernels.dense_kernel(cfg))
 
+  @property
+  def loop_start(self):
+    """The loop-start hook (x, j) -> x of the walk and the scan, or None when
+    nothing happens between loops but the loop itself. The recurrent core's
+    injection is separate (it needs the prelude output: `recurrent.loop_start`)."""
+    return self.reembed if self.cfg.reembed_tau > 0 else None
+
+  def reembed(self, x: jax.Array, j) -> jax.Array:
+    """Loop re-embedding (model.reembed_tau, Grokked transformers): before
+    loop j > 0, x [B, T, D] <- x + softmax(tau x E^T) E, the stream pulled
+    towards the embeddings of the tokens it predicts. j: a Python int (the
+    walk) or traced (the scan)."""
+    def pull(x):
+      table = self.embed.table[...].astype(x.dtype)
+      p = jax.nn.softmax((self.cfg.reembed_tau * (x @ table.T)).astype(jnp.float32), axis=-1)
+      return x + (p.astype(x.dtype) @ table)
+    if isinstance(j, int):
+      return pull(x) if j > 0 else x
+    return jax.lax.cond(j > 0, pull, lambda x: x, x)
+
   def regulariser(self, aux: dict) -> tuple[jax.Array, dict]:
     """Auxiliary training loss from the blocks' aux outputs (e.g. MoE balance)
     and its metrics (zero and {} for dense blocks)."""
@@ -159,7 +179,8 @@ class Transformer(nnx.Module):
 
     collect = walk.Hooks(loop_end=keep_state) if loop_states else walk.NO_HOOKS
     if self.kv.shared:  # layers read each other's K/V: the whole depth in one walk over one store
-      x, cache, aux, _ = walk.walk(self, self.plan.layers(), x, ctx, cache, remat=cfg.remat, hooks=collect)
+      x, cache, aux, _ = walk.walk(self, self.plan.layers(), x, ctx, cache, remat=cfg.remat,
+                                   hooks=collect._replace(loop_start=self.loop_start))
       if loop_states:
         aux = {**aux, "loop_states": _stack_states(states, x)}
       return self.readout(_rows_at(sharding.constrain_residual(x), logits_at)), cache, aux
@@ -180,8 +201,10 @@ class Transformer(nnx.Module):
       if self.recurrent and i == self.loop.stage:  # the core: inject the prelude output e into every iteration
         e = x
         x = initial_state(cfg.recurrent.init_state, e, key, ctx.positions)
-        inject = lambda s, e=e: self.injection(s, e)
-      core_loops = loops if inject is not None else None
+        inject = lambda s, j, e=e: self.injection(s, e)
+      elif i == getattr(self.loop, "stage", None):
+        inject = self.loop_start
+      core_loops = loops if self.recurrent and i == self.loop.stage else None
       if i == self.routed and routing == "threshold":
         x, c, aux, router_aux = mor.run_causal(stage, self.router, x, ctx, self.plan.stage_layers(i), cfg.mor,
                                                cfg.remat, c)
@@ -193,7 +216,7 @@ class Transformer(nnx.Module):
                                cfg.recurrent.backprop_depth)
       elif unrolled or not cfg.scan or stage.shared_kv:  # shared K/V here: routed plans (every layer writes)
         layers = self.plan.stage_layers(i) if core_loops is None else self.plan.loop_layers(i, core_loops)
-        hooks = collect._replace(loop_start=None if inject is None else lambda x, j: inject(x))
+        hooks = collect._replace(loop_start=inject)
         whole = None if cache is None else [c if n == i else None for n in range(len(self.stages))]
         x, whole, aux, _ = walk.walk(self, layers, x, ctx, whole, remat=cfg.remat, hooks=hooks)
         c = None if cache is None else whole[i]
