@@ -273,15 +273,78 @@ def _load_npy(tokens_path: str, name: str) -> np.ndarray:
   return arr
 
 
+class ShardedTokens:
+  """The 1-D concatenation of raw token shards, each a read-only np.memmap, minus the first `skip` tokens.
+
+  Behaves as a 1-D array where TokenWindows needs it (len, dtype, ndim, slices ->
+  np.ndarray [n]); a slice reads only the shards it covers, so a host reading its
+  own windows touches only those pages. Pickles by file name (grain workers).
+  """
+
+  ndim = 1
+
+  def __init__(self, paths: list[str], lengths: list[int], dtype: str, skip: int = 0):
+    self.paths, self.lengths, self.dtype, self.skip = list(paths), [int(n) for n in lengths], np.dtype(dtype), skip
+    self._starts = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
+    self._maps = None
+
+  def _open(self):
+    if self._maps is None:
+      self._maps = [np.memmap(p, dtype=self.dtype, mode="r", shape=(n,)) if n else np.zeros(0, self.dtype)
+                    for p, n in zip(self.paths, self.lengths)]
+    return self._maps
+
+  def __len__(self) -> int:
+    return max(0, int(self._starts[-1]) - self.skip)
+
+  def __getitem__(self, key) -> np.ndarray:
+    if not isinstance(key, slice):
+      raise TypeError("ShardedTokens takes slices")
+    start, stop, step = key.indices(len(self))
+    if step != 1:
+      raise ValueError("ShardedTokens slices have step 1")
+    start, stop = start + self.skip, max(start, stop) + self.skip
+    first = int(np.searchsorted(self._starts, start, side="right")) - 1
+    parts = []
+    for i in range(max(first, 0), len(self.lengths)):
+      lo, hi = self._starts[i], self._starts[i + 1]
+      if lo >= stop:
+        break
+      parts.append(self._open()[i][max(start, lo) - lo:min(stop, hi) - lo])
+    return np.concatenate(parts) if parts else np.zeros(0, self.dtype)
+
+  def __array__(self, dtype=None, copy=None):
+    out = self[:]
+    return out.astype(dtype) if dtype is not None else out
+
+  def __getstate__(self):
+    return {**self.__dict__, "_maps": None}
+
+
+def _load_shards(tokens_path: str, meta: dict, side: str) -> ShardedTokens:
+  paths, lengths = [], []
+  for rel, n in meta["shards"][side]:
+    path = os.path.join(tokens_path, rel)
+    if not os.path.isfile(path) or os.path.getsize(path) != n * np.dtype(meta["dtype"]).itemsize:
+      raise ConfigError(f"data.tokens_path={tokens_path!r}: shard {rel} is missing or not {n} tokens long; "
+                        "prepare it again")
+    paths.append(path)
+    lengths.append(n)
+  return ShardedTokens(paths, lengths, meta["dtype"], meta.get("skip_first", 0))
+
+
 @functools.lru_cache(maxsize=8)
 def tokens_splits(tokens_path: str):
-  """-> (train [N_train], val [N_val]) read-only memmaps in the stored dtype (uint16 or int32).
+  """-> (train [N_train], val [N_val]) read-only memmaps (train.npy / val.npy) or ShardedTokens (the
+  streaming prepare's shards) in the stored dtype (uint16 or int32).
 
   TokenWindows casts windows to int32; cast yourself if you read them directly.
   """
   if not os.path.isdir(tokens_path):
     raise ConfigError(f"data.tokens_path={tokens_path!r} is not a directory")
-  read_meta(tokens_path)  # fail early, with the helpful message, on a half-written directory
+  meta = read_meta(tokens_path)  # fail early, with the helpful message, on a half-written directory
+  if "shards" in meta:
+    return _load_shards(tokens_path, meta, "train"), _load_shards(tokens_path, meta, "val")
   return _load_npy(tokens_path, TRAIN_FILE), _load_npy(tokens_path, VAL_FILE)
 
 
