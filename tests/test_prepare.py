@@ -102,3 +102,32 @@ def test_bad_corpus_is_one_error_line(tmp_path):
   proc = run_prepare("--source", "jsonl", "--glob", tmp_path / "*.jsonl", "--out", tmp_path / "o")
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'x.jsonl'}:2: no text field 'text' (data.text_field)"]
+
+
+def test_train_tokenizer_saves_a_bpe_that_training_reads(tmp_path, corpus):
+  out = tmp_path / "tok"
+  proc = run_prepare("--source", "jsonl", "--glob", corpus, "--out", out, "--val_fraction", 0.2,
+                     "--train_tokenizer", 300, "--workers", 1)
+  assert proc.returncode == 0, proc.stderr
+  spec = f"hf:{out.resolve() / 'tokenizer.json'}"
+  meta = json.loads((out / "meta.json").read_text())
+  assert meta["tokenizer"] == spec and meta["vocab_size"] == 300 and not meta["is_byte_level"]
+  from recursive_lm.data import tokenizers
+  tok = tokenizers.get_tokenizer(spec)
+  text = "merged pieces é, and bytes \u2603 never seen"
+  assert tok.decode(tok.encode(text)) == text  # byte-level: lossless on any text
+  train, val = sources.tokens_splits(str(out))
+  byte_train, byte_val = sources.document_splits("jsonl", corpus, "byte", 0, 0.2, "text", "replace")
+  assert len(train) < len(byte_train)  # merges: fewer tokens than bytes (random letters: few)
+  # The same documents on the same sides, joined the same way.
+  assert tok.decode(np.asarray(train)) == tokenizers.ByteTokenizer().decode(byte_train)
+  assert tok.decode(np.asarray(val)) == tokenizers.ByteTokenizer().decode(byte_val)
+  import dataclasses
+  from test_documents import data_cfg
+  cfg = data_cfg(source="tokens", tokens_path=str(out), tokenizer=spec)
+  assert next(pipeline.train_iterator(cfg, seed=0))["inputs"].max() < 300
+  with pytest.raises(ConfigError, match=r"data.tokenizer='byte'.*set data.tokenizer="):
+    sources.load_splits(dataclasses.replace(cfg, tokenizer="byte"))
+  again = run_prepare("--source", "jsonl", "--glob", corpus, "--out", out, "--val_fraction", 0.2,
+                      "--train_tokenizer", 300, "--workers", 1)
+  assert again.returncode == 0, again.stderr  # a finished directory: same tokenizer, nothing redone

@@ -261,6 +261,45 @@ def prepare_streaming(settings: dict, out: str, workers: int, shard_bytes: int, 
   return meta
 
 
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def train_tokenizer(settings: dict, vocab_size: int, out: str) -> str:
+  """Train a byte-level BPE of `vocab_size` tokens on the training side of the corpus; save
+  OUT/tokenizer.json and return its spec ('hf:OUT/tokenizer.json').
+
+  Byte-level: every byte is in the alphabet, so any text encodes and decodes
+  back exactly. The documents are streamed (the trainer keeps word counts, not
+  the text). A tokenizer.json already in OUT (a resumed prepare) is kept.
+  """
+  path = os.path.join(os.path.abspath(out), TOKENIZER_FILE)
+  if os.path.isfile(path):
+    return f"hf:{path}"
+  if vocab_size < 257:
+    raise ConfigError(f"--train_tokenizer={vocab_size} must be > 256 (the byte alphabet)")
+  from recursive_lm.data.tokenizers import _import_tokenizers  # pylint: disable=g-import-not-at-top
+  tk = _import_tokenizers(f"--train_tokenizer={vocab_size}")
+  files = corpus_files(settings["source"], settings["glob"])
+  count = documents_lib.DecodeCount()
+
+  def texts():
+    for key, text in _unit_documents(settings["source"], files, settings["text_field"], settings["decode_errors"],
+                                     count):
+      if not sources.is_val_file(key, settings["val_fraction"]):  # never learn from validation text
+        yield text.decode("utf-8", errors="replace")
+
+  tok = tk.Tokenizer(tk.models.BPE())
+  tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = tk.decoders.ByteLevel()
+  trainer = tk.trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
+                                   show_progress=False)
+  tok.train_from_iterator(texts(), trainer=trainer)
+  os.makedirs(out, exist_ok=True)
+  tok.save(path + ".tmp")
+  os.replace(path + ".tmp", path)
+  return f"hf:{path}"
+
+
 def _digest(files: sources.Files) -> str:
   """Which files (names and sizes) a prepare covers: a resume over a changed corpus is refused."""
   import hashlib  # pylint: disable=g-import-not-at-top
@@ -281,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--text_field", default="text", help="jsonl field / parquet column of the text")
   p.add_argument("--decode_errors", choices=documents_lib.DECODE_ERRORS, default="replace")
   p.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)))
+  p.add_argument("--train_tokenizer", type=int, default=0,
+                 help="N > 256: train a byte-level BPE of N tokens on the training side, save OUT/tokenizer.json "
+                 "and tokenize with it (then data.tokenizer=hf:OUT/tokenizer.json)")
   p.add_argument("--shard_bytes", type=int, default=256 << 20, help="input bytes per unit of work (one shard)")
   args = p.parse_args(argv)
 
@@ -294,11 +336,18 @@ def main(argv: list[str] | None = None) -> int:
       raise ConfigError(f"--max_bytes={args.max_bytes} must be >= 0")
     if args.shard_bytes <= 0 or args.workers <= 0:
       raise ConfigError("--shard_bytes and --workers must be > 0")
-    tok = get_tokenizer(args.tokenizer)
+    if args.train_tokenizer and args.tokenizer != "byte":
+      raise ConfigError("--train_tokenizer trains the tokenizer; leave --tokenizer at 'byte'")
     lock = workdir_lock.WorkdirLock(args.out)  # a second prepare on this OUT is refused here
     settings = {"source": args.source, "glob": args.glob, "tokenizer": args.tokenizer,
                 "val_fraction": args.val_fraction, "max_bytes": args.max_bytes, "text_field": args.text_field,
                 "decode_errors": args.decode_errors}
+    if args.train_tokenizer:
+      if os.path.isfile(os.path.join(args.out, PROGRESS_FILE)) or os.path.isfile(os.path.join(args.out, sources.META_FILE)):
+        _check_previous(args.out, {**settings, "tokenizer": f"hf:{os.path.abspath(os.path.join(args.out, TOKENIZER_FILE))}"})
+      settings["tokenizer"] = args.tokenizer = train_tokenizer(settings, args.train_tokenizer, args.out)
+      settings["train_tokenizer"] = args.train_tokenizer
+    tok = get_tokenizer(args.tokenizer)
     meta = None
     if not args.max_bytes:
       crash = int(os.environ.get("RLM_PREPARE_CRASH_AFTER_UNITS", "0"))
