@@ -213,6 +213,9 @@ class DataConfig:
                               "or refuse them (an error naming file and line)", choices=DECODE_ERRORS)
   tokens_path: str = option("", "tokens: directory written by recursive_lm.data.prepare")
   tokenizer: str = option("byte", "byte | sentencepiece:PATH | hf:PATH")
+  mixture: str = option("", "several sources with weights, 'SOURCE:LOCATION=WEIGHT;...' (LOCATION: the glob, or the "
+                        "tokens directory; stdlib: empty), e.g. 'tokens:data/web=0.7;jsonl:code/*.jsonl=0.3'; the "
+                        "other data keys apply to each; eval losses per source as eval_loss/mixI ('' off)")
   max_bytes: int = option(0, "stdlib/text/jsonl/parquet/arrayrecord: cap on corpus bytes read (0: all)",
                           check=">= 0")
   val_fraction: float = option(0.05, "share of the corpus held out for evaluation", check="(0, 1)")

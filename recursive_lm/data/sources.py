@@ -40,6 +40,7 @@ arrays are read-only so one caller cannot corrupt another's data.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import glob as glob_lib
 import json
@@ -352,12 +353,48 @@ def tokens_splits(tokens_path: str):
 # The config entry point.
 
 
+def mixture_components(cfg: DataConfig) -> list[tuple[str, DataConfig, float]]:
+  """`data.mixture` -> [(name 'mixI', the component's DataConfig, weight)]; [] when off.
+
+  Each component is `cfg` with its source and location replaced, so every other data key applies to all.
+  """
+  if not cfg.mixture.strip():
+    return []
+  out = []
+  for i, entry in enumerate(e.strip() for e in cfg.mixture.split(";")):
+    where = f"data.mixture entry {i} ({entry!r})"
+    spec, eq, weight = entry.rpartition("=")
+    source, colon, location = spec.partition(":")
+    if not (eq and colon):
+      raise ConfigError(f"{where} is not SOURCE:LOCATION=WEIGHT")
+    if source not in ("stdlib", "text", *documents_lib.FORMATS, "tokens"):
+      raise ConfigError(f"{where}: source {source!r} is not one of "
+                        f"{['stdlib', 'text', *documents_lib.FORMATS, 'tokens']}")
+    try:
+      w = float(weight)
+    except ValueError:
+      w = float("nan")
+    if not w > 0 or w == float("inf"):
+      raise ConfigError(f"{where}: weight {weight!r} is not a positive number")
+    if source != "stdlib" and not location:
+      raise ConfigError(f"{where}: source {source!r} needs a location (its glob or tokens directory)")
+    part = dataclasses.replace(cfg, mixture="", source=source, glob=location if source != "tokens" else "",
+                               tokens_path=location if source == "tokens" else "")
+    out.append((f"mix{i}", part, w))
+  return out
+
+
 def load_splits(cfg: DataConfig):
   """-> (tokenizer, train_tokens [N_train], val_tokens [N_val]) for `cfg` (cached underneath).
 
   Raises ConfigError naming data.seq_len when a split is shorter than one
   window of seq_len + 1 tokens.
   """
+  if mixture_components(cfg):
+    # The tokenizer is shared by every component (checked for each); the splits are the components'.
+    for _, part, _ in mixture_components(cfg):
+      load_splits(part)
+    return get_tokenizer(cfg.tokenizer), None, None
   if cfg.source == "synthetic":
     # Examples are generated per index (recursive_lm/data/synthetic.py): no token arrays.
     return get_tokenizer(cfg.tokenizer), None, None
