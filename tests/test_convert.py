@@ -549,6 +549,19 @@ def test_cli_reports_a_bad_depth_in_one_line(llama_dir, tmp_path):
   assert not os.path.isdir(tmp_path / "w" / "checkpoints")
 
 
+def test_cli_from_safetensors_prints_only_the_projects_lines(llama_dir, tmp_path):
+  import subprocess
+  import sys
+  work = tmp_path / "w"
+  run = subprocess.run([sys.executable, "-m", "recursive_lm.convert", "--source", f"hf:{llama_dir}", "--workdir",
+                        str(work), "--plan", "cycle", "--repeats", "2"], capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr
+  lines = run.stderr.strip().splitlines()
+  assert not [l for l in lines if "absl" in l or l.startswith(("INFO", "I1", "I0"))], lines
+  assert lines[0].startswith("read hf:") and lines[-1].startswith("continue with:")
+  assert "CheckpointManager" in (work / "logs" / "convert.log").read_text()  # the library's records: in the log
+
+
 def test_llama3_rope_scaling_from_config_and_from_gguf_rope_freqs(tmp_path):
   scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
              "original_max_position_embeddings": 8192}
