@@ -85,11 +85,17 @@ class StopFlag:
     return bool(np.any(multihost_utils.process_allgather(np.asarray(local))))
 
 
-def evaluate(eval_step, model_state, batches, mesh, preset) -> float:
+def evaluate_sums(eval_step, model_state, batches, mesh, preset) -> tuple[float, float]:
+  """(summed loss, token count) over `batches`."""
   total, count = 0.0, 0.0
   for batch in batches:
     s, n = eval_step(model_state, sharding.global_batch(batch, mesh, preset))
     total, count = total + float(s), count + float(n)
+  return total, count
+
+
+def evaluate(eval_step, model_state, batches, mesh, preset) -> float:
+  total, count = evaluate_sums(eval_step, model_state, batches, mesh, preset)
   return total / count
 
 
@@ -146,7 +152,8 @@ def _run(cfg: Config, workdir: str, lock: workdir_lock.Holder, stop_at: int | No
     raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                       f"{tokenizer.vocab_size} (data.tokenizer={cfg.data.tokenizer!r})")
   train_iter = data.train_iterator(cfg.data, cfg.seed, pi, pc)  # whole batches; the step splits micro-batches
-  eval_set = data.eval_batches(cfg.data, cfg.train.eval_batches, pi, pc)
+  # One list per mixture component ({'': batches} without a mixture); eval_loss is over all of them.
+  eval_sets = data.eval_sets(cfg.data, cfg.train.eval_batches, pi, pc)
 
   # 3. Model and optimiser: fresh, or restored with the data position. The workdir to
   # ourselves before the first write (a workdir of another model is refused untouched).
@@ -222,8 +229,12 @@ def _run(cfg: Config, workdir: str, lock: workdir_lock.Holder, stop_at: int | No
       window_start, window_steps = time.time(), 0
 
     if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-      eval_loss = evaluate(eval_step, state[0], eval_set, mesh, preset)
+      per_source = {name: evaluate_sums(eval_step, state[0], batches, mesh, preset)
+                    for name, batches in eval_sets.items()}
+      eval_loss = sum(s for s, _ in per_source.values()) / sum(n for _, n in per_source.values())
       last_eval = {"step": step, "eval_loss": eval_loss}
+      if len(per_source) > 1 or "" not in per_source:
+        last_eval.update({f"eval_loss/{name}": s / n for name, (s, n) in per_source.items()})
       if tokenizer.is_byte_level:
         last_eval["eval_bits_per_byte"] = eval_loss / math.log(2)
       writer.write(last_eval)

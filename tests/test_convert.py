@@ -272,8 +272,14 @@ def test_gguf_round_trip(cfg, tmp_path):
   # Same architecture; GGUF stores floats as float32, and the query scale is implied (head_dim) in GGUF.
   assert set(src.model) == set(hf.model)
   for key, value in hf.model.items():
-    if key != "query_pre_attn_scalar":
+    if key == "query_pre_attn_scalar":
+      continue
+    # pytest >= 9.2 refuses approx on non-numbers (strings such as mlp_type, tuples), so only
+    # floats get a tolerance; everything else must match exactly.
+    if isinstance(value, float):
       assert src.model[key] == pytest.approx(value, rel=1e-6), key
+    else:
+      assert src.model[key] == value, key
   exact = lambda a, b: np.testing.assert_array_equal(a, b)
   for i in range(cfg["num_hidden_layers"]):
     for key in ("q", "k", "o", "gate", "down"):  # F32: bit-exact (Q/K rows un-permuted for llama)
@@ -541,6 +547,19 @@ def test_cli_reports_a_bad_depth_in_one_line(llama_dir, tmp_path):
   last = run.stderr.strip().splitlines()[-1]
   assert last.startswith("error: ") and "num_layers=4 is not divisible by model.plan.repeats=3" in last
   assert not os.path.isdir(tmp_path / "w" / "checkpoints")
+
+
+def test_cli_from_safetensors_prints_only_the_projects_lines(llama_dir, tmp_path):
+  import subprocess
+  import sys
+  work = tmp_path / "w"
+  run = subprocess.run([sys.executable, "-m", "recursive_lm.convert", "--source", f"hf:{llama_dir}", "--workdir",
+                        str(work), "--plan", "cycle", "--repeats", "2"], capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr
+  lines = run.stderr.strip().splitlines()
+  assert not [l for l in lines if "absl" in l or l.startswith(("INFO", "I1", "I0"))], lines
+  assert lines[0].startswith("read hf:") and lines[-1].startswith("continue with:")
+  assert "CheckpointManager" in (work / "logs" / "convert.log").read_text()  # the library's records: in the log
 
 
 def test_llama3_rope_scaling_from_config_and_from_gguf_rope_freqs(tmp_path):

@@ -145,7 +145,8 @@ def test_prepare_cli_round_trip(tmp_path):
 
   cfg = data_cfg(source="tokens", tokens_path=str(out), seq_len=16)
   _, train, val = sources.load_splits(cfg)
-  assert train.dtype == np.uint16 and isinstance(train, np.memmap)
+  # The streaming prepare's shards, memory-mapped one by one.
+  assert train.dtype == np.uint16 and isinstance(train, sources.ShardedTokens)
   ref_train, ref_val = sources.text_splits(pattern, "byte", 200_000, 0.05)
   np.testing.assert_array_equal(train, ref_train)
   np.testing.assert_array_equal(val, ref_val)

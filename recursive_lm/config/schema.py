@@ -38,7 +38,8 @@ CURRICULA = ("none", "linear", "1-sqrt")
 MOR_ROUTINGS = ("none", "expert", "token")
 MOR_WEIGHTINGS = ("scaled", "unit")
 MOR_EXECUTIONS = ("gather", "mask")
-SOURCES = ("stdlib", "text", "tokens", "synthetic")
+SOURCES = ("stdlib", "text", "jsonl", "parquet", "arrayrecord", "tokens", "synthetic")
+DECODE_ERRORS = ("replace", "refuse")
 SCHEDULES = ("cosine", "wsd", "constant")
 ON_NONFINITE = ("stop", "skip")
 
@@ -208,10 +209,17 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   source: str = option("stdlib", "where the training text comes from", choices=SOURCES)
-  glob: str = option("", "text: glob of UTF-8 files")
+  glob: str = option("", "text/jsonl/parquet/arrayrecord: glob of the corpus files (** recursive)")
+  text_field: str = option("text", "jsonl: the field, parquet: the column holding each document's text")
+  decode_errors: str = option("replace", "documents that are not UTF-8: replace bad bytes with U+FFFD (counted) "
+                              "or refuse them (an error naming file and line)", choices=DECODE_ERRORS)
   tokens_path: str = option("", "tokens: directory written by recursive_lm.data.prepare")
   tokenizer: str = option("byte", "byte | sentencepiece:PATH | hf:PATH")
-  max_bytes: int = option(0, "stdlib/text: cap on corpus bytes read (0: all)", check=">= 0")
+  mixture: str = option("", "several sources with weights, 'SOURCE:LOCATION=WEIGHT;...' (LOCATION: the glob, or the "
+                        "tokens directory; stdlib: empty), e.g. 'tokens:data/web=0.7;jsonl:code/*.jsonl=0.3'; the "
+                        "other data keys apply to each; eval losses per source as eval_loss/mixI ('' off)")
+  max_bytes: int = option(0, "stdlib/text/jsonl/parquet/arrayrecord: cap on corpus bytes read (0: all)",
+                          check=">= 0")
   val_fraction: float = option(0.05, "share of the corpus held out for evaluation", check="(0, 1)")
   seq_len: int = option(128, "tokens per training row", check="> 0")
   batch_size: int = option(16, "rows per step (all devices)", check="> 0")

@@ -234,8 +234,8 @@ def load(cd: ml_collections.ConfigDict) -> Config:
     _synthetic(d)
   if d.seq_len > m.max_seq_len:
     raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-  if d.source == "text" and not d.glob:
-    raise ConfigError("data.source='text' needs data.glob")
+  if d.source in ("text", "jsonl", "parquet", "arrayrecord") and not d.glob:
+    raise ConfigError(f"data.source={d.source!r} needs data.glob")
   if d.source == "tokens" and not d.tokens_path:
     raise ConfigError("data.source='tokens' needs data.tokens_path")
   if d.batch_size % cd.optim.grad_accum:

@@ -64,6 +64,12 @@ def retrofit_map(source, args, split, repeats, rank, overrides) -> list[int]:
 def main(argv=None) -> int:
   args = parse(sys.argv[1:] if argv is None else argv)
   cli.route_library_logs(args.workdir, "convert", also_to_console=args.alsologtostderr, deferred=True)
+  # An argparse CLI never runs absl's app.run, which puts absl's handler on the root logger; without it
+  # the first root-level record (the HF path reaches one) makes Python add its own stderr handler, and
+  # every orbax INFO record lands on the console as "INFO:absl:...". With absl's handler in place they
+  # go where route_library_logs sends them (the workdir's log file).
+  from absl import logging as absl_logging
+  absl_logging.use_absl_handler()
   from recursive_lm.checkpoint import CheckpointWriteError
   from recursive_lm.convert import readers, workdir as wd
   try:

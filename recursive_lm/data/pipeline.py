@@ -22,9 +22,9 @@ import grain
 import numpy as np
 
 from recursive_lm.config import ConfigError, DataConfig
-from recursive_lm.data.sources import load_splits
+from recursive_lm.data.sources import load_splits, mixture_components
 
-__all__ = ["TokenWindows", "train_dataset", "train_iterator", "eval_batches", "load_splits"]
+__all__ = ["TokenWindows", "train_dataset", "train_iterator", "eval_batches", "eval_sets", "load_splits"]
 
 
 class TokenWindows:
@@ -114,17 +114,28 @@ def train_dataset(cfg: DataConfig, seed: int, process_index: int = 0, process_co
             .repeat(None)
             .batch(b_local, drop_remainder=True)
             [process_index::process_count])
-  tok, train, _ = load_splits(cfg)
-  # shuffle before repeat: each epoch is a full, freshly seeded permutation.
+  parts = mixture_components(cfg)
+  if parts:
+    # Each component shuffled and repeated on its own (its own seed), then interleaved by weight
+    # (grain's mix keeps the proportions exactly), so every batch holds the mixture.
+    windows = grain.MapDataset.mix([_windows(part, seed + i) for i, (_, part, _) in enumerate(parts)],
+                                   [w for _, _, w in parts])
+  else:
+    windows = _windows(cfg, seed)
   # Batching by B_local *before* the [p::P] slice makes the P consecutive
   # chunks of one global batch go to processes 0..P-1 in order, so process p
   # holds rows p*B_local:(p+1)*B_local and reads only its own windows.
-  return (grain.MapDataset.source(TokenWindows(train, cfg.seq_len, window_bos(tok)))
-          .shuffle(seed=seed)
-          .repeat(None)
+  return (windows
           .batch(b_local, drop_remainder=True)
           [process_index::process_count]
           .map(_to_inputs_targets))
+
+
+def _windows(cfg: DataConfig, seed: int) -> grain.MapDataset:
+  """The endless training windows of one source: int32 [T+1] each."""
+  tok, train, _ = load_splits(cfg)
+  # shuffle before repeat: each epoch is a full, freshly seeded permutation.
+  return grain.MapDataset.source(TokenWindows(train, cfg.seq_len, window_bos(tok))).shuffle(seed=seed).repeat(None)
 
 
 def train_iterator(cfg: DataConfig, seed: int, process_index: int = 0, process_count: int = 1):
@@ -158,6 +169,9 @@ def eval_batches(cfg: DataConfig, n_batches: int, process_index: int = 0,
       rows = [src[first + j] for j in range(b_local)]
       out.append({key: np.stack([r[key] for r in rows]) for key in rows[0]})
     return out
+  parts = mixture_components(cfg)
+  if parts:  # each component's first n batches, in the order of data.mixture
+    return [b for part in eval_sets(cfg, n_batches, process_index, process_count).values() for b in part]
   tok, _, val = load_splits(cfg)
   windows = TokenWindows(val, cfg.seq_len, window_bos(tok))
   out = []
@@ -166,3 +180,12 @@ def eval_batches(cfg: DataConfig, n_batches: int, process_index: int = 0,
     rows = np.stack([windows[(first + j) % len(windows)] for j in range(b_local)])
     out.append(_to_inputs_targets(rows))
   return out
+
+
+def eval_sets(cfg: DataConfig, n_batches: int, process_index: int = 0,
+              process_count: int = 1) -> dict[str, list[dict[str, np.ndarray]]]:
+  """{'mixI': that component's eval_batches} for a mixture (data.mixture), else {'': eval_batches}."""
+  parts = mixture_components(cfg)
+  if not parts:
+    return {"": eval_batches(cfg, n_batches, process_index, process_count)}
+  return {name: eval_batches(part, n_batches, process_index, process_count) for name, part, _ in parts}

@@ -1,10 +1,16 @@
 """Corpora as (train_tokens, val_tokens) pairs of 1-D token arrays.
 
-Three sources, picked by `data.source`:
+The sources, picked by `data.source`:
   stdlib  the .py files of the running interpreter's standard library: about
           11 MB of real text on every machine, no download. Deterministic for a
           given Python build (a different Python version is a different corpus).
   text    UTF-8 files matched by `data.glob` (recursive ** allowed).
+  jsonl, parquet, arrayrecord
+          documents of the files matched by `data.glob` (recursive_lm/data/
+          documents.py says what a document is); rules 1-5 below apply with
+          documents in place of files and the document's identity
+          ("STEM#INDEX") in place of relpath. Held in memory like text; for
+          corpora larger than memory, prepare them (data.prepare) first.
   tokens  a directory written by `python -m recursive_lm.data.prepare`:
           train.npy, val.npy (uint16 or int32, opened as read-only memmaps) and
           meta.json (tokenizer spec, vocab size, document frame of rule 5).
@@ -34,11 +40,13 @@ arrays are read-only so one caller cannot corrupt another's data.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import glob as glob_lib
 import json
 import os
 import re
+import sys
 import sysconfig
 import zlib
 from pathlib import Path, PurePath
@@ -46,6 +54,7 @@ from pathlib import Path, PurePath
 import numpy as np
 
 from recursive_lm.config import ConfigError, DataConfig
+from recursive_lm.data import documents as documents_lib
 from recursive_lm.data.tokenizers import document_frame, get_tokenizer
 
 SEPARATOR = b"\n\n"
@@ -112,26 +121,61 @@ def is_val_file(relpath: str, val_fraction: float) -> bool:
 # Reading and tokenizing.
 
 
-def _read_capped(paths: list[str], cap: int | None) -> list[bytes]:
-  """File contents in order, stopping once the joined length would pass `cap`.
+class _Capped:
+  """The pieces one side keeps: taken in order while len(SEPARATOR.join(pieces)) <= cap (None: no cap).
 
-  len(SEPARATOR.join(result)) <= cap; empty files are skipped so they add no
-  stray separators.
+  Empty pieces are skipped so they add no stray separators; the piece that
+  reaches the cap is cut short.
   """
-  pieces, used = [], 0
-  for path in paths:
-    if cap is not None and used + (len(SEPARATOR) if pieces else 0) >= cap:
-      break
-    data = Path(path).read_bytes()
+
+  def __init__(self, cap: int | None):
+    self.cap, self.pieces, self.used = cap, [], 0
+
+  @property
+  def full(self) -> bool:
+    return self.cap is not None and self.used + (len(SEPARATOR) if self.pieces else 0) >= self.cap
+
+  def add(self, data: bytes) -> None:
     if not data:
-      continue
-    if pieces:
-      used += len(SEPARATOR)
-    if cap is not None:
-      data = data[:cap - used]
-    pieces.append(data)
-    used += len(data)
-  return pieces
+      return
+    if self.pieces:
+      self.used += len(SEPARATOR)
+    if self.cap is not None:
+      data = data[:self.cap - self.used]
+    self.pieces.append(data)
+    self.used += len(data)
+
+
+def split_pieces(items, max_bytes: int, val_fraction: float):
+  """Rules 1-4 over `items()`: a callable returning an iterable of (identity, read) in sorted order, where
+  read() -> bytes. Returns (train pieces, val pieces, number of items seen) (lists of bytes).
+
+  A piece is read only when its side still takes it, and iteration stops once both capped sides are full,
+  so capped corpora read only their front. `items` is called a second time only for rule 4's fallback.
+  """
+  cap = max_bytes or None
+  val_cap = max(1, round(max_bytes * val_fraction)) if cap else None
+  train_cap = max(0, max_bytes - val_cap) if cap else None
+  sides = {False: _Capped(train_cap), True: _Capped(val_cap)}
+  seen = {False: 0, True: 0}
+  for key, read in items():
+    side = is_val_file(key, val_fraction)
+    seen[side] += 1
+    if not sides[side].full:
+      sides[side].add(read())
+    if cap and all(seen.values()) and all(s.full for s in sides.values()):
+      break
+  if all(seen.values()):
+    return sides[False].pieces, sides[True].pieces, sum(seen.values())
+  # Rule 4: one side got nothing; cut the tail of the whole (capped) corpus.
+  whole = _Capped(cap)
+  for _, read in items():
+    if whole.full:
+      break
+    whole.add(read())
+  joined = SEPARATOR.join(whole.pieces)
+  cut = len(joined) - max(1, round(len(joined) * val_fraction))
+  return [joined[:cut]], [joined[cut:]], sum(seen.values())
 
 
 def _tokenize(pieces: list[bytes], spec: str) -> np.ndarray:
@@ -159,17 +203,8 @@ def _tokenize(pieces: list[bytes], spec: str) -> np.ndarray:
 
 def _split_and_tokenize(files: Files, spec: str, max_bytes: int, val_fraction: float, what: str):
   """Apply the split rule (module docstring) to `files`; `what` names the source in errors."""
-  train_paths = [p for rel, p in files if not is_val_file(rel, val_fraction)]
-  val_paths = [p for rel, p in files if is_val_file(rel, val_fraction)]
-  cap = max_bytes or None
-  if train_paths and val_paths:
-    val_cap = max(1, round(max_bytes * val_fraction)) if cap else None
-    train_cap = max(0, max_bytes - val_cap) if cap else None
-    train, val = _read_capped(train_paths, train_cap), _read_capped(val_paths, val_cap)
-  else:
-    joined = SEPARATOR.join(_read_capped([p for _, p in files], cap))
-    cut = len(joined) - max(1, round(len(joined) * val_fraction))
-    train, val = [joined[:cut]], [joined[cut:]]
+  items = lambda: ((rel, lambda p=p: Path(p).read_bytes()) for rel, p in files)  # noqa: E731
+  train, val, _ = split_pieces(items, max_bytes, val_fraction)
   if not any(train) and not any(val):
     raise ConfigError(f"{what}: the corpus is empty ({len(files)} files, all empty)")
   return _tokenize(train, spec), _tokenize(val, spec)
@@ -189,6 +224,29 @@ def text_splits(pattern: str, tokenizer: str = "byte", max_bytes: int = 0, val_f
   The cache assumes the files do not change during the process.
   """
   return _split_and_tokenize(text_files(pattern), tokenizer, max_bytes, val_fraction, f"data.glob={pattern!r}")
+
+
+@functools.lru_cache(maxsize=8)
+def document_splits(source: str, pattern: str, tokenizer: str = "byte", max_bytes: int = 0,
+                    val_fraction: float = 0.05, text_field: str = "text", decode_errors: str = "replace"):
+  """-> (train int32 [N_train], val int32 [N_val]) from the jsonl / parquet / arrayrecord files matching
+  `pattern` (cached; the files are read as streams, the tokens held in memory).
+
+  Non-UTF-8 documents are replaced or refused per `decode_errors`; replaced ones are counted in the
+  warning printed to stderr.
+  """
+  files = text_files(pattern)
+  count = documents_lib.DecodeCount()
+  items = lambda: ((key, lambda t=text: t)  # noqa: E731
+                   for key, text in documents_lib.documents(source, files, text_field, decode_errors, count))
+  train, val, n = split_pieces(items, max_bytes, val_fraction)
+  what = f"data.source={source!r} data.glob={pattern!r}"
+  if not any(train) and not any(val):
+    raise ConfigError(f"{what}: the corpus is empty ({len(files)} files, {n} documents, all empty)")
+  if count.replaced:
+    print(f"warning: {what}: {count.replaced} documents were not UTF-8; their bad bytes became U+FFFD "
+          "(data.decode_errors='refuse' refuses them)", file=sys.stderr, flush=True)
+  return _tokenize(train, tokenizer), _tokenize(val, tokenizer)
 
 
 # ----------------------------------------------------------------------------
@@ -216,20 +274,114 @@ def _load_npy(tokens_path: str, name: str) -> np.ndarray:
   return arr
 
 
+class ShardedTokens:
+  """The 1-D concatenation of raw token shards, each a read-only np.memmap, minus the first `skip` tokens.
+
+  Behaves as a 1-D array where TokenWindows needs it (len, dtype, ndim, slices ->
+  np.ndarray [n]); a slice reads only the shards it covers, so a host reading its
+  own windows touches only those pages. Pickles by file name (grain workers).
+  """
+
+  ndim = 1
+
+  def __init__(self, paths: list[str], lengths: list[int], dtype: str, skip: int = 0):
+    self.paths, self.lengths, self.dtype, self.skip = list(paths), [int(n) for n in lengths], np.dtype(dtype), skip
+    self._starts = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
+    self._maps = None
+
+  def _open(self):
+    if self._maps is None:
+      self._maps = [np.memmap(p, dtype=self.dtype, mode="r", shape=(n,)) if n else np.zeros(0, self.dtype)
+                    for p, n in zip(self.paths, self.lengths)]
+    return self._maps
+
+  def __len__(self) -> int:
+    return max(0, int(self._starts[-1]) - self.skip)
+
+  def __getitem__(self, key) -> np.ndarray:
+    if not isinstance(key, slice):
+      raise TypeError("ShardedTokens takes slices")
+    start, stop, step = key.indices(len(self))
+    if step != 1:
+      raise ValueError("ShardedTokens slices have step 1")
+    start, stop = start + self.skip, max(start, stop) + self.skip
+    first = int(np.searchsorted(self._starts, start, side="right")) - 1
+    parts = []
+    for i in range(max(first, 0), len(self.lengths)):
+      lo, hi = self._starts[i], self._starts[i + 1]
+      if lo >= stop:
+        break
+      parts.append(self._open()[i][max(start, lo) - lo:min(stop, hi) - lo])
+    return np.concatenate(parts) if parts else np.zeros(0, self.dtype)
+
+  def __array__(self, dtype=None, copy=None):
+    out = self[:]
+    return out.astype(dtype) if dtype is not None else out
+
+  def __getstate__(self):
+    return {**self.__dict__, "_maps": None}
+
+
+def _load_shards(tokens_path: str, meta: dict, side: str) -> ShardedTokens:
+  paths, lengths = [], []
+  for rel, n in meta["shards"][side]:
+    path = os.path.join(tokens_path, rel)
+    if not os.path.isfile(path) or os.path.getsize(path) != n * np.dtype(meta["dtype"]).itemsize:
+      raise ConfigError(f"data.tokens_path={tokens_path!r}: shard {rel} is missing or not {n} tokens long; "
+                        "prepare it again")
+    paths.append(path)
+    lengths.append(n)
+  return ShardedTokens(paths, lengths, meta["dtype"], meta.get("skip_first", 0))
+
+
 @functools.lru_cache(maxsize=8)
 def tokens_splits(tokens_path: str):
-  """-> (train [N_train], val [N_val]) read-only memmaps in the stored dtype (uint16 or int32).
+  """-> (train [N_train], val [N_val]) read-only memmaps (train.npy / val.npy) or ShardedTokens (the
+  streaming prepare's shards) in the stored dtype (uint16 or int32).
 
   TokenWindows casts windows to int32; cast yourself if you read them directly.
   """
   if not os.path.isdir(tokens_path):
     raise ConfigError(f"data.tokens_path={tokens_path!r} is not a directory")
-  read_meta(tokens_path)  # fail early, with the helpful message, on a half-written directory
+  meta = read_meta(tokens_path)  # fail early, with the helpful message, on a half-written directory
+  if "shards" in meta:
+    return _load_shards(tokens_path, meta, "train"), _load_shards(tokens_path, meta, "val")
   return _load_npy(tokens_path, TRAIN_FILE), _load_npy(tokens_path, VAL_FILE)
 
 
 # ----------------------------------------------------------------------------
 # The config entry point.
+
+
+def mixture_components(cfg: DataConfig) -> list[tuple[str, DataConfig, float]]:
+  """`data.mixture` -> [(name 'mixI', the component's DataConfig, weight)]; [] when off.
+
+  Each component is `cfg` with its source and location replaced, so every other data key applies to all.
+  """
+  if not cfg.mixture.strip():
+    return []
+  out = []
+  for i, entry in enumerate(e.strip() for e in cfg.mixture.split(";")):
+    where = f"data.mixture entry {i} ({entry!r})"
+    spec, eq, weight = entry.rpartition("=")
+    source, colon, location = spec.partition(":")
+    if not (eq and colon):
+      raise ConfigError(f"{where} is not SOURCE:LOCATION=WEIGHT")
+    if source not in ("stdlib", "text", *documents_lib.FORMATS, "tokens"):
+      raise ConfigError(f"{where}: source {source!r} is not one of "
+                        f"{['stdlib', 'text', *documents_lib.FORMATS, 'tokens']}")
+    try:
+      w = float(weight)
+    except ValueError:
+      w = float("nan")
+    if not w > 0 or w == float("inf"):
+      raise ConfigError(f"{where}: weight {weight!r} is not a positive number")
+    if source != "stdlib" and not location:
+      raise ConfigError(f"{where}: source {source!r} needs a location (its glob or tokens directory)")
+    part = dataclasses.replace(cfg, mixture="", source=source, glob=location if source != "tokens" else "",
+                               tokens_path=location if source == "tokens" else "")
+    out.append((f"mix{i}", part, w))
+  return out
 
 
 def load_splits(cfg: DataConfig):
@@ -238,6 +390,11 @@ def load_splits(cfg: DataConfig):
   Raises ConfigError naming data.seq_len when a split is shorter than one
   window of seq_len + 1 tokens.
   """
+  if mixture_components(cfg):
+    # The tokenizer is shared by every component (checked for each); the splits are the components'.
+    for _, part, _ in mixture_components(cfg):
+      load_splits(part)
+    return get_tokenizer(cfg.tokenizer), None, None
   if cfg.source == "synthetic":
     # Examples are generated per index (recursive_lm/data/synthetic.py): no token arrays.
     return get_tokenizer(cfg.tokenizer), None, None
@@ -247,6 +404,11 @@ def load_splits(cfg: DataConfig):
     if not cfg.glob:
       raise ConfigError("data.source='text' needs data.glob")
     train, val = text_splits(cfg.glob, cfg.tokenizer, cfg.max_bytes, cfg.val_fraction)
+  elif cfg.source in documents_lib.FORMATS:
+    if not cfg.glob:
+      raise ConfigError(f"data.source={cfg.source!r} needs data.glob")
+    train, val = document_splits(cfg.source, cfg.glob, cfg.tokenizer, cfg.max_bytes, cfg.val_fraction,
+                                 cfg.text_field, cfg.decode_errors)
   elif cfg.source == "tokens":
     if not cfg.tokens_path:
       raise ConfigError("data.source='tokens' needs data.tokens_path")
@@ -264,7 +426,8 @@ def load_splits(cfg: DataConfig):
                         f"data.tokenizer={cfg.tokenizer!r} asks for {document_frame(get_tokenizer(cfg.tokenizer))}; "
                         "prepare it again")
   else:
-    raise ConfigError(f"data.source={cfg.source!r} is not one of ['stdlib', 'text', 'tokens']")
+    raise ConfigError(f"data.source={cfg.source!r} is not one of "
+                      f"{['stdlib', 'text', *documents_lib.FORMATS, 'tokens', 'synthetic']}")
   for name, arr in (("train", train), ("val", val)):
     if len(arr) < cfg.seq_len + 1:
       raise ConfigError(f"data.seq_len={cfg.seq_len} needs at least {cfg.seq_len + 1} tokens per split, "
