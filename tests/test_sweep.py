@@ -76,9 +76,16 @@ def _grid_file(tmp_path, arms, baseline="vanilla", extra=""):
   return str(p)
 
 
+def _env():
+  """The user's environment: one CPU device (the suite's 8 simulated ones would not divide tiny batches)."""
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
 def _cli(args, **kw):
   return subprocess.run([sys.executable, "-m", "recursive_lm.sweep", *args], cwd=ROOT, capture_output=True,
-                        text=True, **kw)
+                        text=True, env=_env(), **kw)
 
 
 VANILLA = {"config": "configs/vanilla.py:size=tiny"}
@@ -107,7 +114,7 @@ def test_killed_sweep_resumes_without_repeating(tmp_path):
                                                               "overrides": {"optim.lr": 1e9}}})
   out = tmp_path / "out"
   proc = subprocess.Popen([sys.executable, "-m", "recursive_lm.sweep", grid, "--out", str(out)], cwd=ROOT,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=_env())
   first = out / "runs" / "vanilla_s0" / "result.json"
   deadline = time.time() + 240
   while not first.exists() and time.time() < deadline and proc.poll() is None:
