@@ -66,7 +66,8 @@ class RecursiveLM(LM):
     self.cfg, self.model = cfg, model
     self.tokenizer = data.get_tokenizer(cfg.data.tokenizer)
     self.max_length = cfg.model.max_seq_len
-    self.batch_size = int(batch_size)
+    # the harness passes --batch_size through (possibly "auto"): a number is used, anything else is the default
+    self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
     self.slots = int(slots)
     self._warned = False
     graphdef, state = nnx.split(model)
