@@ -132,3 +132,23 @@ def test_killed_sweep_resumes_without_repeating(tmp_path):
       ("broken", 0, "failed"), ("broken", 1, "failed"), ("vanilla", 0, "ok"), ("vanilla", 1, "ok")]
   assert "failed: 0, 1" in (out / "results.md").read_text()
   assert (out / "results.png").stat().st_size > 0
+
+
+def test_spread_batches_cover_the_whole_split():
+  """evaluate --tokens: windows evenly spaced over the split (not its first batches); 0 is every window."""
+  import numpy as np
+  from recursive_lm import evaluate
+  from recursive_lm.data.pipeline import TokenWindows, load_splits, window_bos
+  cfg = sweep.arm_config(_arm("v", "configs/vanilla.py:size=tiny"))
+  tok, _, val = load_splits(cfg.data)
+  windows = TokenWindows(val, cfg.data.seq_len, window_bos(tok))
+  n = len(windows)
+  T, B = cfg.data.seq_len, cfg.data.batch_size
+  every = evaluate.spread_batches(cfg.data, 0)
+  assert sum(int((b["targets"] >= 0).sum()) for b in every) == n * T
+  some = evaluate.spread_batches(cfg.data, 10 * T)
+  rows = np.concatenate([b["inputs"][b["targets"][:, 0] >= 0] for b in some])
+  assert len(rows) == 10 and all(b["inputs"].shape == (B, T) for b in some)
+  want = [windows[int(i * n / 10)][:-1] for i in range(10)]
+  np.testing.assert_array_equal(rows, np.stack(want))
+  assert int(9 * n / 10) > n // 2  # the last rows come from the end of the split
