@@ -181,7 +181,71 @@ class RecursiveLM(LM):
     return out
 
 
+def across_loops(workdir: str, loops: list[int], tasks: list[str], include_path: str | None = None,
+                 limit: int | None = None, batch_size: int = 8, step=None) -> list[dict]:
+  """Every task's score at each test-time loop count, with the loop metrics.
+
+  One record per (task, loop count): {"task", "metric", "loops", "score", "gain" (score minus the
+  previous count's, None for the first), "overthinking" (share of the examples right at the
+  previous count that this count gets wrong, None for the first)}. Per-example correctness comes
+  from the harness's own sample logs, so the score is exactly the harness's.
+  """
+  from lm_eval import simple_evaluate
+  from lm_eval.tasks import TaskManager
+  manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+  per_loop = []
+  for r in loops:
+    lm = RecursiveLM(workdir=workdir, step=step, loops=r, batch_size=batch_size)
+    per_loop.append(simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                                    log_samples=True))
+  out = []
+  for task in tasks:
+    prev = None
+    for r, res in zip(loops, per_loop):
+      scores = res["results"][task]
+      key = next(k for k in scores if k.endswith(",none") and not k.endswith("_stderr,none") and k != "alias")
+      metric = key.split(",")[0]
+      right = {s["doc_id"]: bool(s[metric]) for s in res["samples"][task]}
+      rec = {"task": task, "metric": metric, "loops": r, "score": float(scores[key]), "gain": None,
+             "overthinking": None}
+      if prev is not None:
+        rec["gain"] = rec["score"] - prev[0]
+        was = [d for d, ok in prev[1].items() if ok]
+        rec["overthinking"] = (sum(not right[d] for d in was) / len(was)) if was else 0.0
+      out.append(rec)
+      prev = (rec["score"], right)
+  return out
+
+
+def _loops_main(argv: list[str]) -> None:
+  """`python -m recursive_lm.lm_eval_model loops --workdir W --loops 1,2,4 --tasks T[,T] [--include_path D]`:
+  one JSON line per (task, loop count) from `across_loops`."""
+  import argparse
+  import json
+  from recursive_lm import cli
+  from recursive_lm.config import ConfigError
+  from recursive_lm.evaluate import parse_loops
+  p = argparse.ArgumentParser(prog="python -m recursive_lm.lm_eval_model loops")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--loops", required=True)
+  p.add_argument("--tasks", required=True)
+  p.add_argument("--include_path", default=None)
+  p.add_argument("--limit", type=int, default=None)
+  p.add_argument("--batch_size", type=int, default=8)
+  a = p.parse_args(argv)
+  try:
+    records = across_loops(a.workdir, parse_loops(a.loops), a.tasks.split(","), a.include_path, a.limit,
+                           a.batch_size)
+  except ConfigError as e:
+    cli.fail(e)
+  for rec in records:
+    print(json.dumps(rec), flush=True)
+
+
 if __name__ == "__main__":
-  from lm_eval.__main__ import cli_evaluate
-  sys.argv[0] = "lm_eval"
-  cli_evaluate()
+  if sys.argv[1:2] == ["loops"]:
+    _loops_main(sys.argv[2:])
+  else:
+    from lm_eval.__main__ import cli_evaluate
+    sys.argv[0] = "lm_eval"
+    cli_evaluate()
