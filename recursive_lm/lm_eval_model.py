@@ -8,6 +8,10 @@ when `lm_eval` starts, so this module is the CLI: it registers the model
 ("recursive_lm") and hands the arguments to lm_eval's own command line. From
 Python: `RecursiveLM(workdir="runs/demo")` is an `lm_eval.api.model.LM`.
 
+Across test-time loop counts (scores, the gain of each extra loop, overthinking):
+  python -m recursive_lm.lm_eval_model loops --workdir W --loops 1,2,4 --tasks rlm_local_mc \
+      --include_path recursive_lm/eval_tasks
+
 model_args: workdir (required), step (default latest), loops (test-time loop
 count of the shared stage; evaluate.with_loops, or the recurrent core's count),
 batch_size (rows per forward, default 8), slots (Engine slots for

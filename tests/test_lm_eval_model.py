@@ -126,3 +126,29 @@ def test_lm_eval_cli_end_to_end(run, tmp_path):
   res = results[0]["results"]
   assert 0 <= res["rlm_local_mc"]["acc,none"] <= 1
   assert 0 <= res["rlm_local_gen"]["exact_match,none"] <= 1
+
+
+def test_across_loops_scores_and_overthinking(tmp_path, monkeypatch):
+  """A strictly tied run at loops 1, 2, 4: each score is the harness's at that count; gain and
+  overthinking follow from the per-example results."""
+  from recursive_lm import lm_eval_model
+  wd = str(tmp_path / "rec")
+  subprocess.run([sys.executable, "-m", "recursive_lm.train", "--config", "configs/recursive.py:size=tiny",
+                  "--workdir", wd, "--config.train.steps=3", "--config.train.eval_every=3",
+                  "--config.train.checkpoint_every=3", "--config.train.eval_batches=1"], cwd=ROOT, env=_env(),
+                 check=True, capture_output=True)
+  monkeypatch.chdir(ROOT)  # the task files name their data relative to the repository root
+  recs = lm_eval_model.across_loops(wd, [1, 2, 4], ["rlm_local_mc"], TASKS)
+  assert [r["loops"] for r in recs] == [1, 2, 4]
+  assert recs[0]["gain"] is None and recs[0]["overthinking"] is None
+  for a, b in zip(recs, recs[1:]):
+    assert b["gain"] == pytest.approx(b["score"] - a["score"])
+    assert 0.0 <= b["overthinking"] <= 1.0
+  # loops=2 is the trained depth: the same score as the model without a loop count
+  lm = lm_eval_model.RecursiveLM(workdir=wd)
+  docs = [json.loads(l) for l in open(os.path.join(TASKS, "local_mc.jsonl"))]
+  right = []
+  for d in docs:
+    lps = [lp for lp, _ in lm.loglikelihood([_req(d["question"], c) for c in d["choices"]])]
+    right.append(int(np.argmax(lps)) == d["answer"])
+  assert recs[1]["score"] == pytest.approx(np.mean(right))
