@@ -21,7 +21,8 @@ from recursive_lm.inference.decode import load_checkpoint  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = os.path.join(ROOT, "recursive_lm", "eval_tasks")
-CONFIGS = {"vanilla": "configs/vanilla.py:size=tiny", "relaxed": "configs/relaxed.py:size=tiny,lora_rank=2"}
+CONFIGS = {"vanilla": "configs/vanilla.py:size=tiny", "relaxed": "configs/relaxed.py:size=tiny,lora_rank=2",
+           "recurrent": "configs/recurrent.py:size=tiny"}
 
 
 def _env():
