@@ -40,6 +40,8 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Run directory written by recursive_lm.train.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_integer("batches", None, "Validation batches (default: the run's train.eval_batches).")
+  flags.DEFINE_integer("tokens", None, "Evaluate on about this many validation tokens spread evenly across the whole "
+                       "split (0: the whole split); instead of --batches.")
   flags.DEFINE_string("loops", None, "Comma-separated loop counts of the shared stage, one record each (e.g. 1,2,4,8).")
 
 
@@ -173,6 +175,39 @@ def run_loops(workdir: str, loops: list[int], step: int | None = None, n_batches
   return out
 
 
+def spread_batches(dcfg, tokens: int) -> list[dict]:
+  """Validation batches covering `tokens` target tokens (0 or more than the split: all of it),
+  the windows evenly spaced over the whole split, not its first ones.
+
+  Why: the first batches of a split are one stretch of one document, so their
+  loss is not an estimate of the split's. Rows are the split's own windows
+  (data.TokenWindows, BOS as the run expects); the last batch is padded by
+  repeating its first rows with their targets masked (-1 is never a target:
+  the eval step's mask drops them). Returns dicts of int32 [B, T].
+  """
+  import numpy as np
+  from recursive_lm.data.pipeline import TokenWindows, load_splits, window_bos
+  if dcfg.source == "synthetic":
+    raise ConfigError("--tokens needs a text source (synthetic runs evaluate held-out examples; use --batches)")
+  tok, _, val = load_splits(dcfg)
+  windows = TokenWindows(val, dcfg.seq_len, window_bos(tok))
+  n_win = len(windows)
+  want = n_win if tokens <= 0 else min(n_win, -(-tokens // dcfg.seq_len))
+  index = np.unique(np.floor(np.arange(want) * (n_win / want)).astype(np.int64))  # evenly spaced, distinct
+  rows = np.stack([windows[i] for i in index])
+  b = dcfg.batch_size
+  out = []
+  for k in range(0, len(rows), b):
+    chunk = rows[k:k + b]
+    inputs, targets = chunk[:, :-1], chunk[:, 1:].copy()
+    if len(chunk) < b:  # fixed batch shape: one compile; padded rows carry no targets
+      pad = b - len(chunk)
+      inputs = np.concatenate([inputs, np.resize(inputs, (pad, inputs.shape[1]))])
+      targets = np.concatenate([targets, np.full((pad, targets.shape[1]), -1, targets.dtype)])
+    out.append({"inputs": np.ascontiguousarray(inputs, np.int32), "targets": np.ascontiguousarray(targets, np.int32)})
+  return out
+
+
 def _record(cfg, loss: float, tokens: int, step: int, n: int, workdir: str) -> dict:
   out = {"eval_loss": loss}
   if data.get_tokenizer(cfg.data.tokenizer).is_byte_level:
@@ -181,14 +216,20 @@ def _record(cfg, loss: float, tokens: int, step: int, n: int, workdir: str) -> d
   return out
 
 
-def run(workdir: str, step: int | None = None, n_batches: int | None = None) -> dict:
-  """Load the checkpoint of `workdir` (latest or `step`) and evaluate it. Raises ConfigError."""
+def run(workdir: str, step: int | None = None, n_batches: int | None = None, tokens: int | None = None) -> dict:
+  """Load the checkpoint of `workdir` (latest or `step`) and evaluate it. Raises ConfigError.
+
+  tokens: evaluate on `spread_batches(data, tokens)` instead of the first n_batches."""
   cfg = checkpoint.load_config(workdir)
   n = cfg.train.eval_batches if n_batches is None else n_batches
   if n < 1:
     raise ConfigError(f"--batches={n} must be > 0")
+  if tokens is not None and n_batches is not None:
+    raise ConfigError("--tokens and --batches exclude each other")
   cfg, model, step = load_checkpoint(workdir, step)
-  out = _record(cfg, *evaluate(model, data.eval_batches(cfg.data, n)), step, n, workdir)
+  batches = data.eval_batches(cfg.data, n) if tokens is None else spread_batches(cfg.data, tokens)
+  n = len(batches)
+  out = _record(cfg, *evaluate(model, batches), step, n, workdir)
   if cfg.data.source == "synthetic":
     from recursive_lm.data.synthetic import parse_lengths
     for split in ("train", "eval"):
@@ -209,7 +250,7 @@ def main(argv):
       for record in run_loops(f.workdir, parse_loops(f.loops), f.step, f.batches):
         print(json.dumps(record), flush=True)
       return
-    out = run(f.workdir, f.step, f.batches)
+    out = run(f.workdir, f.step, f.batches, f.tokens)
   except ConfigError as e:
     cli.fail(e)
   print(json.dumps(out), flush=True)
