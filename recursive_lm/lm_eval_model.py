@@ -58,7 +58,7 @@ class RecursiveLM(LM):
     import jax.numpy as jnp
     from flax import nnx
     from recursive_lm import data
-    from recursive_lm.inference.decode import load_checkpoint
+    from recursive_lm.checkpoint import load_model as load_checkpoint
     cfg, model, self.step = load_checkpoint(workdir, None if step in (None, "") else int(step))
     self.loops = None if loops in (None, "") else int(loops)
     self._run = {}

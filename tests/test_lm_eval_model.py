@@ -17,7 +17,7 @@ import jax.numpy as jnp  # noqa: E402
 from recursive_lm import data, evaluate  # noqa: E402
 from recursive_lm.data.tokenizers import encode_prompt  # noqa: E402
 from recursive_lm.inference import Engine  # noqa: E402
-from recursive_lm.inference.decode import load_checkpoint  # noqa: E402
+from recursive_lm.checkpoint import load_model as load_checkpoint  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = os.path.join(ROOT, "recursive_lm", "eval_tasks")

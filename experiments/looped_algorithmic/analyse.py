@@ -9,7 +9,7 @@ from absl import logging
 
 from recursive_lm.data.synthetic import parse_lengths
 from recursive_lm.evaluate import accuracy_by_length
-from recursive_lm.inference.decode import load_checkpoint
+from recursive_lm.checkpoint import load_model as load_checkpoint
 
 logging.set_verbosity(logging.WARNING)
 out_dir = sys.argv[1] if len(sys.argv) > 1 else "runs/looped_algorithmic"

@@ -15,7 +15,7 @@ from flax import nnx
 
 from recursive_lm.data.synthetic import parse_lengths
 from recursive_lm.evaluate import accuracy_of_predictor
-from recursive_lm.inference.decode import load_checkpoint
+from recursive_lm.checkpoint import load_model as load_checkpoint
 
 logging.set_verbosity(logging.WARNING)
 out_dir = sys.argv[1] if len(sys.argv) > 1 else "runs/looped_algorithmic_recurrent"
